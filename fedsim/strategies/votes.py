@@ -1,0 +1,154 @@
+"""Sign votes: plain majority (signSGD-MV) and the LLR-weighted vote with online
+cross-probability estimation (signSGD-FV, the seeds' IT-signSGD).
+
+``signs`` is always an int8 tensor of shape [M, N] holding +-1: M clients, N coordinates.
+Votes return an int8 tensor of shape [N] in {-1, 0, +1}; 0 is a tie (no step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+
+def majority_vote(signs: torch.Tensor) -> torch.Tensor:
+    """U_n = sign(sum_m Y_{m,n}); a tie gives 0."""
+    _check_signs(signs)
+    return torch.sign(signs.sum(dim=0, dtype=torch.int32)).to(torch.int8)
+
+
+def llr_weighted_vote(signs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """U_n = sign(sum_m w_{m,n} Y_{m,n}); an exact tie gives 0.
+
+    ``weights`` is [M, N] (per client and coordinate) or [M] (per client).
+    """
+    _check_signs(signs)
+    if weights.dim() == 1:
+        weights = weights[:, None]
+    if weights.shape[0] != signs.shape[0]:
+        raise ValueError(f"llr_weighted_vote: {signs.shape[0]} clients but {weights.shape[0]} weight rows")
+    total = (weights.to(torch.float32) * signs).sum(dim=0)
+    return torch.sign(total).to(torch.int8)
+
+
+def _check_signs(signs: torch.Tensor) -> None:
+    if signs.dim() != 2:
+        raise ValueError(f"signs must have shape [clients, coordinates], got {tuple(signs.shape)}")
+
+
+class CrossProbabilityEstimator:
+    """Online estimate of each client's per-coordinate cross-over probability p_{m,n}.
+
+    A client's agreement rate a_{m,n} = 1 - p_{m,n} is the fraction of the rounds it took
+    part in where its sign matched the vote: a tied coordinate (U_n = 0) carries no
+    information and counts as half an agreement, i.e. the count grows by (1 + Y U) / 2.
+    Its weight is the log-likelihood ratio
+
+        w_{m,n} = clip(log((a + eps) / (1 - a + eps)), -max_llr, +max_llr)
+
+    which keeps its sign: a client that disagrees more than half the time is flipped.
+
+    - Weights for round t come from rounds before t; ``update`` is called after each vote.
+    - Warm-up: during the first ``warmup_rounds`` updates, ``weights`` returns 1 for every
+      client (the plain majority vote) while the counts still accumulate.
+    - Partial participation: a client's counts change only in rounds it takes part in, so
+      its rate is over its own rounds. A client with no history gets ``prior_weight``
+      (default 1.0: the weight every client has in the majority vote, neither silenced
+      nor dominant until it has a rate of its own).
+    - Forgetting: before a client's counts are updated both are multiplied by
+      ``forgetting`` (1.0 = keep all history), so its history decays per participation.
+
+    Memory: one float32 agreement count per (client, coordinate) (4 bytes) and one
+    float64 round count per client.
+    """
+
+    def __init__(
+        self,
+        num_coordinates: int,
+        eps: float = 1e-5,
+        max_llr: float = 10.0,
+        warmup_rounds: int = 100,
+        forgetting: float = 1.0,
+        prior_weight: float = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_coordinates < 1:
+            raise ValueError(f"num_coordinates must be >= 1, got {num_coordinates}")
+        if not 0.0 < forgetting <= 1.0:
+            raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
+        if eps <= 0 or max_llr <= 0 or warmup_rounds < 0:
+            raise ValueError("eps and max_llr must be > 0 and warmup_rounds >= 0")
+        self.num_coordinates = num_coordinates
+        self.eps = eps
+        self.max_llr = max_llr
+        self.warmup_rounds = warmup_rounds
+        self.forgetting = forgetting
+        self.prior_weight = prior_weight
+        self.device = torch.device(device)
+        self.rounds_seen = 0
+        self._rows: dict[Hashable, int] = {}
+        self._agree = torch.zeros(0, num_coordinates, dtype=torch.float32, device=self.device)
+        self._total = torch.zeros(0, dtype=torch.float64, device=self.device)
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the vote is still the plain majority."""
+        return self.rounds_seen < self.warmup_rounds
+
+    def agreement_rates(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
+        """a_{m,n} for the given clients, [M, N]; NaN for a client with no history."""
+        rows = self._row_indices(client_ids)
+        agree = self._agree[rows]
+        total = self._total[rows].to(torch.float32)[:, None]
+        return torch.where(total > 0, agree / total.clamp_min(1e-30), torch.nan)
+
+    def weights(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
+        """LLR weights w_{m,n} for the given clients, [M, N] float32 (see class docstring)."""
+        m = len(client_ids)
+        if self.in_warmup:
+            return torch.ones(m, self.num_coordinates, device=self.device)
+        a = self.agreement_rates(client_ids)
+        w = torch.log((a + self.eps) / (1.0 - a + self.eps)).clamp_(-self.max_llr, self.max_llr)
+        return torch.nan_to_num_(w, nan=self.prior_weight)
+
+    def update(self, client_ids: Sequence[Hashable], signs: torch.Tensor, vote: torch.Tensor) -> None:
+        """Count agreements of ``signs`` [M, N] with ``vote`` [N] for the given clients."""
+        if signs.shape != (len(client_ids), self.num_coordinates):
+            raise ValueError(
+                f"update: signs must have shape ({len(client_ids)}, {self.num_coordinates}), "
+                f"got {tuple(signs.shape)}"
+            )
+        if len(set(client_ids)) != len(client_ids):
+            raise ValueError("update: client_ids must be distinct")
+        rows = self._row_indices(client_ids)
+        agreement = (1.0 + signs.to(self.device, torch.float32) * vote.to(self.device, torch.float32)) * 0.5
+        if self.forgetting != 1.0:
+            self._agree[rows] *= self.forgetting
+            self._total[rows] *= self.forgetting
+        self._agree[rows] += agreement
+        self._total[rows] += 1.0
+        self.rounds_seen += 1
+
+    def vote(self, client_ids: Sequence[Hashable], signs: torch.Tensor) -> torch.Tensor:
+        """One round of signSGD-FV: weight with past counts, vote, then update the counts."""
+        signs = signs.to(self.device)
+        if self.in_warmup:
+            u = majority_vote(signs)
+        else:
+            u = llr_weighted_vote(signs, self.weights(client_ids))
+        self.update(client_ids, signs, u)
+        return u
+
+    def _row_indices(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
+        """Rows of the count tables; a client seen for the first time gets zero counts."""
+        new = [c for c in dict.fromkeys(client_ids) if c not in self._rows]
+        if new:
+            for c in new:
+                self._rows[c] = len(self._rows)
+            zeros = torch.zeros(len(new), self.num_coordinates, device=self.device)
+            self._agree = torch.cat([self._agree, zeros])
+            self._total = torch.cat(
+                [self._total, torch.zeros(len(new), dtype=torch.float64, device=self.device)]
+            )
+        return torch.tensor([self._rows[c] for c in client_ids], dtype=torch.long, device=self.device)

@@ -1,0 +1,175 @@
+"""The pure math: sign codec, votes, cross-probability estimator, weighted mean."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fedsim.strategies.aggregate import weighted_mean
+from fedsim.strategies.signs import pack_signs, packed_size, unpack_signs
+from fedsim.strategies.votes import CrossProbabilityEstimator, llr_weighted_vote, majority_vote
+
+S = lambda rows: torch.tensor(rows, dtype=torch.int8)  # noqa: E731
+
+
+# --- sign codec -------------------------------------------------------------------------
+
+def test_pack_known_bytes_and_zero_is_plus_one():
+    t = torch.tensor([1.0, -2.0, 0.0, -0.5, 3.0, 3.0, -1.0, -1.0, 0.1])
+    packed = pack_signs(t)
+    assert packed.dtype == np.uint8 and packed.tolist() == [0b10101100, 0b10000000]
+    assert unpack_signs(packed, 9).tolist() == [1, -1, 1, -1, 1, 1, -1, -1, 1]
+
+
+def test_pack_rejects_nan_and_unpack_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        pack_signs(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="need 2 bytes"):
+        unpack_signs(np.zeros(3, np.uint8), 9)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_signs(np.zeros(2, np.float32), 9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e6, 1e6, width=32)))
+def test_pack_unpack_round_trip(x):
+    t = torch.from_numpy(x)
+    packed = pack_signs(t)
+    assert packed.size == packed_size(t.numel()) == math.ceil(t.numel() / 8)
+    expected = torch.where(t >= 0, 1, -1).to(torch.int8)
+    assert torch.equal(unpack_signs(packed, t.numel()), expected)
+
+
+# --- votes --------------------------------------------------------------------------------
+
+def test_majority_vote_by_hand_and_tie():
+    assert majority_vote(S([[1, -1, 1], [1, 1, -1], [-1, 1, -1]])).tolist() == [1, 1, -1]
+    assert majority_vote(S([[1, -1], [-1, -1]])).tolist() == [0, -1]
+
+
+def test_llr_vote_by_hand():
+    signs = S([[1, 1], [-1, -1], [-1, 1]])
+    assert llr_weighted_vote(signs, torch.tensor([3.0, 1.0, 1.0])).tolist() == [1, 1]
+    per_coord = torch.tensor([[1.0, 0.5], [1.0, 2.0], [1.0, 0.5]])
+    assert llr_weighted_vote(signs, per_coord).tolist() == [-1, -1]
+    assert llr_weighted_vote(S([[1], [-1]]), torch.tensor([2.0, 2.0])).tolist() == [0]
+    # a negative weight flips that client's vote
+    assert llr_weighted_vote(S([[1], [1], [-1]]), torch.tensor([-5.0, 1.0, 1.0])).tolist() == [-1]
+
+
+sign_matrices = st.integers(1, 9).flatmap(
+    lambda m: arrays(np.int8, (m, 17), elements=st.sampled_from([-1, 1]))
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(sign_matrices, st.randoms(use_true_random=False))
+def test_vote_invariances(y, rnd):
+    signs = torch.from_numpy(y)
+    u = majority_vote(signs)
+    perm = list(range(signs.shape[0]))
+    rnd.shuffle(perm)
+    assert torch.equal(majority_vote(signs[perm]), u)  # client order does not matter
+    assert torch.equal(majority_vote(-signs), -u)  # flipping every sign flips the vote
+    ones = torch.ones(signs.shape[0])
+    assert torch.equal(llr_weighted_vote(signs, ones), u)  # equal weights = majority
+    w = torch.rand(signs.shape[0]) + 0.1
+    assert torch.equal(llr_weighted_vote(signs, w * 7.0), llr_weighted_vote(signs, w))
+
+
+# --- cross-probability estimator ----------------------------------------------------------
+
+def _llr(a, eps=1e-5, cap=10.0):
+    return max(-cap, min(cap, math.log((a + eps) / (1 - a + eps))))
+
+
+def test_estimator_warmup_then_llr_by_hand():
+    est = CrossProbabilityEstimator(num_coordinates=2, warmup_rounds=3)
+    ids = ["a", "b", "c"]
+    rounds = [S([[1, 1], [1, -1], [-1, -1]]), S([[1, 1], [1, 1], [-1, 1]]), S([[-1, -1], [-1, 1], [1, 1]])]
+    votes = []
+    for signs in rounds:
+        assert est.in_warmup
+        assert torch.equal(est.weights(ids), torch.ones(3, 2))  # plain majority during warm-up
+        votes.append(est.vote(ids, signs).tolist())
+    assert votes == [[1, -1], [1, 1], [-1, 1]]
+    assert not est.in_warmup
+    # coord 0 votes 1, 1, -1 and coord 1 votes -1, 1, 1:
+    # a agrees 3/3 and 1/3, b 3/3 and 3/3, c 0/3 and 3/3
+    rates = est.agreement_rates(ids)
+    assert rates.flatten().tolist() == pytest.approx([1.0, 1 / 3, 1.0, 1.0, 0.0, 1.0])
+    w = est.weights(ids)
+    assert w[1].tolist() == pytest.approx([10.0, 10.0])  # clipped at max_llr
+    assert w[0, 1].item() == pytest.approx(_llr(1 / 3), rel=1e-5)  # = -log 2
+    assert w[2, 0].item() == pytest.approx(-10.0)  # always disagrees: negative, clipped
+
+
+def test_negative_weight_flips_an_adversary():
+    # One honest client, two sign-flipping adversaries. After warm-up the adversaries
+    # disagree with the (honest-dominated) vote... only if the vote is right. Here the honest
+    # majority is 3 vs 2 adversaries; the LLR vote must then also undo the adversaries.
+    est = CrossProbabilityEstimator(num_coordinates=1, warmup_rounds=2)
+    ids = [0, 1, 2, 3, 4]
+    honest = S([[1], [1], [1], [-1], [-1]])
+    for _ in range(2):
+        est.vote(ids, honest)
+    w = est.weights(ids)
+    assert (w[:3] > 0).all() and (w[3:] < 0).all()
+    # Now two honest clients drop out: a plain majority would follow the adversaries.
+    signs = S([[1], [-1], [-1]])
+    assert majority_vote(signs).item() == -1
+    assert est.vote([0, 3, 4], signs).item() == 1
+
+
+def test_tie_counts_half_an_agreement():
+    est = CrossProbabilityEstimator(num_coordinates=1, warmup_rounds=1)
+    u = est.vote([0, 1], S([[1], [-1]]))
+    assert u.item() == 0
+    assert est.agreement_rates([0, 1]).tolist() == [[0.5], [0.5]]
+    assert est.weights([0, 1]).flatten().tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_partial_participation_and_prior_weight():
+    est = CrossProbabilityEstimator(num_coordinates=1, warmup_rounds=0, prior_weight=1.0)
+    est.update(["a", "b"], S([[1], [-1]]), torch.tensor([1], dtype=torch.int8))
+    est.update(["a"], S([[-1]]), torch.tensor([1], dtype=torch.int8))
+    rates = est.agreement_rates(["a", "b", "new"])
+    assert rates[0].item() == pytest.approx(0.5) and rates[1].item() == 0.0
+    assert math.isnan(rates[2].item())
+    w = est.weights(["a", "b", "new"])
+    assert w[:, 0].tolist() == pytest.approx([0.0, -10.0, 1.0], abs=1e-6)
+
+
+def test_forgetting_factor_by_hand():
+    est = CrossProbabilityEstimator(num_coordinates=1, warmup_rounds=0, forgetting=0.5)
+    one = torch.tensor([1], dtype=torch.int8)
+    est.update([7], S([[1]]), one)  # agree = 1, total = 1
+    est.update([7], S([[-1]]), one)  # agree = 0.5, total = 1.5
+    assert est.agreement_rates([7]).item() == pytest.approx(1 / 3)
+
+
+def test_estimator_memory_is_four_bytes_per_client_coordinate():
+    est = CrossProbabilityEstimator(num_coordinates=1000, warmup_rounds=0)
+    est.update(list(range(15)), torch.ones(15, 1000, dtype=torch.int8), torch.ones(1000, dtype=torch.int8))
+    assert est._agree.element_size() * est._agree.numel() == 4 * 15 * 1000
+
+
+def test_estimator_rejects_bad_shapes():
+    est = CrossProbabilityEstimator(num_coordinates=3)
+    with pytest.raises(ValueError, match="shape"):
+        est.update([0, 1], torch.ones(2, 4, dtype=torch.int8), torch.ones(3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="distinct"):
+        est.update([0, 0], torch.ones(2, 3, dtype=torch.int8), torch.ones(3, dtype=torch.int8))
+
+
+# --- weighted mean -------------------------------------------------------------------------
+
+def test_weighted_mean_by_hand():
+    out = weighted_mean([torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0])], [1, 3])
+    assert out.tolist() == pytest.approx([3.25, 6.5])
+    with pytest.raises(ValueError):
+        weighted_mean([torch.zeros(2)], [0])
