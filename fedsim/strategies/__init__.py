@@ -1,0 +1,33 @@
+"""fedsim's strategies (Flower ``Strategy`` subclasses) and the math they call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedsim.config import RunConfig
+from fedsim.protocol import ArraySpec
+from fedsim.strategies.base import FedsimStrategy
+from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedsgd import FedSGD
+from fedsim.strategies.sign_vote import LLRWeightedVote, SignMajorityVote
+
+STRATEGY_CLASSES: dict[str, type[FedsimStrategy]] = {
+    "fedsgd": FedSGD,
+    "fedavg": FedAvg,
+    "sign-mv": SignMajorityVote,
+    "llr-vote": LLRWeightedVote,
+}
+
+
+def build_strategy(cfg: RunConfig, model_spec: ArraySpec, param_keys: Sequence[str]) -> FedsimStrategy:
+    """The strategy named by the run config's ``strategy`` key."""
+    common = dict(lr=cfg.lr, fraction_train=cfg.fraction_train, local_epochs=cfg.local_epochs, seed=cfg.seed)
+    if cfg.strategy == "llr-vote":
+        return LLRWeightedVote(
+            model_spec, param_keys, eps=cfg.llr_eps, max_llr=cfg.llr_max,
+            warmup_rounds=cfg.llr_warmup, forgetting=cfg.llr_forgetting, **common,
+        )
+    return STRATEGY_CLASSES[cfg.strategy](model_spec, param_keys, **common)
+
+
+__all__ = ["FedAvg", "FedSGD", "FedsimStrategy", "LLRWeightedVote", "SignMajorityVote", "STRATEGY_CLASSES", "build_strategy"]

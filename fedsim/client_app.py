@@ -1,0 +1,60 @@
+"""fedsim's ClientApp: one train handler that does what the strategy's config asks.
+
+- ``local-epochs`` (FedAvg): E epochs of SGD from the received model, reply the model;
+- ``gradient`` (FedSGD): one gradient over B examples (B = 0: the whole local set);
+- ``sign`` (signSGD-MV / -FV): the sign of one minibatch gradient, packed 1 bit/coordinate.
+
+The client's partition comes from the node config (``partition-id``, ``num-partitions``,
+set by Flower's simulation or by ``flower-supernode --node-config``); its batch size from
+the node config's ``batch-size`` if given, else from the run config (``batch-size``,
+``batch-sizes`` or ``batch-mode``). Heavy modules (datasets, models) load lazily and are
+cached per process.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim import protocol
+from fedsim.clients.setup import client_setup
+from fedsim.clients.tasks import flat_gradient, local_epochs, minibatch_gradient
+from fedsim.config import RunConfig
+from fedsim.seeding import generator
+from fedsim.strategies.signs import pack_signs
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run this round's task on the local data and reply with its payload and metrics."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    node = context.node_config
+    pid, num = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    setup = client_setup(cfg, pid, num, int(node["batch-size"]) if "batch-size" in node else None)
+    task_cfg = msg.content[protocol.CONFIG]
+    task, rnd = str(task_cfg["task"]), int(task_cfg["server-round"])
+
+    model = setup.model
+    state = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    model.load_state_dict(state)
+    g = generator(cfg.seed, pid, rnd, device=setup.device)
+
+    if task == protocol.TASK_LOCAL_EPOCHS:
+        loss, _ = local_epochs(model, setup.data, int(task_cfg["local-epochs"]), setup.batch_size, float(task_cfg["lr"]), g)
+        payload = {protocol.ARRAYS: ArrayRecord(model.state_dict())}
+    elif task == protocol.TASK_GRADIENT:
+        grads, loss, _ = minibatch_gradient(model, setup.data, setup.batch_size, g)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        payload = {protocol.GRADS: ArrayRecord(dict(zip(names, grads, strict=True)))}
+    elif task == protocol.TASK_SIGN:
+        vec, loss, _ = flat_gradient(model, setup.data, setup.batch_size, g)
+        payload = {protocol.SIGNS: ArrayRecord({protocol.PACKED: Array(pack_signs(vec))})}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {protocol.TASKS}")
+
+    metrics = MetricRecord(
+        {"num-examples": len(setup.data), "train-loss": loss, "partition-id": pid, "batch-size": setup.batch_size}
+    )
+    return Message(RecordDict({**payload, protocol.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,99 @@
+"""A client's long-lived pieces (device, data, model), built once per process.
+
+In Flower's simulation an actor process serves many nodes and many messages, and in
+fedsim's in-process engine all nodes share one process: data and models are cached here
+so that a message costs only its computation. In deployment every message starts a fresh
+process and these caches simply start empty.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsim.clients.batch_sizes import client_batch_sizes
+from fedsim.clients.tasks import LocalData
+from fedsim.config import RunConfig
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU; ``FEDSIM_DEVICE`` overrides (e.g. "cpu", "cuda:1")."""
+    name = os.environ.get("FEDSIM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=4)
+def device_dataset(dataset: str, data_dir: str, device: torch.device):
+    """The dataset's tensors, moved to ``device`` once per process."""
+    from fedsim.data import load_dataset  # lazy: keeps the client module's import light
+
+    splits = load_dataset(dataset, data_dir or None)
+    return (
+        splits.x_train.to(device),
+        splits.y_train.to(device),
+        splits.x_test.to(device),
+        splits.y_test.to(device),
+        splits,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_model(name: str, num_classes: int, device: torch.device) -> nn.Module:
+    """One model object per (name, device) in this process; callers load weights into it."""
+    from fedsim.models import build_model
+
+    return build_model(name, num_classes=num_classes).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def device_partitions(
+    dataset: str, data_dir: str, partitioning: str, num_partitions: int, seed: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Every client's example indices (flwr-datasets partitioners), on ``device``."""
+    from fedsim.partitions import partition_indices
+
+    splits = device_dataset(dataset, data_dir, device)[4]
+    parts = partition_indices(splits.y_train.numpy(), partitioning, num_partitions, seed)
+    return [torch.as_tensor(p, dtype=torch.long, device=device) for p in parts]
+
+
+@dataclass
+class ClientSetup:
+    """What a client needs for a train message."""
+
+    partition_id: int
+    num_partitions: int
+    batch_size: int
+    data: LocalData
+    model: nn.Module
+    device: torch.device
+
+
+def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None) -> ClientSetup:
+    """The client's data view, model and batch size (node config's batch size wins)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    device = pick_device()
+    x, y, _, _, splits = device_dataset(cfg.dataset, cfg.data_dir, device)
+    indices = device_partitions(cfg.dataset, cfg.data_dir, cfg.partitioning, num_partitions, cfg.seed, device)[
+        partition_id
+    ]
+    if node_batch_size is None:
+        sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, num_partitions, cfg.seed)
+        batch_size = sizes[partition_id]
+    else:
+        batch_size = node_batch_size
+    augment = None
+    if cfg.dataset == "cifar10":
+        from fedsim.data import augment_batch
+
+        augment = augment_batch
+    data = LocalData(x=x, y=y, indices=indices, augment=augment)
+    model = cached_model(cfg.model_name, splits.num_classes, device)
+    return ClientSetup(partition_id, num_partitions, batch_size, data, model, device)
+
+

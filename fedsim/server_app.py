@@ -1,0 +1,121 @@
+"""fedsim's ServerApp: build the strategy named by the run config and run it.
+
+The global model is evaluated on the server's test set before round 1, every
+``eval-every`` rounds and after the last round; each round prints one progress line and,
+when ``results-dir`` is set, appends a row to the run's results folder (fedsim.results).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.clients.batch_sizes import client_batch_sizes
+from fedsim.clients.setup import device_dataset, pick_device
+from fedsim.clients.tasks import evaluate
+from fedsim.config import RunConfig
+from fedsim.protocol import array_spec
+from fedsim.results import RoundRow, RunWriter, environment_info
+from fedsim.strategies import FedsimStrategy, build_strategy
+
+app = ServerApp()
+
+
+class RoundReporter:
+    """The ``evaluate_fn`` given to ``Strategy.start``: evaluates, logs, records each round."""
+
+    def __init__(
+        self, cfg: RunConfig, strategy: FedsimStrategy, writer: RunWriter | None, on_round: Callable[[RoundRow], None] | None = None
+    ) -> None:
+        from fedsim.models import build_model
+
+        self.cfg = cfg
+        self.strategy = strategy
+        self.writer = writer
+        self.on_round = on_round
+        self.device = pick_device()
+        _, _, self.x_test, self.y_test, splits = device_dataset(cfg.dataset, cfg.data_dir, self.device)
+        self.model = build_model(cfg.model_name, num_classes=splits.num_classes).to(self.device)
+        self.rows: list[RoundRow] = []
+        self.t0 = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        row = RoundRow(round=server_round, seconds=time.perf_counter() - self.t0)
+        train = self.strategy.last_metrics if server_round > 0 else None
+        if train is not None:
+            row.train_loss = float(train.get("train-loss", math.nan))
+            for key in ("bytes-up", "bytes-down", "clients", "rejected"):
+                setattr(row, key.replace("-", "_"), int(train.get(key, 0)))
+        due = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
+        result = None
+        if due:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            row.test_loss, row.test_accuracy = evaluate(self.model, self.x_test, self.y_test)
+            result = MetricRecord({"test-accuracy": row.test_accuracy, "test-loss": row.test_loss})
+        self.rows.append(row)
+        if self.writer is not None:
+            self.writer.add(row)
+        if self.on_round is not None:
+            self.on_round(row)
+        if due:
+            log(
+                INFO,
+                "fedsim round %d/%d: test accuracy %.4f, test loss %.4f, train loss %.4f, up %d B, %.1f s",
+                server_round, self.cfg.num_server_rounds, row.test_accuracy, row.test_loss,
+                row.train_loss, row.bytes_up, row.seconds,
+            )
+        return result
+
+
+def run_experiment(grid: Grid, cfg: RunConfig, engine: str = "flower") -> list[RoundRow]:
+    """Build model, strategy and reporter from ``cfg``, run all rounds on ``grid``."""
+    from fedsim.models import build_model
+
+    device = pick_device()
+    num_classes = device_dataset(cfg.dataset, cfg.data_dir, device)[4].num_classes
+    model = build_model(cfg.model_name, num_classes=num_classes, seed=cfg.seed)
+    initial = ArrayRecord(model.state_dict())
+    param_keys = [n for n, p in model.named_parameters() if p.requires_grad]
+    strategy = build_strategy(cfg, array_spec(initial), param_keys)
+
+    nodes = sorted(grid.get_node_ids())
+    if len(nodes) != cfg.num_nodes:
+        log(WARNING, "fedsim: num-nodes is %d but the federation has %d nodes; using %d", cfg.num_nodes, len(nodes), len(nodes))
+    sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
+    log(INFO, "fedsim: %s on %s (%s), %d nodes, batch sizes by partition %s", cfg.strategy, cfg.dataset, cfg.model_name, len(nodes), sizes)
+
+    writer = RunWriter(Path(cfg.results_dir)) if cfg.results_dir else None
+    if writer is not None:
+        writer.start(cfg.to_mapping())
+    reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
+    t0 = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter)
+    wall = time.perf_counter() - t0
+    last = reporter.rows[-1]
+    log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, cfg.num_server_rounds, wall)
+    if writer is not None:
+        writer.finish(
+            result.arrays.to_torch_state_dict() if result.arrays is not None else None,
+            {
+                "seed": cfg.seed, "engine": engine, "device": str(device),
+                "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
+                "rounds": cfg.num_server_rounds, "num_nodes": len(nodes), "batch_sizes": sizes,
+                "wall_seconds": wall, **environment_info(),
+            },
+        )
+    return reporter.rows
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point (``flwr run .``)."""
+    run_experiment(grid, RunConfig.from_mapping(context.run_config))

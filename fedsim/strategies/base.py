@@ -1,0 +1,144 @@
+"""What the four fedsim strategies share: sampling, reply checks, round metrics.
+
+A subclass sets ``task`` (what clients compute) and implements ``parse`` (one reply ->
+its payload, or BadReply) and ``apply`` (the payloads of a round -> the new global
+model). Replies are checked one by one: a bad one is logged with its node id and reason
+and left out; the round goes on with the rest. Replies are used in partition-id order
+so that results do not depend on arrival order.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.protocol import ARRAYS, CONFIG, ArraySpec, BadReply, ReplyMetrics, content_bytes, reply_metrics
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A checked reply: who sent it, its bookkeeping and its decoded payload."""
+
+    node_id: int
+    metrics: ReplyMetrics
+    payload: Any
+
+
+class FedsimStrategy(Strategy):
+    """Base class: sample a fraction C of nodes, send the task, check replies, apply."""
+
+    task: ClassVar[str]
+
+    def __init__(
+        self,
+        model_spec: ArraySpec,
+        param_keys: Sequence[str],
+        lr: float,
+        fraction_train: float = 1.0,
+        local_epochs: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        self.model_spec = dict(model_spec)
+        self.param_keys = list(param_keys)
+        unknown = [k for k in self.param_keys if k not in self.model_spec]
+        if unknown:
+            raise ValueError(f"param_keys {unknown} are not in the model's state_dict")
+        self.lr = lr
+        self.fraction_train = fraction_train
+        self.local_epochs = local_epochs
+        self.num_params = int(sum(int(np.prod(self.model_spec[k][0])) for k in self.param_keys))
+        self._rng = random.Random(seed)
+        self._global: ArrayRecord | None = None
+        self._bytes_down = 0
+        self.last_metrics: MetricRecord | None = None
+
+    # --- Flower Strategy interface ------------------------------------------------------
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedsim %s: task %r, lr %g, fraction-train %g", type(self).__name__, self.task, self.lr, self.fraction_train)
+        log(INFO, "\t└──> model: %d trainable parameters in %d tensors", self.num_params, len(self.param_keys))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample max(1, round(C * K)) of the K nodes and send each the model and the task."""
+        nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            log(WARNING, "round %d: no nodes are connected; skipping training", server_round)
+            return []
+        k = max(1, int(round(self.fraction_train * len(nodes))))
+        chosen = sorted(self._rng.sample(nodes, k)) if k < len(nodes) else nodes
+        self._global = arrays
+        cfg = ConfigRecord(dict(config))
+        cfg.update(
+            {"task": self.task, "lr": float(self.lr), "local-epochs": int(self.local_epochs), "server-round": server_round}
+        )
+        record = RecordDict({ARRAYS: arrays, CONFIG: cfg})
+        self._bytes_down = content_bytes(record) * len(chosen)
+        return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check each reply, drop and log the bad ones, apply the good ones."""
+        good: list[Reply] = []
+        bytes_up = 0
+        received = 0
+        for msg in replies:
+            received += 1
+            node = msg.metadata.src_node_id
+            if not msg.has_error():
+                bytes_up += content_bytes(msg.content)
+            try:
+                metrics = reply_metrics(msg)
+                good.append(Reply(node, metrics, self.parse(msg)))
+            except BadReply as err:
+                log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, err)
+        good.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
+        metrics = MetricRecord(
+            {
+                "clients": len(good),
+                "rejected": received - len(good),
+                "bytes-up": bytes_up,
+                "bytes-down": self._bytes_down,
+            }
+        )
+        self.last_metrics = metrics
+        if not good:
+            log(WARNING, "round %d: no usable reply; the global model is unchanged", server_round)
+            return None, metrics
+        weights = [r.metrics.num_examples for r in good]
+        metrics["train-loss"] = float(np.average([r.metrics.train_loss for r in good], weights=weights))
+        assert self._global is not None
+        return self.apply(server_round, self._global, good), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """fedsim evaluates on the server (``evaluate_fn``); no client evaluation round."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # --- what each strategy defines -------------------------------------------------------
+
+    @abstractmethod
+    def parse(self, msg: Message) -> Any:
+        """Decode and check the payload of one reply; raise BadReply if unusable."""
+
+    @abstractmethod
+    def apply(self, server_round: int, current: ArrayRecord, replies: list[Reply]) -> ArrayRecord:
+        """The new global model from the current one and this round's checked replies."""
