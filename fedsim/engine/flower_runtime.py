@@ -1,0 +1,174 @@
+"""Run an experiment through Flower's own simulation runtime (Ray backend), as
+``flwr run`` does, starting and stopping everything it needs.
+
+A private SuperLink (simulation mode, free loopback ports, its own ``FLWR_HOME``) is
+started as a child process in a new session; ``flwr run <app> <connection> --stream``
+submits the run and streams its logs until it ends; then the SuperLink's whole process
+group (the ServerApp/simulation process and Ray's workers with it) is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import RunConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment Flower needs here (see README: Flower settings)."""
+    env = os.environ.copy()
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_TMPDIR=str(flwr_home / "ray"),
+        MPLCONFIGDIR=str(flwr_home / "mpl"),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+class LocalSuperLink:
+    """A private simulation-mode SuperLink; use as a context manager (stops by PID)."""
+
+    def __init__(self, flwr_home: Path) -> None:
+        self.flwr_home = flwr_home
+        self.http_port = free_port()
+        self.control_port = free_port()
+        self.fleet_port = free_port()
+        self.env = flower_env(flwr_home)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.connection = "fedsim-local"
+
+    def __enter__(self) -> LocalSuperLink:
+        (self.flwr_home / "ray").mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedsim-local"\n\n'
+            f'[superlink.fedsim-local]\naddress = "127.0.0.1:{self.http_port}"\ninsecure = true\n'
+        )
+        log = open(self.flwr_home / "superlink.out", "wb")
+        self.proc = subprocess.Popen(
+            [
+                "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+                "--disable-runtime-dependency-installation",
+                "--control-api-address", f"127.0.0.1:{self.control_port}",
+                "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
+                "--host", "127.0.0.1", "--port", str(self.http_port),
+                "--database", str(self.flwr_home / "state.db"),
+            ],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                out = (self.flwr_home / "superlink.out").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}:\n{out}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not open port {self.http_port} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the SuperLink's process group: SIGTERM, then SIGKILL after 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            _kill_group(self.proc)
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_group(self.proc)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def run_flower(
+    run_config: Mapping[str, Any],
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    flwr_home: Path | None = None,
+    echo: bool = True,
+) -> Path:
+    """Run ``run_config`` through ``flwr run`` on Flower's simulation runtime with
+    ``num-nodes`` SuperNodes; return the results folder (``results-dir``, made absolute)."""
+    cfg = RunConfig.from_mapping(run_config)
+    if not cfg.results_dir:
+        raise ValueError("run_flower needs results-dir: the folder the run's results go to")
+    mapping = cfg.to_mapping()
+    mapping["results-dir"] = str(Path(cfg.results_dir).resolve())
+    home = flwr_home or Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
+    home.mkdir(parents=True, exist_ok=True)
+    config_file = home / "run-config.toml"
+    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in mapping.items()))
+    federation = (
+        f"num-supernodes={cfg.num_nodes} client-resources-num-cpus={cpus_per_client} "
+        f"client-resources-num-gpus={gpus_per_client}"
+    )
+    with LocalSuperLink(home) as link:
+        cmd = [
+            "flwr", "run", str(PROJECT_ROOT), link.connection, "--run-config", str(config_file),
+            "--federation-config", federation, "--stream",
+        ]
+        proc = subprocess.run(cmd, env=link.env, cwd=home, capture_output=not echo, text=True)
+        if proc.returncode != 0:
+            detail = "" if echo else (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:]
+            raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}\n{detail}")
+    results = Path(mapping["results-dir"])
+    if not (results / "summary.json").exists():
+        raise RuntimeError(f"the Flower run ended without writing {results / 'summary.json'}; see {home}/superlink.out")
+    return results
