@@ -1,0 +1,70 @@
+"""Run config: pyproject defaults = RunConfig defaults, validation messages, batch sizes."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedsim.clients.batch_sizes import batch_mode_sizes, client_batch_sizes, num_small_clients, parse_batch_sizes
+from fedsim.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_are_the_runconfig_defaults():
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == RunConfig().to_mapping()
+    assert RunConfig.from_mapping(app_config) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"strategy": "fedprox"}, "strategy='fedprox'"),
+        ({"lr": 0.0}, "lr=0.0"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"batch-mode": 7}, "batch-mode=7"),
+        ({"no-such-key": 1}, "unknown run-config key"),
+        ({"num-server-rounds": "ten"}, "expected int"),
+        ({"dataset": "imagenet"}, "model='auto' has no default"),
+        ({"batch-mode": 2, "batch-sizes": "4,4"}, "not both"),
+    ],
+)
+def test_bad_config_names_the_problem(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_mapping(values)
+
+
+def test_model_auto_follows_dataset():
+    assert RunConfig.from_mapping({"dataset": "mnist"}).model_name == "mnist-cnn"
+    assert RunConfig.from_mapping({"dataset": "mnist", "model": "mnist-2nn"}).model_name == "mnist-2nn"
+
+
+def test_batch_modes_match_the_paper_at_m15():
+    for mode, small, large in [(1, 0, 64), (2, 9, 154), (3, 12, 304), (4, 14, 904)]:
+        sizes = batch_mode_sizes(mode, 15, seed=0)
+        assert sizes.count(4) == small and sum(sizes) == 960
+        assert all(b == large for b in sizes if b != 4 or mode == 1)
+
+
+@pytest.mark.parametrize("m", [2, 5, 10, 16, 31, 100])
+@pytest.mark.parametrize("mode", [1, 2, 3, 4])
+def test_batch_modes_generalise(m, mode):
+    sizes = batch_mode_sizes(mode, m, seed=3)
+    assert len(sizes) == m and sum(sizes) == 64 * m
+    assert sizes.count(4) == num_small_clients(mode, m) or mode == 1
+    assert max(sizes) - min(b for b in sizes if b != 4 or mode == 1) <= 1  # large ones differ by <= 1
+
+
+def test_small_clients_are_chosen_by_seed():
+    a, b, c = (batch_mode_sizes(2, 15, seed=s) for s in (0, 0, 1))
+    assert a == b and a != c
+
+
+def test_explicit_batch_sizes():
+    assert client_batch_sizes(10, "4, 4,64", 0, 3, 0) == [4, 4, 64]
+    assert client_batch_sizes(10, "", 0, 3, 0) == [10, 10, 10]
+    with pytest.raises(ValueError, match="one per client"):
+        parse_batch_sizes("4,4", 3)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_batch_sizes("4;4;4", 3)
