@@ -54,6 +54,11 @@ def train(msg: Message, context: Context) -> Message:
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {protocol.TASKS}")
 
+    if task != protocol.TASK_LOCAL_EPOCHS:
+        params = {n for n, _ in model.named_parameters()}
+        buffers = {k: v for k, v in model.state_dict().items() if k not in params and v.is_floating_point()}
+        if buffers:
+            payload[protocol.BUFFERS] = ArrayRecord(buffers)
     metrics = MetricRecord(
         {"num-examples": len(setup.data), "train-loss": loss, "partition-id": pid, "batch-size": setup.batch_size}
     )

@@ -9,6 +9,11 @@ local set size; ``batch-size``; ``train-loss``; ``partition-id``) and, by task:
 - ``gradient`` (FedSGD): ArrayRecord ``"grads"``, one float array per trainable parameter;
 - ``sign`` (signSGD-MV / -FV): ArrayRecord ``"signs"`` holding one uint8 array ``"packed"``
   of ceil(N / 8) bytes (fedsim.strategies.signs).
+
+With ``gradient`` and ``sign``, a model that has float buffers (BatchNorm's running
+statistics) also sends them as ArrayRecord ``"buffers"``: they are not trained by the
+gradient, and the server takes their example-weighted mean. Models without BatchNorm
+(all the MNIST ones) send nothing more.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ TASKS = (TASK_LOCAL_EPOCHS, TASK_GRADIENT, TASK_SIGN)
 ARRAYS = "arrays"
 GRADS = "grads"
 SIGNS = "signs"
+BUFFERS = "buffers"
 PACKED = "packed"
 CONFIG = "config"
 METRICS = "metrics"

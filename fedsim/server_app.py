@@ -43,7 +43,7 @@ class RoundReporter:
         self.on_round = on_round
         self.device = pick_device()
         _, _, self.x_test, self.y_test, splits = device_dataset(cfg.dataset, cfg.data_dir, self.device)
-        self.model = build_model(cfg.model_name, num_classes=splits.num_classes).to(self.device)
+        self.model = build_model(cfg.model_name, num_classes=splits.num_classes, seed=0).to(self.device)
         self.rows: list[RoundRow] = []
         self.t0 = time.perf_counter()
 

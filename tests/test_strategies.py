@@ -156,3 +156,23 @@ def test_bad_metrics_and_error_replies_are_rejected(caplog):
 def test_fraction_sampling_is_seeded_and_sized():
     picks = [[m.metadata.dst_node_id for m in sent(FedAvg(SPEC, PARAMS, lr=0.1, fraction_train=0.1, seed=s), 100)] for s in (1, 1, 2)]
     assert len(picks[0]) == 10 and picks[0] == picks[1] and picks[0] != picks[2]
+
+
+def test_gradient_strategies_average_float_buffers_and_reject_replies_without_them(caplog):
+    arrays = ArrayRecord({"w": Array(W0), "running_mean": Array(np.zeros(2, np.float32))})
+    s = SignMajorityVote(protocol.array_spec(arrays), ["w"], lr=0.1)
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), FakeGrid(3)))
+    packed = Array(pack_signs(torch.ones(4)))
+
+    def with_buffers(m, value, n, pid):
+        payload = {protocol.SIGNS: ArrayRecord({protocol.PACKED: packed})}
+        if value is not None:
+            payload[protocol.BUFFERS] = ArrayRecord({"running_mean": Array(np.full(2, value, np.float32))})
+        return reply(m, payload, n=n, pid=pid)
+
+    replies = [with_buffers(msgs[0], 1.0, 1, 0), with_buffers(msgs[1], 5.0, 3, 1), with_buffers(msgs[2], None, 1, 2)]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        new, metrics = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(new["running_mean"].numpy(), [4.0, 4.0])  # (1*1 + 3*5) / 4
+    np.testing.assert_allclose(new["w"].numpy(), W0 - 0.1)
+    assert metrics["rejected"] == 1 and "buffers" in caplog.text

@@ -46,7 +46,7 @@ def cached_model(name: str, num_classes: int, device: torch.device) -> nn.Module
     """One model object per (name, device) in this process; callers load weights into it."""
     from fedsim.models import build_model
 
-    return build_model(name, num_classes=num_classes).to(device)
+    return build_model(name, num_classes=num_classes, seed=0).to(device)  # weights are overwritten per message; seed only to leave the global RNG alone
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,12 +17,25 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.protocol import ARRAYS, CONFIG, ArraySpec, BadReply, ReplyMetrics, content_bytes, reply_metrics
+from fedsim.protocol import (
+    ARRAYS,
+    BUFFERS,
+    CONFIG,
+    TASK_LOCAL_EPOCHS,
+    ArraySpec,
+    BadReply,
+    ReplyMetrics,
+    checked_arrays,
+    content_bytes,
+    reply_metrics,
+)
+from fedsim.strategies.aggregate import weighted_mean
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,7 @@ class Reply:
     node_id: int
     metrics: ReplyMetrics
     payload: Any
+    buffers: dict[str, np.ndarray] | None = None
 
 
 class FedsimStrategy(Strategy):
@@ -58,6 +72,10 @@ class FedsimStrategy(Strategy):
         self.lr = lr
         self.fraction_train = fraction_train
         self.local_epochs = local_epochs
+        # Float state that is not a trainable parameter (BatchNorm running statistics).
+        self.buffer_spec = {
+            k: v for k, v in self.model_spec.items() if k not in self.param_keys and np.issubdtype(v[1], np.floating)
+        }
         self.num_params = int(sum(int(np.prod(self.model_spec[k][0])) for k in self.param_keys))
         self._rng = random.Random(seed)
         self._global: ArrayRecord | None = None
@@ -103,7 +121,9 @@ class FedsimStrategy(Strategy):
                 bytes_up += content_bytes(msg.content)
             try:
                 metrics = reply_metrics(msg)
-                good.append(Reply(node, metrics, self.parse(msg)))
+                payload = self.parse(msg)
+                buffers = checked_arrays(msg, BUFFERS, self.buffer_spec) if self._sends_buffers else None
+                good.append(Reply(node, metrics, payload, buffers))
             except BadReply as err:
                 log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, err)
         good.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
@@ -122,7 +142,16 @@ class FedsimStrategy(Strategy):
         weights = [r.metrics.num_examples for r in good]
         metrics["train-loss"] = float(np.average([r.metrics.train_loss for r in good], weights=weights))
         assert self._global is not None
-        return self.apply(server_round, self._global, good), metrics
+        new = self.apply(server_round, self._global, good)
+        if self._sends_buffers:
+            for key in self.buffer_spec:
+                mean = weighted_mean([torch.from_numpy(r.buffers[key]) for r in good], weights)
+                new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
+        return new, metrics
+
+    @property
+    def _sends_buffers(self) -> bool:
+        return bool(self.buffer_spec) and self.task != TASK_LOCAL_EPOCHS
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
