@@ -75,8 +75,9 @@ class RoundReporter:
         return result
 
 
-def run_experiment(grid: Grid, cfg: RunConfig, engine: str = "flower") -> list[RoundRow]:
+def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     """Build model, strategy and reporter from ``cfg``, run all rounds on ``grid``."""
+    engine = getattr(grid, "engine_name", "flower")
     from fedsim.models import build_model
 
     device = pick_device()

@@ -9,7 +9,9 @@ group (the ServerApp/simulation process and Ray's workers with it) is stopped by
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +34,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ray_tmpdir(flwr_home: Path) -> Path:
+    """A short RAY_TMPDIR for ``flwr_home``: Ray's AF_UNIX socket paths must stay < 108 bytes."""
+    digest = hashlib.sha1(str(flwr_home.resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"fedsim-ray-{digest}"
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment Flower needs here (see README: Flower settings)."""
     env = os.environ.copy()
@@ -40,13 +48,18 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        RAY_TMPDIR=str(flwr_home / "ray"),
+        RAY_TMPDIR=str(ray_tmpdir(flwr_home)),
         MPLCONFIGDIR=str(flwr_home / "mpl"),
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+def _num(x: float) -> str:
+    """Flower's federation config wants ints where a value is whole (``1``, not ``1.0``)."""
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def _toml_value(v: Any) -> str:
@@ -70,7 +83,7 @@ class LocalSuperLink:
         self.connection = "fedsim-local"
 
     def __enter__(self) -> LocalSuperLink:
-        (self.flwr_home / "ray").mkdir(parents=True, exist_ok=True)
+        ray_tmpdir(self.flwr_home).mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "fedsim-local"\n\n'
             f'[superlink.fedsim-local]\naddress = "127.0.0.1:{self.http_port}"\ninsecure = true\n'
@@ -109,6 +122,7 @@ class LocalSuperLink:
         """Stop the SuperLink's process group: SIGTERM, then SIGKILL after 10 s."""
         if self.proc is None or self.proc.poll() is not None:
             _kill_group(self.proc)
+            stop_stragglers(self.flwr_home)
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -119,9 +133,52 @@ class LocalSuperLink:
         except subprocess.TimeoutExpired:
             pass
         _kill_group(self.proc)
+        stop_stragglers(self.flwr_home)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_pids(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM each PID, wait up to ``grace`` seconds, then SIGKILL the survivors."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        if not pids:
+            return
+
+
+def stop_stragglers(flwr_home: Path) -> list[int]:
+    """Kill, by PID, every process whose command line names ``flwr_home`` or its Ray
+    temp dir (anything that left the SuperLink's process group, e.g. Ray daemons), and
+    remove the Ray temp dir. Returns the PIDs it found."""
+    ray_dir = ray_tmpdir(flwr_home)
+    pids = sorted(set(processes_mentioning(str(flwr_home))) | set(processes_mentioning(str(ray_dir))))
+    kill_pids(pids)
+    shutil.rmtree(ray_dir, ignore_errors=True)
+    return pids
 
 
 def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
@@ -156,8 +213,8 @@ def run_flower(
     config_file = home / "run-config.toml"
     config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in mapping.items()))
     federation = (
-        f"num-supernodes={cfg.num_nodes} client-resources-num-cpus={cpus_per_client} "
-        f"client-resources-num-gpus={gpus_per_client}"
+        f"num-supernodes={cfg.num_nodes} client-resources-num-cpus={_num(cpus_per_client)} "
+        f"client-resources-num-gpus={_num(gpus_per_client)}"
     )
     with LocalSuperLink(home) as link:
         cmd = [

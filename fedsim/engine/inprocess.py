@@ -38,6 +38,8 @@ FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
 class InProcessGrid(Grid):
     """A Grid whose nodes are ``ClientApp`` calls in this process."""
 
+    engine_name = "inprocess"  # recorded in each run's summary.json
+
     def __init__(
         self,
         client_app: ClientApp,
