@@ -13,6 +13,7 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
@@ -22,6 +23,7 @@ from fedsim.clients.batch_sizes import client_batch_sizes
 from fedsim.clients.setup import device_dataset, pick_device
 from fedsim.clients.tasks import evaluate
 from fedsim.config import RunConfig
+from fedsim.partitions import format_label_counts
 from fedsim.protocol import array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.strategies import FedsimStrategy, build_strategy
@@ -93,9 +95,12 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
     log(INFO, "fedsim: %s on %s (%s), %d nodes, batch sizes by partition %s", cfg.strategy, cfg.dataset, cfg.model_name, len(nodes), sizes)
 
+    counts = _label_counts(cfg, max(len(nodes), 1))
+    log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
     writer = RunWriter(Path(cfg.results_dir)) if cfg.results_dir else None
     if writer is not None:
         writer.start(cfg.to_mapping())
+        np.savetxt(writer.path / "label_counts.csv", counts, fmt="%d", delimiter=",")
     reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
     t0 = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter)
@@ -114,6 +119,15 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
             },
         )
     return reporter.rows
+
+
+def _label_counts(cfg: RunConfig, num_clients: int) -> np.ndarray:
+    """Each client's label histogram [clients, classes] under the run's partition."""
+    from fedsim.partitions import label_counts, partition_indices
+
+    splits = device_dataset(cfg.dataset, cfg.data_dir, pick_device())[4]
+    labels = splits.y_train.numpy()
+    return label_counts(labels, partition_indices(labels, cfg.partitioning, num_clients, cfg.seed), splits.num_classes)
 
 
 @app.main()

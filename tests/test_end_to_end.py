@@ -1,0 +1,83 @@
+"""The real ServerApp and ClientApp on the in-process engine: faults, reproducibility, CLI."""
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim import protocol
+from fedsim.client_app import app as fedsim_client
+from fedsim.config import RunConfig
+from fedsim.engine.inprocess import InProcessGrid
+from fedsim.server_app import app as server_app
+
+BAD_PARTITION = 2
+faulty = ClientApp()
+
+
+@faulty.train()
+def _faulty_train(msg: Message, context: Context) -> Message:
+    """fedsim's client, except that partition 2 sends a truncated sign vector."""
+    reply = fedsim_client(msg, context)
+    if context.node_config["partition-id"] == BAD_PARTITION:
+        packed = reply.content[protocol.SIGNS][protocol.PACKED].numpy()
+        reply.content[protocol.SIGNS] = ArrayRecord({protocol.PACKED: Array(packed[:3].copy())})
+    return reply
+
+
+def _rows(path):
+    with open(path / "rounds.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_truncated_reply_is_rejected_logged_and_round_goes_on(tmp_path, caplog):
+    cfg = RunConfig.from_mapping(
+        {"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 3, "num-nodes": 5, "results-dir": str(tmp_path)}
+    ).to_mapping()
+    grid = InProcessGrid(faulty, 5, cfg)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        server_app(grid, Context(1, 1, {}, RecordDict(), cfg))
+    rows = _rows(tmp_path)
+    assert [int(r["clients"]) for r in rows[1:]] == [4, 4, 4]
+    assert [int(r["rejected"]) for r in rows[1:]] == [1, 1, 1]
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejected) == 3
+    assert f"node {1001 + BAD_PARTITION}" in rejected[0] and "packed signs have shape (3,), expected (602,)" in rejected[0]
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
+
+
+def test_same_seed_same_metrics_and_cli_writes_results(tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedsim.cli", "run", "experiments/quick.toml", "--set", "num-server-rounds=12",
+             "--results-dir", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "final test accuracy" in proc.stdout
+        outs.append(out)
+    a, b = (_rows(o) for o in outs)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b) and len(a) == 13
+    summary = json.loads((outs[0] / "summary.json").read_text())
+    assert summary["engine"] == "inprocess" and summary["seed"] == 0 and len(summary["batch_sizes"]) == 10
+    assert (outs[0] / "model.pt").exists() and (outs[0] / "config.json").exists()
+    counts = np.loadtxt(outs[0] / "label_counts.csv", delimiter=",")
+    assert counts.shape == (10, 10) and counts.sum() == 1437
+
+
+def test_cli_reports_bad_config_clearly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "run", "experiments/quick.toml", "--set", "strategy='fedprox'",
+         "--results-dir", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "strategy='fedprox': choose one of" in proc.stderr
