@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.clients.batch_sizes import client_batch_sizes
-from fedsim.clients.setup import device_dataset, pick_device
+from fedsim.clients.setup import device_dataset, input_transforms, pick_device
 from fedsim.clients.tasks import evaluate
 from fedsim.config import RunConfig
 from fedsim.partitions import format_label_counts
@@ -44,7 +44,9 @@ class RoundReporter:
         self.writer = writer
         self.on_round = on_round
         self.device = pick_device()
-        _, _, self.x_test, self.y_test, splits = device_dataset(cfg.dataset, cfg.data_dir, self.device)
+        _, _, x_test, self.y_test, splits = device_dataset(cfg.dataset, cfg.data_dir, self.device)
+        _, eval_transform = input_transforms(cfg.dataset, splits.input_shape, cfg.model_name)
+        self.x_test = eval_transform(x_test) if eval_transform is not None else x_test
         self.model = build_model(cfg.model_name, num_classes=splits.num_classes, seed=0).to(self.device)
         self.rows: list[RoundRow] = []
         self.t0 = time.perf_counter()

@@ -68,3 +68,19 @@ def test_explicit_batch_sizes():
         parse_batch_sizes("4,4", 3)
     with pytest.raises(ValueError, match="comma-separated"):
         parse_batch_sizes("4;4;4", 3)
+
+
+def test_input_transforms_by_model_and_dataset():
+    from fedsim.clients.setup import input_transforms
+
+    train, evaluate = input_transforms("cifar10", (3, 32, 32), "cifar-cnn")
+    import torch
+
+    x = torch.zeros(5, 3, 32, 32)
+    assert train(x, torch.Generator().manual_seed(0)).shape == (5, 3, 24, 24)
+    assert evaluate(x).shape == (5, 3, 24, 24)
+    train, evaluate = input_transforms("cifar10", (3, 32, 32), "resnet20")
+    assert train is not None and evaluate is None
+    assert input_transforms("mnist", (1, 28, 28), "mnist-cnn") == (None, None)
+    with pytest.raises(ConfigError, match="takes 1x28x28 inputs but dataset 'cifar10' has 3x32x32"):
+        input_transforms("cifar10", (3, 32, 32), "mnist-cnn")

@@ -314,3 +314,19 @@ def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
     assert 0 < flips < len(x)
     mirrored = augment_batch(x, torch.Generator().manual_seed(3), pad=0)
     assert all(m.equal(xi) or m.equal(xi.flip(-1)) for m, xi in zip(mirrored, x))
+
+
+def test_augment_crop_to_smaller_size_and_center_crop():
+    from fedsim.data import center_crop
+
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(x, g, pad=0, flip=False, size=24)
+    assert out.shape == (2, 3, 24, 24)
+    # each output is a contiguous 24x24 window of its own image
+    for i in range(2):
+        top, left = divmod(int(out[i, 0, 0, 0].item() - x[i, 0, 0, 0].item()), 32)
+        assert torch.equal(out[i], x[i, :, top : top + 24, left : left + 24])
+    assert torch.equal(center_crop(x, 24), x[..., 4:28, 4:28])
+    with pytest.raises(ValueError, match="does not fit"):
+        augment_batch(x, g, pad=0, size=40)

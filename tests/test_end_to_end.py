@@ -81,3 +81,40 @@ def test_cli_reports_bad_config_clearly(tmp_path):
     )
     assert proc.returncode == 2
     assert "strategy='fedprox': choose one of" in proc.stderr
+
+
+def _write_small_cifar(root, n_train=40, n_test=20):
+    """data_batch_1..5 + test_batch in the original pickle format, random images."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, n in [*[(f"data_batch_{k}", n_train) for k in range(1, 6)], ("test_batch", n_test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+def test_cifar_models_run_end_to_end_with_crops_and_batchnorm_buffers(tmp_path):
+    from fedsim.engine.runner import run_inprocess
+    import torch
+
+    data = _write_small_cifar(tmp_path / "cifar")
+    base = {"dataset": "cifar10", "data-dir": str(data), "num-nodes": 3, "num-server-rounds": 2, "batch-size": 8}
+    run_inprocess({**base, "model": "cifar-cnn", "strategy": "fedavg", "results-dir": str(tmp_path / "cnn")})
+    out = run_inprocess({**base, "model": "resnet20", "strategy": "llr-vote", "lr": 0.01, "llr-warmup": 1,
+                         "results-dir": str(tmp_path / "resnet")})
+    rows = _rows(out)
+    assert [int(r["clients"]) for r in rows[1:]] == [3, 3] and all(int(r["rejected"]) == 0 for r in rows[1:])
+    state = torch.load(out / "model.pt")
+    # BatchNorm running statistics were averaged from the clients, not left at their init
+    assert not torch.allclose(state["bn1.running_mean"], torch.zeros_like(state["bn1.running_mean"]))
+    from fedsim.models import build_model
+    from fedsim.strategies.signs import packed_size
+
+    model = build_model("resnet20")
+    params = {n for n, _ in model.named_parameters()}
+    buffers = [v for k, v in model.state_dict().items() if k not in params and v.is_floating_point()]
+    bound = packed_size(269_722) + sum(4 * b.numel() + 200 for b in buffers) + 1024  # +200: npy header and key
+    assert int(rows[1]["bytes_up"]) / 3 <= bound

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from fedsim.clients.batch_sizes import client_batch_sizes
 from fedsim.clients.tasks import LocalData
-from fedsim.config import RunConfig
+from fedsim.config import ConfigError, RunConfig
 
 
 def pick_device() -> torch.device:
@@ -47,6 +48,33 @@ def cached_model(name: str, num_classes: int, device: torch.device) -> nn.Module
     from fedsim.models import build_model
 
     return build_model(name, num_classes=num_classes, seed=0).to(device)  # weights are overwritten per message; seed only to leave the global RNG alone
+
+
+def input_transforms(
+    dataset: str, data_shape: tuple[int, int, int], model_name: str
+) -> tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(train augmentation, evaluation transform) for feeding ``dataset`` to the model.
+
+    A model that takes smaller images than the dataset has (the FedAvg paper's CIFAR CNN:
+    24x24 of 32x32) trains on random crops + flips and is evaluated on the centre crop;
+    a full-size CIFAR model trains on pad-4 random crops + flips. A model whose input
+    does not fit the data is a ConfigError that names both shapes.
+    """
+    from fedsim.data import augment_batch, center_crop
+    from fedsim.models import MODEL_INPUT_SHAPES
+
+    c, h, w = MODEL_INPUT_SHAPES[model_name]
+    dc, dh, dw = data_shape
+    if c != dc or h > dh or w > dw or h != w:
+        raise ConfigError(
+            f"model {model_name!r} takes {c}x{h}x{w} inputs but dataset {dataset!r} has {dc}x{dh}x{dw}; "
+            f"set model to one for this dataset (or model='auto')"
+        )
+    if h < dh:
+        return functools.partial(augment_batch, pad=0, flip=True, size=h), functools.partial(center_crop, size=h)
+    if dataset == "cifar10":
+        return augment_batch, None
+    return None, None
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,11 +115,7 @@ def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_ba
         batch_size = sizes[partition_id]
     else:
         batch_size = node_batch_size
-    augment = None
-    if cfg.dataset == "cifar10":
-        from fedsim.data import augment_batch
-
-        augment = augment_batch
+    augment, _ = input_transforms(cfg.dataset, splits.input_shape, cfg.model_name)
     data = LocalData(x=x, y=y, indices=indices, augment=augment)
     model = cached_model(cfg.model_name, splits.num_classes, device)
     return ClientSetup(partition_id, num_partitions, batch_size, data, model, device)

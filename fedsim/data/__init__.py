@@ -6,9 +6,9 @@
 Every user-facing loading problem raises DataError.
 """
 
-from fedsim.data.augment import augment_batch
+from fedsim.data.augment import augment_batch, center_crop
 from fedsim.data.errors import DataError
 from fedsim.data.load import DATASETS, load_dataset
 from fedsim.data.splits import DatasetSplits
 
-__all__ = ["DATASETS", "DataError", "DatasetSplits", "augment_batch", "load_dataset"]
+__all__ = ["DATASETS", "DataError", "DatasetSplits", "augment_batch", "center_crop", "load_dataset"]
