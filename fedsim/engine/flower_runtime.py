@@ -208,6 +208,8 @@ def run_flower(
         raise ValueError("run_flower needs results-dir: the folder the run's results go to")
     mapping = cfg.to_mapping()
     mapping["results-dir"] = str(Path(cfg.results_dir).resolve())
+    if cfg.data_dir:  # Flower's processes run elsewhere: a relative path means "from here"
+        mapping["data-dir"] = str(Path(cfg.data_dir).resolve())
     home = flwr_home or Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     home.mkdir(parents=True, exist_ok=True)
     config_file = home / "run-config.toml"
