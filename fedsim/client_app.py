@@ -31,7 +31,12 @@ def train(msg: Message, context: Context) -> Message:
     """Run this round's task on the local data and reply with its payload and metrics."""
     cfg = RunConfig.from_mapping(context.run_config)
     node = context.node_config
-    pid, num = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError(
+            "this node has no partition-id/num-partitions in its node config; start the SuperNode with "
+            "--node-config \"partition-id=K num-partitions=M\" (Flower's simulation sets them itself)"
+        )
+    pid, num = int(node["partition-id"]), int(node["num-partitions"])
     setup = client_setup(cfg, pid, num, int(node["batch-size"]) if "batch-size" in node else None)
     task_cfg = msg.content[protocol.CONFIG]
     task, rnd = str(task_cfg["task"]), int(task_cfg["server-round"])

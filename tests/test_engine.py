@@ -51,3 +51,15 @@ def test_raising_client_gives_error_reply_and_keeps_old_state():
     # node 1's second call raised: its state change was discarded
     assert grid.contexts[FIRST_NODE_ID + 1].state["count"]["n"] == 1
     assert grid.contexts[FIRST_NODE_ID].state["count"]["n"] == 2
+
+
+def test_fedsim_client_without_partition_in_node_config_replies_with_a_clear_error():
+    from fedsim.client_app import app as fedsim_client
+    from fedsim.config import RunConfig
+
+    cfg = RunConfig().to_mapping()
+    grid = InProcessGrid(fedsim_client, 1, cfg)
+    grid.contexts[FIRST_NODE_ID].node_config = {}
+    content = RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(2, np.float32))}), "config": ConfigRecord({"task": "sign", "server-round": 1})})
+    (reply,) = grid.send_and_receive([grid.create_message(content, MessageType.TRAIN, FIRST_NODE_ID, "1")])
+    assert reply.has_error() and "--node-config" in reply.error.reason
