@@ -13,14 +13,16 @@ cached per process.
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim import protocol
+from fedsim.arrays import to_array_record
 from fedsim.clients.setup import client_setup
 from fedsim.clients.tasks import flat_gradient, local_epochs, minibatch_gradient
 from fedsim.config import RunConfig
 from fedsim.seeding import generator
+from fedsim.strategies.model_vector import to_state
 from fedsim.strategies.signs import pack_signs
 
 app = ClientApp()
@@ -29,7 +31,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run this round's task on the local data and reply with its payload and metrics."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = RunConfig.cached(context.run_config)
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError(
@@ -42,20 +44,19 @@ def train(msg: Message, context: Context) -> Message:
     task, rnd = str(task_cfg["task"]), int(task_cfg["server-round"])
 
     model = setup.model
-    state = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    model.load_state_dict(state)
+    model.load_state_dict(to_state(msg.content[protocol.ARRAYS], copy=False))
     g = generator(cfg.seed, pid, rnd, device=setup.device)
 
     if task == protocol.TASK_LOCAL_EPOCHS:
         loss, _ = local_epochs(model, setup.data, int(task_cfg["local-epochs"]), setup.batch_size, float(task_cfg["lr"]), g)
-        payload = {protocol.ARRAYS: ArrayRecord(model.state_dict())}
+        payload = {protocol.ARRAYS: to_array_record(_numpy(model.state_dict()))}
     elif task == protocol.TASK_GRADIENT:
         grads, loss, _ = minibatch_gradient(model, setup.data, setup.batch_size, g)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        payload = {protocol.GRADS: ArrayRecord(dict(zip(names, grads, strict=True)))}
+        payload = {protocol.GRADS: to_array_record(_numpy(dict(zip(names, grads, strict=True))))}
     elif task == protocol.TASK_SIGN:
         vec, loss, _ = flat_gradient(model, setup.data, setup.batch_size, g)
-        payload = {protocol.SIGNS: ArrayRecord({protocol.PACKED: Array(pack_signs(vec))})}
+        payload = {protocol.SIGNS: to_array_record({protocol.PACKED: pack_signs(vec)})}
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {protocol.TASKS}")
 
@@ -63,8 +64,12 @@ def train(msg: Message, context: Context) -> Message:
         params = {n for n, _ in model.named_parameters()}
         buffers = {k: v for k, v in model.state_dict().items() if k not in params and v.is_floating_point()}
         if buffers:
-            payload[protocol.BUFFERS] = ArrayRecord(buffers)
+            payload[protocol.BUFFERS] = to_array_record(_numpy(buffers))
     metrics = MetricRecord(
         {"num-examples": len(setup.data), "train-loss": loss, "partition-id": pid, "batch-size": setup.batch_size}
     )
     return Message(RecordDict({**payload, protocol.METRICS: metrics}), reply_to=msg)
+
+
+def _numpy(tensors: dict) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}

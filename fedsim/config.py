@@ -6,6 +6,7 @@ documents each. Server and client both read the run config through ``RunConfig``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -65,6 +66,11 @@ class RunConfig:
         cfg.validate()
         return cfg
 
+    @staticmethod
+    def cached(values: Mapping[str, Any]) -> RunConfig:
+        """from_mapping, memoised on the values (a client parses the same config per message)."""
+        return _cached_config(tuple(sorted(values.items())))
+
     def to_mapping(self) -> dict[str, Any]:
         """Back to Flower's kebab-case run config."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -95,6 +101,11 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

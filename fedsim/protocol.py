@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
+from fedsim.arrays import from_flwr_array
+
 TASK_LOCAL_EPOCHS = "local-epochs"
 TASK_GRADIENT = "gradient"
 TASK_SIGN = "sign"
@@ -129,13 +131,8 @@ def packed_signs(msg: Message, num_bytes: int) -> np.ndarray:
     return arr
 
 
-def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """numpy arrays -> ArrayRecord, keeping key order."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
 def _to_numpy(array: Array, what: str) -> np.ndarray:
     try:
-        return array.numpy()
+        return from_flwr_array(array)
     except Exception as err:  # a corrupt payload must not crash the round
         raise BadReply(f"{what} cannot be decoded: {err}") from None

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import warnings
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-)
+
+if TYPE_CHECKING:  # datasets and flwr_datasets cost ~2 s to import: only the schemes that use them do
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 _SHUFFLE, _PARTITIONER = 0, 1  # purposes of the two derived seeds
 
@@ -36,6 +34,8 @@ def _shuffled_dataset(labels: np.ndarray, seed: int) -> Dataset:
     materialised: a shuffled Dataset keeps an indices mapping, through which the
     partitioners' ``np.array(dataset["label"])`` reads row by row (seconds for 60,000).
     """
+    from datasets import Dataset
+
     order = np.random.default_rng(_subseed(seed, _SHUFFLE)).permutation(len(labels))
     return Dataset.from_dict({"label": labels[order], "index": order.astype(np.int64)})
 
@@ -73,6 +73,8 @@ def iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
     IidPartitioner has no seed (it is ``Dataset.shard(contiguous=True)``): the
     randomness is the seeded shuffle before it.
     """
+    from flwr_datasets.partitioner import IidPartitioner
+
     p = IidPartitioner(num_partitions=num_partitions)
     p.dataset = _shuffled_dataset(labels, seed)
     return _indices(p, num_partitions)
@@ -96,6 +98,8 @@ def shards(labels: np.ndarray, shards_per_client: int, num_partitions: int, seed
             f"(one per shard), got {len(labels)}; use fewer clients or fewer shards per client"
         )
     ds = _shuffled_dataset(labels, seed).select(range(num_shards * shard_size))  # random drop of the remainder
+    from flwr_datasets.partitioner import ShardPartitioner
+
     p = ShardPartitioner(
         num_partitions=num_partitions,
         partition_by="label",
@@ -128,6 +132,8 @@ def dirichlet(labels: np.ndarray, alpha: float, num_partitions: int, seed: int) 
     times (silenced here) to achieve that, then gives up: ValueError.
     """
     min_size = dirichlet_min_partition_size(len(labels), num_partitions)
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     p = DirichletPartitioner(
         num_partitions=num_partitions,
         partition_by="label",
@@ -163,6 +169,8 @@ def labels_per_client(labels: np.ndarray, k: int, num_partitions: int, seed: int
         raise ValueError(
             f"labels:{k} asks for {k} labels per client but the data has only {num_labels}; use k <= {num_labels}"
         )
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
     p = PathologicalPartitioner(
         num_partitions=num_partitions,
         partition_by="label",

@@ -145,7 +145,7 @@ class FedsimStrategy(Strategy):
         new = self.apply(server_round, self._global, good)
         if self._sends_buffers:
             for key in self.buffer_spec:
-                mean = weighted_mean([torch.from_numpy(r.buffers[key]) for r in good], weights)
+                mean = weighted_mean([torch.from_numpy(r.buffers[key].copy()) for r in good], weights)
                 new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
         return new, metrics
 

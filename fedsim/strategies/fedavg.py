@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.protocol import ARRAYS, TASK_LOCAL_EPOCHS, checked_arrays, to_array_record
+from fedsim.arrays import to_array_record
+from fedsim.protocol import ARRAYS, TASK_LOCAL_EPOCHS, checked_arrays
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.base import FedsimStrategy, Reply
 

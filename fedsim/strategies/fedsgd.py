@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.protocol import GRADS, TASK_GRADIENT, checked_arrays, to_array_record
+from fedsim.arrays import to_array_record
+from fedsim.protocol import GRADS, TASK_GRADIENT, checked_arrays
 from fedsim.strategies.aggregate import weighted_mean
 from fedsim.strategies.base import FedsimStrategy, Reply
 from fedsim.strategies.model_vector import flatten, to_state, unflatten_into
@@ -25,7 +26,8 @@ class FedSGD(FedsimStrategy):
         return checked_arrays(msg, GRADS, {k: self.model_spec[k] for k in self.param_keys})
 
     def apply(self, server_round: int, current: ArrayRecord, replies: list[Reply]) -> ArrayRecord:
-        grads = [flatten({k: torch.from_numpy(v) for k, v in r.payload.items()}, self.param_keys) for r in replies]
+        # np.concatenate copies the read-only message views into one writable vector per client
+        grads = [torch.from_numpy(np.concatenate([r.payload[k].reshape(-1) for k in self.param_keys])) for r in replies]
         g = weighted_mean(grads, [r.metrics.num_examples for r in replies])
         state = to_state(current)
         x = flatten(state, self.param_keys)

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
+import warnings
+
 import torch
 from flwr.app import ArrayRecord
 
+from fedsim.arrays import from_flwr_array
 
-def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> {key: tensor} (decodes every array once)."""
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
+
+def to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> {key: tensor} (decodes every array once).
+
+    ``copy=False`` gives tensors that share the message's read-only bytes: only for
+    reading (e.g. ``load_state_dict``, which copies them into the model).
+    """
+    if copy:
+        return {k: torch.from_numpy(from_flwr_array(v).copy()) for k, v in arrays.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(from_flwr_array(v)) for k, v in arrays.items()}
 
 
 def flatten(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
-from fedsim.protocol import TASK_SIGN, ArraySpec, packed_signs, to_array_record
+from fedsim.arrays import to_array_record
+from fedsim.protocol import TASK_SIGN, ArraySpec, packed_signs
 from fedsim.strategies.base import FedsimStrategy, Reply
 from fedsim.strategies.model_vector import flatten, to_state, unflatten_into
 from fedsim.strategies.signs import packed_size, unpack_signs
