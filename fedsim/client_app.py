@@ -22,7 +22,7 @@ from fedsim.clients.setup import client_setup
 from fedsim.clients.tasks import flat_gradient, local_epochs, minibatch_gradient
 from fedsim.config import RunConfig
 from fedsim.seeding import generator
-from fedsim.strategies.model_vector import to_state
+from fedsim.strategies.model_vector import load_into
 from fedsim.strategies.signs import pack_signs
 
 app = ClientApp()
@@ -44,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
     task, rnd = str(task_cfg["task"]), int(task_cfg["server-round"])
 
     model = setup.model
-    model.load_state_dict(to_state(msg.content[protocol.ARRAYS], copy=False))
+    load_into(model, msg.content[protocol.ARRAYS])
     g = generator(cfg.seed, pid, rnd, device=setup.device)
 
     if task == protocol.TASK_LOCAL_EPOCHS:
@@ -52,8 +52,7 @@ def train(msg: Message, context: Context) -> Message:
         payload = {protocol.ARRAYS: to_array_record(_numpy(model.state_dict()))}
     elif task == protocol.TASK_GRADIENT:
         grads, loss, _ = minibatch_gradient(model, setup.data, setup.batch_size, g)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        payload = {protocol.GRADS: to_array_record(_numpy(dict(zip(names, grads, strict=True))))}
+        payload = {protocol.GRADS: to_array_record(_numpy(dict(zip(setup.param_names, grads, strict=True))))}
     elif task == protocol.TASK_SIGN:
         vec, loss, _ = flat_gradient(model, setup.data, setup.batch_size, g)
         payload = {protocol.SIGNS: to_array_record({protocol.PACKED: pack_signs(vec)})}
@@ -61,8 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"unknown task {task!r}; expected one of {protocol.TASKS}")
 
     if task != protocol.TASK_LOCAL_EPOCHS:
-        params = {n for n, _ in model.named_parameters()}
-        buffers = {k: v for k, v in model.state_dict().items() if k not in params and v.is_floating_point()}
+        buffers = setup.float_buffers
         if buffers:
             payload[protocol.BUFFERS] = to_array_record(_numpy(buffers))
     metrics = MetricRecord(

@@ -27,7 +27,7 @@ from fedsim.partitions import format_label_counts
 from fedsim.protocol import array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.strategies import FedsimStrategy, build_strategy
-from fedsim.strategies.model_vector import to_state
+from fedsim.strategies.model_vector import load_into
 
 app = ServerApp()
 
@@ -62,7 +62,7 @@ class RoundReporter:
         due = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
         result = None
         if due:
-            self.model.load_state_dict(to_state(arrays, copy=False))
+            load_into(self.model, arrays)
             row.test_loss, row.test_accuracy = evaluate(self.model, self.x_test, self.y_test)
             result = MetricRecord({"test-accuracy": row.test_accuracy, "test-loss": row.test_loss})
         self.rows.append(row)

@@ -100,6 +100,24 @@ class ClientSetup:
     model: nn.Module
     device: torch.device
 
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the trainable parameters, in ``model.parameters()`` order."""
+        return _model_facts(self.model)[0]
+
+    @property
+    def float_buffers(self) -> dict[str, torch.Tensor]:
+        """Float state that is not a parameter (BatchNorm running statistics), live views."""
+        return _model_facts(self.model)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _model_facts(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    params = [n for n, p in model.named_parameters() if p.requires_grad]
+    all_params = {n for n, _ in model.named_parameters()}
+    buffers = {k: v for k, v in model.state_dict().items() if k not in all_params and v.is_floating_point()}
+    return params, buffers
+
 
 def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None) -> ClientSetup:
     """The client's data view, model and batch size (node config's batch size wins)."""

@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from logging import ERROR
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.user_config import UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedsim.engine.flower_internals import Run, assign_message_id, set_server_identity
+from fedsim.engine.flower_internals import Run, assign_message_id, copy_record, set_server_identity
 
 FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
 
@@ -118,15 +118,15 @@ class InProcessGrid(Grid):
 
 
 def _copy_content(content: RecordDict) -> RecordDict:
-    """A structural copy: new record containers, shared (immutable) array bytes."""
+    """A structural copy: new record containers, shared immutable values (array bytes,
+    numbers, strings); list values of config/metric records are copied too."""
     out = RecordDict()
     for key, record in content.items():
-        if isinstance(record, ArrayRecord):
-            out[key] = ArrayRecord(dict(record.items()))
-        elif isinstance(record, MetricRecord):
-            out[key] = MetricRecord(copy.deepcopy(dict(record.items())))
-        elif isinstance(record, ConfigRecord):
-            out[key] = ConfigRecord(copy.deepcopy(dict(record.items())))
-        else:  # pragma: no cover - Flower has no other record type in 1.41
-            out[key] = copy.deepcopy(record)
+        new = copy_record(record)
+        if isinstance(record, (ConfigRecord, MetricRecord)):
+            data = new.__dict__["_data"]
+            for k, v in data.items():
+                if isinstance(v, list):
+                    data[k] = list(v)
+        out[key] = new
     return out
