@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -44,7 +45,7 @@ def from_flwr_array(a: Array) -> np.ndarray:
         shape = tuple(int(d) for d in a.shape)
     except (TypeError, ValueError):
         return a.numpy()
-    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    nbytes = dtype.itemsize * math.prod(shape)
     data = a.data
     header_len = len(data) - nbytes
     if a.stype != NUMPY_STYPE or dtype.hasobject or not 10 <= header_len <= 4096 or data[:6] != b"\x93NUMPY":

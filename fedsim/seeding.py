@@ -6,13 +6,16 @@ Nothing in fedsim draws from a global RNG: Flower samples nodes with Python's gl
 
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+
 import torch
 
 
 def stream_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys by numpy's SeedSequence (order matters)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    """A 63-bit seed derived from non-negative integer keys (order matters): BLAKE2b of
+    their 8-byte encodings, so nearby keys give unrelated seeds; cheap enough per message."""
+    digest = hashlib.blake2b(b"".join(int(k).to_bytes(8, "little") for k in keys), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -58,7 +58,8 @@ def minibatch_gradient(
     """
     rows = sample_rows(len(data), batch_size, generator)
     x, y = data.batch(rows, generator)
-    model.train()
+    if not model.training:  # model.train() walks every module; skip it when already set
+        model.train()
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
