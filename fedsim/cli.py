@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 import tomllib
@@ -89,9 +88,6 @@ def _run_inprocess_with_progress(cfg: RunConfig) -> Path:
     from fedsim.engine.runner import run_inprocess
 
     bar = tqdm(total=cfg.num_server_rounds, unit="round", disable=None, dynamic_ncols=True)
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.WARNING)  # the bar replaces Flower's per-round INFO lines
 
     def on_round(row: Any) -> None:
         if row.round > 0:
@@ -99,11 +95,10 @@ def _run_inprocess_with_progress(cfg: RunConfig) -> Path:
         if row.test_accuracy == row.test_accuracy:  # not NaN
             bar.set_postfix(acc=f"{row.test_accuracy:.4f}", loss=f"{row.train_loss:.3f}")
 
-    try:
-        return run_inprocess(cfg.to_mapping(), on_round=on_round)
+    try:  # the bar replaces Flower's per-round INFO lines
+        return run_inprocess(cfg.to_mapping(), on_round=on_round, quiet=True)
     finally:
         bar.close()
-        flwr_logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ one process, ``num-nodes`` simulated nodes."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,10 +21,12 @@ def run_inprocess(
     node_configs: list[dict[str, Any]] | None = None,
     threads: int | None = None,
     on_round: Callable[[Any], None] | None = None,
+    quiet: bool = False,
 ) -> Path:
     """Run ``run_config`` (validated by RunConfig; must set ``results-dir``) to the end and
     return the results folder. ``threads``: torch intra-op threads (default 1, as one
-    Flower actor has; ``FEDSIM_THREADS`` overrides)."""
+    Flower actor has; ``FEDSIM_THREADS`` overrides). ``quiet``: hide Flower's per-round
+    INFO log lines (warnings, e.g. rejected replies, still show)."""
     import torch
 
     from fedsim.client_app import app as client_app
@@ -37,5 +40,12 @@ def run_inprocess(
     grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs)
     grid.on_round = on_round  # the ServerApp reports each round to this hook when present
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
-    server_app(grid, context)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if quiet:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        server_app(grid, context)
+    finally:
+        flwr_logger.setLevel(level)
     return Path(cfg.results_dir)
