@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         out = run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     else:
-        out = _run_inprocess_with_progress(cfg)
+        out = _run_inprocess_with_progress(cfg, args.workers)
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_inprocess_with_progress(cfg: RunConfig) -> Path:
+def _run_inprocess_with_progress(cfg: RunConfig, workers: int | None) -> Path:
     from tqdm.auto import tqdm
 
     from fedsim.engine.runner import run_inprocess
@@ -96,7 +96,7 @@ def _run_inprocess_with_progress(cfg: RunConfig) -> Path:
             bar.set_postfix(acc=f"{row.test_accuracy:.4f}", loss=f"{row.train_loss:.3f}")
 
     try:  # the bar replaces Flower's per-round INFO lines
-        return run_inprocess(cfg.to_mapping(), on_round=on_round, quiet=True)
+        return run_inprocess(cfg.to_mapping(), on_round=on_round, quiet=True, workers=workers)
     finally:
         bar.close()
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
     run.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     run.add_argument("--results-dir", help="where the run's folder goes (default runs/<experiment>-<time>)")
+    run.add_argument("--workers", type=int, help="inprocess engine: clients run on this many threads (default 1; same results)")
     run.add_argument("--cpus-per-client", type=float, default=1.0, help="flower engine: Ray CPUs per client")
     run.add_argument("--gpus-per-client", type=float, default=0.0, help="flower engine: Ray GPU share per client")
     run.set_defaults(func=cmd_run)

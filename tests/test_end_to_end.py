@@ -118,3 +118,14 @@ def test_cifar_models_run_end_to_end_with_crops_and_batchnorm_buffers(tmp_path):
     buffers = [v for k, v in model.state_dict().items() if k not in params and v.is_floating_point()]
     bound = packed_size(269_722) + sum(4 * b.numel() + 200 for b in buffers) + 1024  # +200: npy header and key
     assert int(rows[1]["bytes_up"]) / 3 <= bound
+
+
+def test_worker_threads_give_the_same_results(tmp_path):
+    from fedsim.engine.runner import run_inprocess
+
+    for strategy, lr in [("llr-vote", 0.01), ("fedavg", 0.1)]:
+        cfg = {"strategy": strategy, "lr": lr, "num-nodes": 6, "num-server-rounds": 4, "batch-mode": 2, "llr-warmup": 1}
+        one = run_inprocess({**cfg, "results-dir": str(tmp_path / f"{strategy}-1")}, workers=1)
+        three = run_inprocess({**cfg, "results-dir": str(tmp_path / f"{strategy}-3")}, workers=3)
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+        assert strip(_rows(one)) == strip(_rows(three))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from torch import nn
 from fedsim.clients.batch_sizes import client_batch_sizes
 from fedsim.clients.tasks import LocalData
 from fedsim.config import ConfigError, RunConfig
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def pick_device() -> torch.device:
@@ -42,9 +46,14 @@ def device_dataset(dataset: str, data_dir: str, device: torch.device):
     )
 
 
-@functools.lru_cache(maxsize=4)
 def cached_model(name: str, num_classes: int, device: torch.device) -> nn.Module:
-    """One model object per (name, device) in this process; callers load weights into it."""
+    """One model object per (name, device, thread) in this process; callers load weights
+    into it. Per thread so that the in-process engine's worker threads never share one."""
+    return _thread_model(name, num_classes, device, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=64)
+def _thread_model(name: str, num_classes: int, device: torch.device, thread: int) -> nn.Module:
     from fedsim.models import build_model
 
     return build_model(name, num_classes=num_classes, seed=0).to(device)  # weights are overwritten per message; seed only to leave the global RNG alone
@@ -111,7 +120,7 @@ class ClientSetup:
         return _model_facts(self.model)[1]
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _model_facts(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
     params = [n for n, p in model.named_parameters() if p.requires_grad]
     all_params = {n for n, _ in model.named_parameters()}
@@ -124,10 +133,10 @@ def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_ba
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     device = pick_device()
-    x, y, _, _, splits = device_dataset(cfg.dataset, cfg.data_dir, device)
-    indices = device_partitions(cfg.dataset, cfg.data_dir, cfg.partitioning, num_partitions, cfg.seed, device)[
-        partition_id
-    ]
+    with _LOAD_LOCK:  # concurrent first calls (worker threads) would each load the dataset
+        x, y, _, _, splits = device_dataset(cfg.dataset, cfg.data_dir, device)
+        parts = device_partitions(cfg.dataset, cfg.data_dir, cfg.partitioning, num_partitions, cfg.seed, device)
+    indices = parts[partition_id]
     if node_batch_size is None:
         sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, num_partitions, cfg.seed)
         batch_size = sizes[partition_id]

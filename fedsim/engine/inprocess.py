@@ -11,7 +11,10 @@ Semantics kept from Flower's runtime:
 - a client that raises becomes an error reply (``Error(code=2, ...)``, as in Flower's
   simulation) and its ``context.state`` changes are discarded;
 - replies carry message ids and ``reply_to`` metadata like the SuperLink's.
-Messages are executed in the order they were pushed (strategies sort replies anyway).
+With ``workers > 1`` the messages of a round run concurrently on a thread pool (torch
+releases the GIL in its kernels, so clients use several cores); replies come back in
+push order and every client draws from its own seeded stream, so results do not depend
+on the number of workers. A node never gets two messages at once (one per round).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from logging import ERROR
@@ -47,9 +51,13 @@ class InProcessGrid(Grid):
         run_config: UserConfig,
         node_configs: Iterable[Mapping[str, bool | float | int | str]] | None = None,
         run_id: int = 1,
+        workers: int = 1,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedsim-node") if workers > 1 else None
         extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
         if len(extra) != num_nodes:
             raise ValueError(f"got {len(extra)} node configs for {num_nodes} nodes")
@@ -94,7 +102,16 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._deliver(self._pending.pop(mid)) for mid in message_ids if mid in self._pending]
+        msgs = [self._pending.pop(mid) for mid in message_ids if mid in self._pending]
+        if self._pool is None or len(msgs) < 2:
+            return [self._deliver(m) for m in msgs]
+        return list(self._pool.map(self._deliver, msgs))
+
+    def close(self) -> None:
+        """Stop the worker threads (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))

@@ -22,11 +22,14 @@ def run_inprocess(
     threads: int | None = None,
     on_round: Callable[[Any], None] | None = None,
     quiet: bool = False,
+    workers: int | None = None,
 ) -> Path:
     """Run ``run_config`` (validated by RunConfig; must set ``results-dir``) to the end and
     return the results folder. ``threads``: torch intra-op threads (default 1, as one
     Flower actor has; ``FEDSIM_THREADS`` overrides). ``quiet``: hide Flower's per-round
-    INFO log lines (warnings, e.g. rejected replies, still show)."""
+    INFO log lines (warnings, e.g. rejected replies, still show). ``workers``: clients run
+    concurrently on this many threads (default 1; ``FEDSIM_WORKERS`` overrides); results
+    are the same for any number."""
     import torch
 
     from fedsim.client_app import app as client_app
@@ -37,7 +40,8 @@ def run_inprocess(
         raise ValueError("run_inprocess needs results-dir: the folder the run's results go to")
     torch.set_num_threads(threads or int(os.environ.get("FEDSIM_THREADS", "1")))
     mapping = cfg.to_mapping()
-    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs)
+    workers = workers or int(os.environ.get("FEDSIM_WORKERS", "1"))
+    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=workers)
     grid.on_round = on_round  # the ServerApp reports each round to this hook when present
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
     flwr_logger = logging.getLogger("flwr")
@@ -48,4 +52,5 @@ def run_inprocess(
         server_app(grid, context)
     finally:
         flwr_logger.setLevel(level)
+        grid.close()
     return Path(cfg.results_dir)
