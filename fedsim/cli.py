@@ -1,7 +1,8 @@
 """The ``fedsim`` command.
 
     fedsim run experiments/X.toml [--set key=value ...] [--engine inprocess|flower]
-                                  [--results-dir DIR]
+                                  [--results-dir DIR] [--workers N]
+    fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
 
 An experiment is a Flower run-config TOML (flat kebab-case keys, the file
 ``flwr run . --run-config experiments/X.toml`` reads too). ``inprocess`` (default) runs it
@@ -101,6 +102,29 @@ def _run_inprocess_with_progress(cfg: RunConfig, workers: int | None) -> Path:
         bar.close()
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep import load_sweep, run_sweep
+
+    overrides = dict(parse_override(item) for item in args.set or [])
+    runs = load_sweep(args.sweep, args.results_dir, overrides)
+    if args.dry_run:
+        for run in runs:
+            print(f"{run.status():8s} {run.folder}")
+        return 0
+
+    def execute(cfg: RunConfig) -> Path:
+        if args.engine == "flower":
+            from fedsim.engine.flower_runtime import run_flower
+
+            return run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
+        return _run_inprocess_with_progress(cfg, args.workers)
+
+    results = list(run_sweep(runs, execute))
+    ran = sum(1 for _, what in results if what == "ran")
+    print(f"fedsim: sweep of {len(runs)} runs: {ran} ran, {len(runs) - ran} already done; results in {runs[0].folder.parent}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--cpus-per-client", type=float, default=1.0, help="flower engine: Ray CPUs per client")
     run.add_argument("--gpus-per-client", type=float, default=0.0, help="flower engine: Ray GPU share per client")
     run.set_defaults(func=cmd_run)
+    sweep = sub.add_parser("sweep", help="run a grid of experiments; finished runs are skipped on rerun")
+    sweep.add_argument("sweep", help="a sweep TOML (see fedsim/sweep.py), e.g. experiments/sweeps/fv_mnist_modes.toml")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key in every run")
+    sweep.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
+    sweep.add_argument("--results-dir", help="the sweep's folder (default: the file's results-dir, else runs/<name>)")
+    sweep.add_argument("--workers", type=int, help="inprocess engine: clients run on this many threads")
+    sweep.add_argument("--cpus-per-client", type=float, default=1.0)
+    sweep.add_argument("--gpus-per-client", type=float, default=0.0)
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    sweep.set_defaults(func=cmd_sweep)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

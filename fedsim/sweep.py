@@ -1,0 +1,116 @@
+"""Sweeps: a grid of runs over one base experiment, resumable.
+
+A sweep file (TOML) names a base experiment (a run-config TOML that ``flwr run`` can read
+too), fixed overrides and a grid; the grid expands into the cartesian product, one run
+per point, each in its own folder named by the point (``strategy=sign-mv,seed=1``):
+
+    base = "../fv_mnist.toml"            # relative to the sweep file
+    results-dir = "runs/fv_mnist_modes"  # default folder of the sweep (relative to the cwd)
+    [set]                                # overrides for every run
+    num-server-rounds = 3000
+    [grid]                               # one run per combination, in this order
+    strategy = ["sign-mv", "llr-vote"]
+    batch-mode = [1, 2, 3, 4]
+    seed = [0, 1, 2]
+
+A run whose folder holds ``summary.json`` and the same ``config.json`` is finished and
+skipped on rerun; a folder without ``summary.json`` (a killed run) is deleted and run
+again from round 0 (single runs do not checkpoint mid-run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of a sweep: its grid values, folder and full run config."""
+
+    point: dict[str, Any]
+    folder: Path
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def status(self) -> str:
+        """``done`` (finished with this config), ``stale`` (finished with another config),
+        ``partial`` (started, not finished) or ``todo``."""
+        if not self.folder.exists():
+            return "todo"
+        if not (self.folder / "summary.json").exists():
+            return "partial"
+        try:
+            stored = json.loads((self.folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return "partial"
+        return "done" if stored == json.loads(json.dumps(self.config.to_mapping())) else "stale"
+
+
+def run_name(point: dict[str, Any]) -> str:
+    """A folder name for a grid point: ``key=value`` pairs joined by commas, filesystem-safe."""
+    text = ",".join(f"{k}={v}" for k, v in point.items()) or "run"
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def load_sweep(path: str | Path, results_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> list[SweepRun]:
+    """Expand a sweep file into its runs (validated up front: a bad point fails before any run)."""
+    from fedsim.cli import read_experiment
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file {path} does not exist")
+    with open(path, "rb") as f:
+        spec = tomllib.load(f)
+    unknown = sorted(set(spec) - {"base", "results-dir", "set", "grid"})
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown top-level key(s) {unknown}; expected base, results-dir, [set], [grid]")
+    if "base" not in spec:
+        raise ConfigError(f"sweep file {path}: needs base = \"<experiment>.toml\"")
+    base = read_experiment(path.parent / spec["base"])
+    fixed = {**base, **spec.get("set", {}), **(overrides or {})}
+    grid = spec.get("grid", {})
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep file {path}: grid.{key} must be a non-empty list, got {values!r}")
+    root = Path(results_dir or spec.get("results-dir") or Path("runs") / path.stem).resolve()
+    runs = []
+    for combo in itertools.product(*grid.values()) if grid else [()]:
+        point = dict(zip(grid, combo, strict=True))
+        folder = root / run_name(point)
+        try:
+            cfg = RunConfig.from_mapping({**fixed, **point, "results-dir": str(folder)})
+        except ConfigError as err:
+            raise ConfigError(f"sweep point {run_name(point)}: {err}") from None
+        runs.append(SweepRun(point, folder, cfg))
+    return runs
+
+
+def run_sweep(
+    runs: list[SweepRun], execute: Callable[[RunConfig], Path], echo: Callable[[str], None] = print
+) -> Iterator[tuple[SweepRun, str]]:
+    """Run every run that is not done, in order; yields (run, what happened)."""
+    for i, run in enumerate(runs, 1):
+        status = run.status()
+        if status == "done":
+            echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
+            yield run, "skipped"
+            continue
+        if status in ("partial", "stale"):
+            echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
+            shutil.rmtree(run.folder)
+        echo(f"[{i}/{len(runs)}] {run.name}: running")
+        execute(run.config)
+        yield run, "ran"

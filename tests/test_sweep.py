@@ -1,0 +1,56 @@
+"""Sweeps: expansion, validation, and resuming after the sweep process is killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedsim.config import ConfigError
+from fedsim.sweep import load_sweep
+
+
+def _write(tmp_path, grid='strategy = ["sign-mv", "llr-vote"]\nseed = [0, 1, 2]', rounds=40):
+    (tmp_path / "base.toml").write_text('strategy = "fedavg"\nnum-nodes = 4\nlr = 0.01\nllr-warmup = 2\n')
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'base = "base.toml"\nresults-dir = "{tmp_path / "out"}"\n[set]\nnum-server-rounds = {rounds}\neval-every = 10\n[grid]\n{grid}\n')
+    return sweep
+
+
+def test_expansion_names_and_validation(tmp_path):
+    runs = load_sweep(_write(tmp_path))
+    assert [r.name for r in runs][:2] == ["strategy=sign-mv,seed=0", "strategy=sign-mv,seed=1"]
+    assert len(runs) == 6 and all(r.status() == "todo" for r in runs)
+    assert runs[4].config.strategy == "llr-vote" and runs[4].config.seed == 1 and runs[4].config.num_server_rounds == 40
+    with pytest.raises(ConfigError, match="sweep point strategy=fedprox"):
+        load_sweep(_write(tmp_path, grid='strategy = ["fedprox"]'))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_sweep(_write(tmp_path, grid="seed = 3"))
+
+
+def test_killed_sweep_resumes_where_it_stopped(tmp_path):
+    sweep = _write(tmp_path, rounds=60)
+    cmd = [sys.executable, "-m", "fedsim.cli", "sweep", str(sweep)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    runs = load_sweep(sweep)
+    try:
+        deadline = time.monotonic() + 240
+        while not (runs[1].folder / "summary.json").exists():  # two runs finished
+            assert proc.poll() is None and time.monotonic() < deadline, "sweep ended or stalled before two runs"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    done_before = {r.name: (r.folder / "summary.json").stat().st_mtime for r in runs if r.status() == "done"}
+    assert 2 <= len(done_before) < len(runs)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(r.status() == "done" for r in runs)
+    for name, mtime in done_before.items():  # finished runs were not run again
+        assert f"{name}: done, skipped" in out.stdout
+        assert (runs[0].folder.parent / name / "summary.json").stat().st_mtime == mtime
+    assert f"{len(runs) - len(done_before)} ran, {len(done_before)} already done" in out.stdout
+    assert json.loads((runs[-1].folder / "summary.json").read_text())["seed"] == 2
