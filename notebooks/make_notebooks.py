@@ -82,6 +82,98 @@ fig.tight_layout()'''
 ]
 
 
+PARTITION_CELLS = [
+    new_markdown_cell(
+        "# Who holds what: the partitions\n\n"
+        "Label counts per client for each partition scheme (flwr-datasets partitioners; `full` is "
+        "every client holding the whole set). **quick** (default): the bundled digits, 10 clients. "
+        "**full** (`FEDSIM_NOTEBOOK_MODE=full`): MNIST from `../shared/data/mnist`, 100 clients, as in the "
+        "FedAvg paper (the shards scheme: 200 shards of 300, 2 per client)."
+    ),
+    new_code_cell(SETUP),
+    new_code_cell(
+        '''import numpy as np
+from fedsim.data import load_dataset
+from fedsim.partitions import format_label_counts, label_counts, partition_indices
+
+name, data_dir, clients = ("digits", None, 10) if MODE == "quick" else ("mnist", "../shared/data/mnist", 100)
+splits = load_dataset(name, data_dir)
+labels = splits.y_train.numpy()
+schemes = ["iid", "shards:2", "dirichlet:0.3", "labels:2", "full"]
+counts = {s: label_counts(labels, partition_indices(labels, s, clients, seed=0), splits.num_classes) for s in schemes}
+for s in schemes:
+    held = (counts[s] > 0).sum(axis=1)
+    print(f"{s:14s} examples per client {counts[s].sum(1).min()}-{counts[s].sum(1).max()}, "
+          f"labels per client {held.min()}-{held.max()} (mean {held.mean():.2f})")
+print()
+print(format_label_counts(counts["shards:2"][:10]))'''
+    ),
+    new_code_cell(
+        '''import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(len(schemes), 1, figsize=(10, 2.2 * len(schemes)))
+for ax, s in zip(axes, schemes):
+    c = counts[s]
+    bottom = np.zeros(len(c))
+    for label in range(c.shape[1]):
+        ax.bar(np.arange(len(c)), c[:, label], bottom=bottom, width=0.9, color=plt.cm.tab10(label))
+        bottom += c[:, label]
+    ax.set_title(s, fontsize=9)
+    ax.set_ylabel("examples")
+axes[-1].set_xlabel("client")
+fig.tight_layout()'''
+    ),
+]
+
+COMM_CELLS = [
+    new_markdown_cell(
+        "# Communication: accuracy against uploaded bytes\n\n"
+        "FedSGD and FedAvg upload 32-bit floats per parameter; the sign votes upload 1 bit per "
+        "parameter (plus ~100 bytes of record overhead). **quick** (default): runs "
+        "`experiments/sweeps/quick_strategies.toml` (digits, 16 runs, about 15 s). **full**: reads that "
+        "sweep's stored results (rerun it with more rounds or MNIST via `--set`)."
+    ),
+    new_code_cell(SETUP),
+    new_code_cell(
+        '''from fedsim.engine.runner import run_inprocess
+from fedsim.sweep import load_sweep, run_sweep
+
+runs = load_sweep("experiments/sweeps/quick_strategies.toml", results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))
+if MODE == "quick":
+    for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
+        pass
+done = [r for r in runs if r.status() == "done"]
+print(f"{len(done)} of {len(runs)} runs finished")'''
+    ),
+    new_code_cell(
+        '''from fedsim.analysis import accuracy_vs_bytes, best_setting, over_seeds, run_table
+from fedsim.results import load_runs
+
+df = load_runs([r.folder for r in done])
+table = over_seeds(run_table(df, by=["strategy", "lr", "seed"]), ["strategy", "lr"])
+best = best_setting(table, ["strategy"], over="lr", metric="final_accuracy_mean")
+per_round = df[df["round"] == 1].groupby("strategy")[["bytes_up", "clients"]].first()
+best = best.merge((per_round["bytes_up"] / per_round["clients"]).rename("bytes up per client and round"), on="strategy")
+best[["strategy", "lr", "final_accuracy_mean", "bytes up per client and round"]].round(4)'''
+    ),
+    new_code_cell(
+        '''import matplotlib.pyplot as plt
+
+curves = accuracy_vs_bytes(df).merge(df[["run", "strategy", "lr", "seed"]].drop_duplicates(), on="run")
+fig, ax = plt.subplots(figsize=(6, 4))
+for _, row in best.iterrows():
+    d = curves[(curves.strategy == row.strategy) & (curves.lr == row.lr)]
+    mean = d.groupby("round")[["bytes_up_cumulative", "test_accuracy"]].mean()
+    ax.plot(mean["bytes_up_cumulative"] / 1e6, mean["test_accuracy"], marker="o", ms=3, label=f"{row.strategy} (lr {row.lr})")
+ax.set_xscale("symlog", linthresh=0.01)
+ax.set_xlabel("uploaded MB (all clients, cumulative)")
+ax.set_ylabel("test accuracy")
+ax.legend()
+fig.tight_layout()'''
+    ),
+]
+
+
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, HERE / name)
@@ -89,3 +181,5 @@ def write(name: str, cells: list) -> None:
 
 if __name__ == "__main__":
     write("signsgd_fv_batch_modes.ipynb", FV_CELLS)
+    write("partitions.ipynb", PARTITION_CELLS)
+    write("communication.ipynb", COMM_CELLS)
