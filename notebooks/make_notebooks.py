@@ -174,6 +174,76 @@ fig.tight_layout()'''
 ]
 
 
+FEDAVG_CELLS = [
+    new_markdown_cell(
+        "# FedAvg: rounds to a target accuracy, ours beside the paper's\n\n"
+        "Rounds to target are measured as the FedAvg paper does: best-so-far accuracy curve, linear "
+        "interpolation between evaluated rounds (`fedsim.analysis.rounds_to_target`); speed-up is "
+        "relative to the E = 1, B = inf row (FedSGD), and missing where that row never reached the "
+        "target. **quick** (default): a miniature grid on digits "
+        "(`experiments/sweeps/fedavg_digits_quick.toml`, one lr for all rows, target 75%). **full**: reads "
+        "`fedsim sweep experiments/sweeps/fedavg_table2.toml` (MNIST CNN, target 99%) and puts the "
+        "paper's Table 2 numbers beside ours; the paper's numbers are the paper's, not ours, and rows "
+        "we have not run show as missing."
+    ),
+    new_code_cell(SETUP),
+    new_code_cell(
+        '''from fedsim.engine.runner import run_inprocess
+from fedsim.sweep import load_sweep, run_sweep
+
+sweep_file, target = {"quick": ("experiments/sweeps/fedavg_digits_quick.toml", 0.75),
+                      "full": ("experiments/sweeps/fedavg_table2.toml", 0.99)}[MODE]
+runs = load_sweep(sweep_file, results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))
+if MODE == "quick":
+    for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
+        pass
+done = [r for r in runs if r.status() == "done"]
+print(f"{len(done)} of {len(runs)} runs finished; target {target}")'''
+    ),
+    new_code_cell(
+        '''import pandas as pd
+from fedsim.analysis import run_table, speedup
+from fedsim.results import load_runs
+
+# FedAvg paper, Table 2 (MNIST CNN, C = 0.1, rounds to 99%): the paper's numbers.
+PAPER = {(1, 0): (626, 483), (5, 0): (179, 1000), (1, 50): (65, 600), (20, 0): (234, 672), (1, 10): (34, 350),
+         (5, 50): (29, 334), (20, 50): (32, 426), (5, 10): (20, 229), (20, 10): (18, 173)}
+t = run_table(load_runs([r.folder for r in done]), by=["partitioning", "local-epochs", "batch-size"], target=target)
+t["B"] = t["batch-size"].map(lambda b: "inf" if b == 0 else b)
+rows = []
+for part, g in t.groupby("partitioning"):
+    base = g[(g["local-epochs"] == 1) & (g["batch-size"] == 0)]["rounds_to_target"]
+    g = g.assign(speedup=speedup(g["rounds_to_target"], float(base.iloc[0])) if len(base) else float("nan"))
+    if MODE == "full":
+        col = 0 if part == "iid" else 1
+        g = g.assign(paper=[PAPER.get((e, b), (None, None))[col] for e, b in zip(g["local-epochs"], g["batch-size"])])
+        g = g.assign(ours_over_paper=g["rounds_to_target"] / g["paper"])
+    rows.append(g)
+table = pd.concat(rows).sort_values(["partitioning", "local-epochs", "batch-size"])
+cols = ["partitioning", "local-epochs", "B", "rounds_to_target", "speedup", "final_accuracy"]
+table[cols + (["paper", "ours_over_paper"] if MODE == "full" else [])].round(2)'''
+    ),
+    new_code_cell(
+        '''import matplotlib.pyplot as plt
+from fedsim.analysis import best_so_far
+
+df = load_runs([r.folder for r in done])
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+for ax, part in zip(axes, sorted(df["partitioning"].unique())):
+    for run, g in df[df["partitioning"] == part].groupby("run"):
+        g = g.dropna(subset=["test_accuracy"]).sort_values("round")
+        e, b = g["local-epochs"].iloc[0], g["batch-size"].iloc[0]
+        ax.plot(g["round"], best_so_far(g["test_accuracy"]), label=f"E={e}, B={'inf' if b == 0 else b}")
+    ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.set_title(part)
+    ax.set_xlabel("round")
+axes[0].set_ylabel("best test accuracy so far")
+axes[-1].legend(fontsize=8)
+fig.tight_layout()'''
+    ),
+]
+
+
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, HERE / name)
@@ -183,3 +253,4 @@ if __name__ == "__main__":
     write("signsgd_fv_batch_modes.ipynb", FV_CELLS)
     write("partitions.ipynb", PARTITION_CELLS)
     write("communication.ipynb", COMM_CELLS)
+    write("fedavg_tables.ipynb", FEDAVG_CELLS)
