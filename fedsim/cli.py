@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
-        f"after {cfg.num_server_rounds} rounds ({time.perf_counter() - t0:.1f} s); results in {out}"
+        f"after {summary['rounds']} rounds ({time.perf_counter() - t0:.1f} s); results in {out}"
     )
     return 0
 

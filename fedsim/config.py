@@ -47,6 +47,7 @@ class RunConfig:
     llr_warmup: int = 100
     llr_forgetting: float = 1.0
     num_nodes: int = 10
+    stop_at_accuracy: float = 0.0
     results_dir: str = ""
 
     @classmethod
@@ -92,6 +93,7 @@ class RunConfig:
             (self.batch_mode in (0, 1, 2, 3, 4), f"batch-mode={self.batch_mode}: must be 0 (off) or 1-4"),
             (self.lr > 0, f"lr={self.lr}: must be > 0"),
             (self.eval_every >= 1, f"eval-every={self.eval_every}: must be >= 1"),
+            (0.0 <= self.stop_at_accuracy <= 1.0, f"stop-at-accuracy={self.stop_at_accuracy}: must be in [0, 1] (0 = off)"),
             (0.0 < self.llr_forgetting <= 1.0, f"llr-forgetting={self.llr_forgetting}: must be in (0, 1]"),
             (self.llr_warmup >= 0, f"llr-warmup={self.llr_warmup}: must be >= 0"),
             (self.llr_eps > 0 and self.llr_max > 0, "llr-eps and llr-max must be > 0"),

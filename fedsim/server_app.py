@@ -32,6 +32,14 @@ from fedsim.strategies.model_vector import load_into
 app = ServerApp()
 
 
+class _TargetReached(Exception):
+    """Raised by the reporter to end the run early (``stop-at-accuracy``)."""
+
+    def __init__(self, arrays: ArrayRecord) -> None:
+        super().__init__()
+        self.arrays = arrays
+
+
 class RoundReporter:
     """The ``evaluate_fn`` given to ``Strategy.start``: evaluates, logs, records each round."""
 
@@ -77,6 +85,8 @@ class RoundReporter:
                 server_round, self.cfg.num_server_rounds, row.test_accuracy, row.test_loss,
                 row.train_loss, row.bytes_up, row.seconds,
             )
+            if 0 < self.cfg.stop_at_accuracy <= row.test_accuracy and server_round > 0:
+                raise _TargetReached(arrays)
         return result
 
 
@@ -106,18 +116,23 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
         np.savetxt(writer.path / "label_counts.csv", counts, fmt="%d", delimiter=",")
     reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
     t0 = time.perf_counter()
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter)
+        final_arrays, stopped_at = result.arrays, None
+    except _TargetReached as stop:
+        final_arrays, stopped_at = stop.arrays, reporter.rows[-1].round
+        log(INFO, "fedsim: stop-at-accuracy %.4f reached at round %d; stopping", cfg.stop_at_accuracy, stopped_at)
     wall = time.perf_counter() - t0
     last = reporter.rows[-1]
-    log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, cfg.num_server_rounds, wall)
+    log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, last.round, wall)
     if writer is not None:
         writer.finish(
-            result.arrays.to_torch_state_dict() if result.arrays is not None else None,
+            final_arrays.to_torch_state_dict() if final_arrays is not None else None,
             {
                 "seed": cfg.seed, "engine": engine, "device": str(device),
                 "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
-                "rounds": cfg.num_server_rounds, "num_nodes": len(nodes), "batch_sizes": sizes,
+                "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
                 "wall_seconds": wall, **environment_info(),
             },
         )

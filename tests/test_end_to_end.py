@@ -129,3 +129,14 @@ def test_worker_threads_give_the_same_results(tmp_path):
         three = run_inprocess({**cfg, "results-dir": str(tmp_path / f"{strategy}-3")}, workers=3)
         strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
         assert strip(_rows(one)) == strip(_rows(three))
+
+
+def test_stop_at_accuracy_ends_the_run_at_the_first_evaluation_reaching_it(tmp_path):
+    from fedsim.engine.runner import run_inprocess
+
+    out = run_inprocess({"strategy": "fedavg", "num-server-rounds": 50, "stop-at-accuracy": 0.8, "results-dir": str(tmp_path)})
+    acc = [float(r["test_accuracy"]) for r in _rows(out)]
+    assert acc[-1] >= 0.8 and all(a < 0.8 for a in acc[1:-1]) and len(acc) < 51
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early_at_round"] == len(acc) - 1 == summary["rounds"]
+    assert summary["final_test_accuracy"] == acc[-1] and (out / "model.pt").exists()
