@@ -98,6 +98,20 @@ def load_sweep(path: str | Path, results_dir: str | Path | None = None, override
     return runs
 
 
+def sweep_results(path: str | Path, run_missing: bool, results_dir: str | Path | None = None) -> list[SweepRun]:
+    """The finished runs of a sweep, after running the missing ones on the in-process engine
+    (quietly) if ``run_missing``; what the notebooks call."""
+    from fedsim.engine.runner import run_inprocess
+
+    runs = load_sweep(path, results_dir)
+    if run_missing:
+        for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
+            pass
+    done = [r for r in runs if r.status() == "done"]
+    print(f"{len(done)} of {len(runs)} runs of {path} finished")
+    return done
+
+
 def run_sweep(
     runs: list[SweepRun], execute: Callable[[RunConfig], Path], echo: Callable[[str], None] = print
 ) -> Iterator[tuple[SweepRun, str]]:

@@ -34,22 +34,17 @@ FV_CELLS = [
     ),
     new_code_cell(SETUP),
     new_code_cell(
-        '''from fedsim.engine.runner import run_inprocess
-from fedsim.sweep import load_sweep, run_sweep
+        '''from fedsim.sweep import sweep_results
 
 sweep_file = {"quick": "experiments/sweeps/fv_digits_quick.toml", "full": "experiments/sweeps/fv_mnist_modes.toml"}[MODE]
-runs = load_sweep(sweep_file, results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))  # None: the file's results-dir
-if MODE == "quick":
-    for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
-        pass
-missing = [r.name for r in runs if r.status() != "done"]
-print(f"{len(runs) - len(missing)} of {len(runs)} runs finished", "| missing:" if missing else "", *missing[:5])'''
+# quick: run what is missing; full: read what the sweep stored. FEDSIM_NOTEBOOK_RESULTS moves the folder.
+runs = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))'''
     ),
     new_code_cell(
         '''from fedsim.analysis import over_seeds, run_table
 from fedsim.results import load_runs
 
-df = load_runs([r.folder for r in runs if r.status() == "done"])
+df = load_runs([r.folder for r in runs])
 table = over_seeds(run_table(df, by=["batch-mode", "strategy", "seed"]), ["batch-mode", "strategy"])
 final = table.pivot(index="batch-mode", columns="strategy", values="final_accuracy_mean")
 final["LLR - MV"] = final["llr-vote"] - final["sign-mv"]
@@ -93,6 +88,7 @@ PARTITION_CELLS = [
     new_code_cell(SETUP),
     new_code_cell(
         '''import numpy as np
+import pandas as pd
 from fedsim.data import load_dataset
 from fedsim.partitions import format_label_counts, label_counts, partition_indices
 
@@ -101,12 +97,18 @@ splits = load_dataset(name, data_dir)
 labels = splits.y_train.numpy()
 schemes = ["iid", "shards:2", "dirichlet:0.3", "labels:2", "full"]
 counts = {s: label_counts(labels, partition_indices(labels, s, clients, seed=0), splits.num_classes) for s in schemes}
-for s in schemes:
-    held = (counts[s] > 0).sum(axis=1)
-    print(f"{s:14s} examples per client {counts[s].sum(1).min()}-{counts[s].sum(1).max()}, "
-          f"labels per client {held.min()}-{held.max()} (mean {held.mean():.2f})")
-print()
-print(format_label_counts(counts["shards:2"][:10]))'''
+print(format_label_counts(counts["shards:2"][:10]))
+held = {s: (c > 0).sum(axis=1) for s, c in counts.items()}
+pd.DataFrame(
+    {
+        "examples per client (min)": [counts[s].sum(1).min() for s in schemes],
+        "examples per client (max)": [counts[s].sum(1).max() for s in schemes],
+        "labels per client (min)": [held[s].min() for s in schemes],
+        "labels per client (max)": [held[s].max() for s in schemes],
+        "labels per client (mean)": [round(float(held[s].mean()), 2) for s in schemes],
+    },
+    index=pd.Index(schemes, name="scheme"),
+)'''
     ),
     new_code_cell(
         '''import matplotlib.pyplot as plt
@@ -135,15 +137,10 @@ COMM_CELLS = [
     ),
     new_code_cell(SETUP),
     new_code_cell(
-        '''from fedsim.engine.runner import run_inprocess
-from fedsim.sweep import load_sweep, run_sweep
+        '''from fedsim.sweep import sweep_results
 
-runs = load_sweep("experiments/sweeps/quick_strategies.toml", results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))
-if MODE == "quick":
-    for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
-        pass
-done = [r for r in runs if r.status() == "done"]
-print(f"{len(done)} of {len(runs)} runs finished")'''
+done = sweep_results("experiments/sweeps/quick_strategies.toml", run_missing=MODE == "quick",
+                     results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))'''
     ),
     new_code_cell(
         '''from fedsim.analysis import accuracy_vs_bytes, best_setting, over_seeds, run_table
@@ -188,17 +185,12 @@ FEDAVG_CELLS = [
     ),
     new_code_cell(SETUP),
     new_code_cell(
-        '''from fedsim.engine.runner import run_inprocess
-from fedsim.sweep import load_sweep, run_sweep
+        '''from fedsim.sweep import sweep_results
 
 sweep_file, target = {"quick": ("experiments/sweeps/fedavg_digits_quick.toml", 0.75),
                       "full": ("experiments/sweeps/fedavg_table2.toml", 0.99)}[MODE]
-runs = load_sweep(sweep_file, results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))
-if MODE == "quick":
-    for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
-        pass
-done = [r for r in runs if r.status() == "done"]
-print(f"{len(done)} of {len(runs)} runs finished; target {target}")'''
+done = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))
+print("target", target)'''
     ),
     new_code_cell(
         '''import pandas as pd
@@ -249,8 +241,13 @@ def write(name: str, cells: list) -> None:
     nbformat.write(nb, HERE / name)
 
 
+NOTEBOOKS = {
+    "signsgd_fv_batch_modes.ipynb": FV_CELLS,
+    "partitions.ipynb": PARTITION_CELLS,
+    "communication.ipynb": COMM_CELLS,
+    "fedavg_tables.ipynb": FEDAVG_CELLS,
+}
+
 if __name__ == "__main__":
-    write("signsgd_fv_batch_modes.ipynb", FV_CELLS)
-    write("partitions.ipynb", PARTITION_CELLS)
-    write("communication.ipynb", COMM_CELLS)
-    write("fedavg_tables.ipynb", FEDAVG_CELLS)
+    for name, cells in NOTEBOOKS.items():
+        write(name, cells)

@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom in quick mode and shows its table and figure."""
 
+import runpy
 from pathlib import Path
 
 import nbformat
@@ -12,6 +13,17 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_there_are_notebooks():
     assert NOTEBOOKS
+
+
+def test_notebooks_match_their_generator():
+    """The committed .ipynb files are what notebooks/make_notebooks.py writes (rerun it after editing)."""
+    generated = runpy.run_path(str(ROOT / "notebooks" / "make_notebooks.py"))["NOTEBOOKS"]
+    assert sorted(generated) == [p.name for p in NOTEBOOKS]
+    for name, cells in generated.items():
+        stored = nbformat.read(ROOT / "notebooks" / name, as_version=4).cells
+        assert [(c.cell_type, c.source) for c in stored] == [(c.cell_type, c.source) for c in cells], (
+            f"{name} differs from notebooks/make_notebooks.py: run python notebooks/make_notebooks.py"
+        )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
