@@ -125,26 +125,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
+    """Options shared by ``run`` and ``sweep``: overrides, engine and its resources."""
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
+    parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
+    parser.add_argument("--results-dir", help=results_help)
+    parser.add_argument("--workers", type=int, help="inprocess engine: clients run on this many threads (default 1; same results)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="flower engine: Ray CPUs per client")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="flower engine: Ray GPU share per client")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment TOML")
     run.add_argument("experiment", help="a Flower run-config TOML, e.g. experiments/quick.toml")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
-    run.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
-    run.add_argument("--results-dir", help="where the run's folder goes (default runs/<experiment>-<time>)")
-    run.add_argument("--workers", type=int, help="inprocess engine: clients run on this many threads (default 1; same results)")
-    run.add_argument("--cpus-per-client", type=float, default=1.0, help="flower engine: Ray CPUs per client")
-    run.add_argument("--gpus-per-client", type=float, default=0.0, help="flower engine: Ray GPU share per client")
+    _engine_options(run, results_help="where the run's folder goes (default runs/<experiment>-<time>)")
     run.set_defaults(func=cmd_run)
     sweep = sub.add_parser("sweep", help="run a grid of experiments; finished runs are skipped on rerun")
     sweep.add_argument("sweep", help="a sweep TOML (see fedsim/sweep.py), e.g. experiments/sweeps/fv_mnist_modes.toml")
-    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key in every run")
-    sweep.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
-    sweep.add_argument("--results-dir", help="the sweep's folder (default: the file's results-dir, else runs/<name>)")
-    sweep.add_argument("--workers", type=int, help="inprocess engine: clients run on this many threads")
-    sweep.add_argument("--cpus-per-client", type=float, default=1.0)
-    sweep.add_argument("--gpus-per-client", type=float, default=0.0)
+    _engine_options(sweep, results_help="the sweep's folder (default: the file's results-dir, else runs/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
     sweep.set_defaults(func=cmd_sweep)
     args = parser.parse_args(argv)
