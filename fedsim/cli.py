@@ -119,9 +119,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
         return _run_inprocess_with_progress(cfg, args.workers)
 
-    results = list(run_sweep(runs, execute))
-    ran = sum(1 for _, what in results if what == "ran")
-    print(f"fedsim: sweep of {len(runs)} runs: {ran} ran, {len(runs) - ran} already done; results in {runs[0].folder.parent}")
+    results = [what for _, what in run_sweep(runs, execute)]
+    busy = f", {results.count('busy')} left to other workers" if "busy" in results else ""
+    print(
+        f"fedsim: sweep of {len(runs)} runs: {results.count('ran')} ran, {results.count('skipped')} already done{busy}; "
+        f"results in {runs[0].folder.parent}"
+    )
     return 0
 
 

@@ -16,13 +16,22 @@ per point, each in its own folder named by the point (``strategy=sign-mv,seed=1`
 A run whose folder holds ``summary.json`` and the same ``config.json`` is finished and
 skipped on rerun; a folder without ``summary.json`` (a killed run) is deleted and run
 again from round 0 (single runs do not checkpoint mid-run).
+
+Several workers may run one sweep at once (``fedsim sweep`` twice, e.g. one per core or
+GPU): a worker claims a run by creating ``<run>/.claim`` (holding its host and PID)
+atomically before it starts, and the others skip a run whose claim belongs to a live
+process. A claim left by a dead process on this host is taken over; a claim from another
+host is respected (remove it by hand if that worker is gone).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import socket
+import time
 import shutil
 import tomllib
 from collections.abc import Callable, Iterator
@@ -45,10 +54,21 @@ class SweepRun:
     def name(self) -> str:
         return self.folder.name
 
+    @property
+    def claim_file(self) -> Path:
+        return self.folder / ".claim"
+
     def status(self) -> str:
         """``done`` (finished with this config), ``stale`` (finished with another config),
-        ``partial`` (started, not finished) or ``todo``."""
-        if not self.folder.exists():
+        ``running`` (claimed by a live worker), ``partial`` (started, not finished) or ``todo``."""
+        stored = self.stored_status()
+        if stored in ("partial", "todo") and _claim_is_live(self.claim_file):
+            return "running"
+        return stored
+
+    def stored_status(self) -> str:
+        """``status`` from the files alone, ignoring claims."""
+        if not self.folder.exists() or not any(p != self.claim_file for p in self.folder.iterdir()):
             return "todo"
         if not (self.folder / "summary.json").exists():
             return "partial"
@@ -115,16 +135,75 @@ def sweep_results(path: str | Path, run_missing: bool, results_dir: str | Path |
 def run_sweep(
     runs: list[SweepRun], execute: Callable[[RunConfig], Path], echo: Callable[[str], None] = print
 ) -> Iterator[tuple[SweepRun, str]]:
-    """Run every run that is not done, in order; yields (run, what happened)."""
+    """Run every run that is neither done nor claimed by another live worker, in order;
+    yields (run, what happened): ``ran``, ``skipped`` (done) or ``busy`` (another worker's)."""
     for i, run in enumerate(runs, 1):
         status = run.status()
         if status == "done":
             echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
             yield run, "skipped"
             continue
-        if status in ("partial", "stale"):
-            echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
-            shutil.rmtree(run.folder)
-        echo(f"[{i}/{len(runs)}] {run.name}: running")
-        execute(run.config)
+        if status == "running" or not _claim(run):
+            echo(f"[{i}/{len(runs)}] {run.name}: claimed by another worker ({_read_claim(run.claim_file)}), skipped")
+            yield run, "busy"
+            continue
+        try:
+            status = run.stored_status()  # again: another worker may have finished it meanwhile
+            if status == "done":
+                echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
+                yield run, "skipped"
+                continue
+            if status in ("partial", "stale"):
+                echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
+                for item in run.folder.iterdir():
+                    if item != run.claim_file:
+                        shutil.rmtree(item) if item.is_dir() else item.unlink()
+            echo(f"[{i}/{len(runs)}] {run.name}: running")
+            execute(run.config)
+        finally:
+            run.claim_file.unlink(missing_ok=True)
         yield run, "ran"
+
+
+def _claim(run: SweepRun) -> bool:
+    """Create ``run.claim_file`` atomically; take over a claim whose process is dead."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(run.claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_is_live(run.claim_file):
+                return False
+            run.claim_file.unlink(missing_ok=True)  # a dead worker's claim
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def _read_claim(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _claim_is_live(path: Path) -> bool:
+    """A claim is live if its process runs on this host, or it comes from another host."""
+    text = _read_claim(path)
+    if not text:  # being written right now, or its writer died at once
+        try:
+            return time.time() - path.stat().st_mtime < 10
+        except OSError:
+            return False
+    host, _, pid = text.partition(" ")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -54,3 +54,48 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path):
         assert (runs[0].folder.parent / name / "summary.json").stat().st_mtime == mtime
     assert f"{len(runs) - len(done_before)} ran, {len(done_before)} already done" in out.stdout
     assert json.loads((runs[-1].folder / "summary.json").read_text())["seed"] == 2
+
+
+def test_two_workers_share_a_sweep_without_running_a_run_twice(tmp_path):
+    sweep = _write(tmp_path, rounds=30)
+    cmd = [sys.executable, "-m", "fedsim.cli", "sweep", str(sweep)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = load_sweep(sweep)
+    assert all(r.status() == "done" for r in runs)
+    assert not any(r.claim_file.exists() for r in runs)
+    for r in runs:  # each run was run by exactly one worker
+        assert sum(out.count(f"{r.name}: running") for out in outs) == 1, outs
+    assert all("claimed by another worker" in out for out in outs), outs
+
+
+def test_claims_of_dead_workers_are_taken_over_and_foreign_hosts_respected(tmp_path):
+    import socket
+
+    from fedsim.sweep import run_sweep
+
+    runs = load_sweep(_write(tmp_path, grid='seed = [0, 1, 2]'))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for run, owner in zip(runs, [f"{socket.gethostname()} {dead.pid}", "some-other-host 1", f"{socket.gethostname()} {os.getpid()}"]):
+        run.folder.mkdir(parents=True)
+        run.claim_file.write_text(owner + "\n")
+    assert [r.status() for r in runs] == ["todo", "running", "running"]
+    executed = []
+
+    def execute(cfg):
+        executed.append(cfg.seed)
+        (runs[cfg.seed].folder / "config.json").write_text(json.dumps(cfg.to_mapping()))
+        (runs[cfg.seed].folder / "summary.json").write_text("{}")
+
+    outcome = [what for _, what in run_sweep(runs, execute, echo=lambda s: None)]
+    assert outcome == ["ran", "busy", "busy"] and executed == [0]
+    assert runs[0].status() == "done" and not runs[0].claim_file.exists()
+    assert runs[1].claim_file.exists()  # another host's claim is left alone
