@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim.arrays import from_flwr_array
 
@@ -64,9 +64,9 @@ def reply_metrics(msg: Message) -> ReplyMetrics:
     if msg.has_error():
         raise BadReply(f"client error: {msg.error.reason}")
     content = msg.content
-    if METRICS not in content.metric_records:
+    m = content.get(METRICS)  # not content.metric_records: that property builds a new view per call
+    if not isinstance(m, MetricRecord):
         raise BadReply(f"missing MetricRecord {METRICS!r} (has {sorted(content.keys())})")
-    m = content.metric_records[METRICS]
     try:
         n = m["num-examples"]
         loss = m["train-loss"]
@@ -93,7 +93,7 @@ def checked_arrays(msg: Message, name: str, spec: ArraySpec) -> dict[str, np.nda
     """ArrayRecord ``name`` decoded to numpy and checked against ``spec`` (key -> shape, dtype):
     the same keys and shapes; a float entry must be float and finite, any other entry must
     have exactly the expected dtype."""
-    record = msg.content.array_records.get(name)
+    record = _array_record(msg, name)
     if record is None:
         raise BadReply(f"missing ArrayRecord {name!r} (has {sorted(msg.content.keys())})")
     if set(record.keys()) != set(spec):
@@ -118,7 +118,7 @@ def checked_arrays(msg: Message, name: str, spec: ArraySpec) -> dict[str, np.nda
 
 def packed_signs(msg: Message, num_bytes: int) -> np.ndarray:
     """ArrayRecord ``signs`` -> its one uint8 array ``packed`` of exactly ``num_bytes`` bytes."""
-    record = msg.content.array_records.get(SIGNS)
+    record = _array_record(msg, SIGNS)
     if record is None:
         raise BadReply(f"missing ArrayRecord {SIGNS!r} (has {sorted(msg.content.keys())})")
     if list(record.keys()) != [PACKED]:
@@ -129,6 +129,11 @@ def packed_signs(msg: Message, num_bytes: int) -> np.ndarray:
     if arr.shape != (num_bytes,):
         raise BadReply(f"packed signs have shape {arr.shape}, expected ({num_bytes},) for this model")
     return arr
+
+
+def _array_record(msg: Message, name: str) -> ArrayRecord | None:
+    record = msg.content.get(name)
+    return record if isinstance(record, ArrayRecord) else None
 
 
 def _to_numpy(array: Array, what: str) -> np.ndarray:

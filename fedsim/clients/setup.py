@@ -27,7 +27,16 @@ _LOAD_LOCK = threading.Lock()
 
 def pick_device() -> torch.device:
     """CUDA when available, else CPU; ``FEDSIM_DEVICE`` overrides (e.g. "cpu", "cuda:1")."""
-    name = os.environ.get("FEDSIM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _device(os.environ.get("FEDSIM_DEVICE") or ("cuda" if _cuda_available() else "cpu"))
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
@@ -46,14 +55,10 @@ def device_dataset(dataset: str, data_dir: str, device: torch.device):
     )
 
 
-def cached_model(name: str, num_classes: int, device: torch.device) -> nn.Module:
-    """One model object per (name, device, thread) in this process; callers load weights
-    into it. Per thread so that the in-process engine's worker threads never share one."""
-    return _thread_model(name, num_classes, device, threading.get_ident())
-
-
 @functools.lru_cache(maxsize=64)
 def _thread_model(name: str, num_classes: int, device: torch.device, thread: int) -> nn.Module:
+    """One model object per (name, device, thread) in this process; clients load weights
+    into it. Per thread so that the in-process engine's worker threads never share one."""
     from fedsim.models import build_model
 
     return build_model(name, num_classes=num_classes, seed=0).to(device)  # weights are overwritten per message; seed only to leave the global RNG alone
@@ -129,10 +134,17 @@ def _model_facts(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
 
 
 def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None) -> ClientSetup:
-    """The client's data view, model and batch size (node config's batch size wins)."""
+    """The client's data view, model and batch size (node config's batch size wins); built
+    once per (config, node, device, thread) in this process."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    device = pick_device()
+    return _client_setup(cfg, partition_id, num_partitions, node_batch_size, pick_device(), threading.get_ident())
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_setup(
+    cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None, device: torch.device, thread: int
+) -> ClientSetup:
     with _LOAD_LOCK:  # concurrent first calls (worker threads) would each load the dataset
         x, y, _, _, splits = device_dataset(cfg.dataset, cfg.data_dir, device)
         parts = device_partitions(cfg.dataset, cfg.data_dir, cfg.partitioning, num_partitions, cfg.seed, device)
@@ -144,7 +156,7 @@ def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_ba
         batch_size = node_batch_size
     augment, _ = input_transforms(cfg.dataset, splits.input_shape, cfg.model_name)
     data = LocalData(x=x, y=y, indices=indices, augment=augment)
-    model = cached_model(cfg.model_name, splits.num_classes, device)
+    model = _thread_model(cfg.model_name, splits.num_classes, device, thread)
     return ClientSetup(partition_id, num_partitions, batch_size, data, model, device)
 
 

@@ -7,6 +7,7 @@ of the dataset (the "full copy" partition would otherwise hold it M times).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,11 +61,25 @@ def minibatch_gradient(
     x, y = data.batch(rows, generator)
     if not model.training:  # model.train() walks every module; skip it when already set
         model.train()
-    model.zero_grad(set_to_none=True)
+    params = trainable_parameters(model)
+    for p in params:
+        p.grad = None
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
-    return [g.detach() for g in grads], float(loss.detach()), int(rows.numel())
+    grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+    return grads, float(loss.detach()), int(rows.numel())
+
+
+_PARAMS: "weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]]" = weakref.WeakKeyDictionary()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``[p for p in model.parameters() if p.requires_grad]``, cached per model (the module
+    walk behind ``parameters()`` costs more than a small model's forward pass)."""
+    params = _PARAMS.get(model)
+    if params is None:
+        params = _PARAMS[model] = [p for p in model.parameters() if p.requires_grad]
+    return params
 
 
 def flat_gradient(

@@ -121,7 +121,8 @@ class InProcessGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         """Run the ClientApp on a private copy of ``msg``; commit node state only on success."""
         node = self.contexts[msg.metadata.dst_node_id]
-        ctx = Context(node.run_id, node.node_id, node.node_config, copy.deepcopy(node.state), node.run_config)
+        state = copy.deepcopy(node.state) if len(node.state) else RecordDict()  # a private copy: rolled back on error
+        ctx = Context(node.run_id, node.node_id, node.node_config, state, node.run_config)
         inbound = Message(metadata=msg.metadata, content=_copy_content(msg.content))
         try:
             reply = self.client_app(inbound, ctx)

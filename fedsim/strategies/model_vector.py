@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import warnings
 import weakref
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -35,6 +36,10 @@ def load_into(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     targets = _state_views(model)
     if targets.keys() != arrays.keys():
         model.load_state_dict(to_state(arrays, copy=False))  # strict: raises naming the keys
+        return
+    if all(t.device.type == "cpu" for t in targets.values()):  # numpy copy: no tensor wrapping per array
+        for key, target in targets.items():
+            np.copyto(target.numpy(), from_flwr_array(arrays[key]).reshape(target.shape))
         return
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
