@@ -158,6 +158,28 @@ def test_estimator_memory_is_four_bytes_per_client_coordinate():
     assert est._agree.element_size() * est._agree.numel() == 4 * 15 * 1000
 
 
+def test_blocked_vote_equals_the_definition_across_blocks_and_partial_participation():
+    """vote() works on blocks of coordinates and on row views; it must equal the plain
+    definition: U = sign(sum_m w_m Y_m) with w from weights(), then counts += (1 + Y U) / 2."""
+    from fedsim.strategies import votes
+
+    n = 2 * votes._BLOCK + 123
+    est = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=2, forgetting=0.9)
+    g = torch.Generator().manual_seed(1)
+    agree, total = {}, {}
+    for ids in [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3], [3, 0, 2], [0, 1, 2, 3, 4], [4, 2], [1, 2], [2, 3, 4]]:
+        signs = (torch.randint(0, 2, (len(ids), n), generator=g) * 2 - 1).to(torch.int8)
+        signs[:, :10] = 1 if len(ids) % 2 else torch.tensor([1, -1] * (len(ids) // 2))[:, None].to(torch.int8)  # ties
+        expected = majority_vote(signs) if est.in_warmup else llr_weighted_vote(signs, est.weights(ids))
+        u = est.vote(ids, signs)
+        assert torch.equal(u, expected)
+        for row, c in enumerate(ids):
+            agree[c] = agree.get(c, torch.zeros(n)) * 0.9 + (1 + signs[row].float() * u.float()) / 2
+            total[c] = total.get(c, 0.0) * 0.9 + 1
+        ids_seen = sorted(agree)
+        assert torch.allclose(est.agreement_rates(ids_seen), torch.stack([agree[c] / total[c] for c in ids_seen]), atol=1e-6)
+
+
 def test_estimator_rejects_bad_shapes():
     est = CrossProbabilityEstimator(num_coordinates=3)
     with pytest.raises(ValueError, match="shape"):

@@ -7,9 +7,13 @@ Votes return an int8 tensor of shape [N] in {-1, 0, +1}; 0 is a tie (no step).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
+
+# Coordinates per block in the LLR vote: temporaries of M x 65,536 floats stay in cache and
+# below the allocator's mmap threshold (no page faults per round).
+_BLOCK = 1 << 16
 
 
 def majority_vote(signs: torch.Tensor) -> torch.Tensor:
@@ -98,19 +102,24 @@ class CrossProbabilityEstimator:
 
     def agreement_rates(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """a_{m,n} for the given clients, [M, N]; NaN for a client with no history."""
-        rows = self._row_indices(client_ids)
-        agree = self._agree[rows]
+        rows = self._selector(client_ids)
         total = self._total[rows].to(torch.float32)[:, None]
-        return torch.where(total > 0, agree / total.clamp_min(1e-30), torch.nan)
+        return torch.where(total > 0, self._agree[rows] / total.clamp_min(1e-30), torch.nan)
 
     def weights(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """LLR weights w_{m,n} for the given clients, [M, N] float32 (see class docstring)."""
-        m = len(client_ids)
         if self.in_warmup:
-            return torch.ones(m, self.num_coordinates, device=self.device)
-        a = self.agreement_rates(client_ids)
-        w = torch.log((a + self.eps) / (1.0 - a + self.eps)).clamp_(-self.max_llr, self.max_llr)
-        return torch.nan_to_num_(w, nan=self.prior_weight)
+            return torch.ones(len(client_ids), self.num_coordinates, device=self.device)
+        rows = self._selector(client_ids)
+        return self._llr(rows, self._total[rows].to(torch.float32)[:, None], slice(None))
+
+    def _llr(self, rows: slice | torch.Tensor, total: torch.Tensor, cols: slice) -> torch.Tensor:
+        """w = clip(log((a + eps) / (1 - a + eps))), a = agree / total, for rows x cols;
+        ``prior_weight`` where a client has no history (total = 0)."""
+        a = self._agree[rows, cols] / total.clamp_min(1e-30)
+        den = (1.0 - a).add_(self.eps)
+        w = a.add_(self.eps).div_(den).log_().clamp_(-self.max_llr, self.max_llr)
+        return w.masked_fill_(total == 0, self.prior_weight)
 
     def update(self, client_ids: Sequence[Hashable], signs: torch.Tensor, vote: torch.Tensor) -> None:
         """Count agreements of ``signs`` [M, N] with ``vote`` [N] for the given clients."""
@@ -121,24 +130,48 @@ class CrossProbabilityEstimator:
             )
         if len(set(client_ids)) != len(client_ids):
             raise ValueError("update: client_ids must be distinct")
-        rows = self._row_indices(client_ids)
-        agreement = (1.0 + signs.to(self.device, torch.float32) * vote.to(self.device, torch.float32)) * 0.5
+        rows = self._selector(client_ids)
+        signs, vote = signs.to(self.device), vote.to(self.device)
         if self.forgetting != 1.0:
-            self._agree[rows] *= self.forgetting
             self._total[rows] *= self.forgetting
-        self._agree[rows] += agreement
+        for cols in self._blocks():
+            agreement = signs[:, cols].to(torch.float32).mul_(vote[cols]).add_(1.0).mul_(0.5)  # (1 + Y U) / 2
+            if self.forgetting != 1.0:
+                self._agree[rows, cols] *= self.forgetting
+            self._agree[rows, cols] += agreement
         self._total[rows] += 1.0
         self.rounds_seen += 1
 
     def vote(self, client_ids: Sequence[Hashable], signs: torch.Tensor) -> torch.Tensor:
-        """One round of signSGD-FV: weight with past counts, vote, then update the counts."""
+        """One round of signSGD-FV: weight with past counts, vote, then update the counts.
+
+        Weights are computed and used one block of coordinates at a time, so the round's
+        temporaries stay small whatever N is."""
         signs = signs.to(self.device)
         if self.in_warmup:
             u = majority_vote(signs)
         else:
-            u = llr_weighted_vote(signs, self.weights(client_ids))
+            _check_signs(signs)
+            rows = self._selector(client_ids)
+            total = self._total[rows].to(torch.float32)[:, None]
+            u = torch.empty(self.num_coordinates, dtype=torch.int8, device=self.device)
+            for cols in self._blocks():
+                u[cols] = llr_weighted_vote(signs[:, cols], self._llr(rows, total, cols))
         self.update(client_ids, signs, u)
         return u
+
+    def _blocks(self) -> Iterator[slice]:
+        for start in range(0, self.num_coordinates, _BLOCK):
+            yield slice(start, start + _BLOCK)
+
+    def _selector(self, client_ids: Sequence[Hashable]) -> slice | torch.Tensor:
+        """The clients' rows of the count tables: a slice (a view, no copies) when they are
+        consecutive, else an index tensor."""
+        rows = self._row_indices(client_ids)
+        first = int(rows[0]) if len(rows) else 0
+        if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
+            return slice(first, first + len(rows))
+        return rows
 
     def _row_indices(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """Rows of the count tables; a client seen for the first time gets zero counts."""
