@@ -76,6 +76,9 @@ class SweepRun:
             stored = json.loads((self.folder / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
             return "partial"
+        # A key added to fedsim after the run was made counts as its default value.
+        defaults = RunConfig().to_mapping()
+        stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
         return "done" if stored == json.loads(json.dumps(self.config.to_mapping())) else "stale"
 
 
