@@ -71,13 +71,18 @@ def _toml_value(v: Any) -> str:
 
 
 class LocalSuperLink:
-    """A private simulation-mode SuperLink; use as a context manager (stops by PID)."""
+    """A private SuperLink on loopback; use as a context manager (stops by PID).
 
-    def __init__(self, flwr_home: Path) -> None:
+    ``simulation=True``: Flower's simulation runtime (Ray) runs the SuperNodes itself.
+    ``simulation=False``: a deployment SuperLink; SuperNodes connect to ``address``.
+    Flower 1.41 serves its Control, Fleet and Runtime APIs on one HTTP port.
+    """
+
+    def __init__(self, flwr_home: Path, simulation: bool = True) -> None:
         self.flwr_home = flwr_home
+        self.simulation = simulation
         self.http_port = free_port()
-        self.control_port = free_port()
-        self.fleet_port = free_port()
+        self.address = f"127.0.0.1:{self.http_port}"
         self.env = flower_env(flwr_home)
         self.proc: subprocess.Popen[bytes] | None = None
         self.connection = "fedsim-local"
@@ -86,15 +91,13 @@ class LocalSuperLink:
         ray_tmpdir(self.flwr_home).mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "fedsim-local"\n\n'
-            f'[superlink.fedsim-local]\naddress = "127.0.0.1:{self.http_port}"\ninsecure = true\n'
+            f'[superlink.fedsim-local]\naddress = "{self.address}"\ninsecure = true\n'
         )
         log = open(self.flwr_home / "superlink.out", "wb")
         self.proc = subprocess.Popen(
             [
-                "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+                "flower-superlink", "--insecure", *(["--simulation"] if self.simulation else []), "--isolation", "subprocess",
                 "--disable-runtime-dependency-installation",
-                "--control-api-address", f"127.0.0.1:{self.control_port}",
-                "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
                 "--host", "127.0.0.1", "--port", str(self.http_port),
                 "--database", str(self.flwr_home / "state.db"),
             ],
