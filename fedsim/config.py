@@ -47,6 +47,7 @@ class RunConfig:
     llr_warmup: int = 100
     llr_forgetting: float = 1.0
     num_nodes: int = 10
+    node_wait: float = 60.0
     stop_at_accuracy: float = 0.0
     results_dir: str = ""
 
@@ -86,6 +87,7 @@ class RunConfig:
         checks = [
             (self.strategy in STRATEGIES, f"strategy={self.strategy!r}: choose one of {list(STRATEGIES)}"),
             (self.num_nodes >= 1, f"num-nodes={self.num_nodes}: must be >= 1"),
+            (self.node_wait >= 0, f"node-wait={self.node_wait}: must be >= 0 seconds"),
             (self.num_server_rounds >= 1, f"num-server-rounds={self.num_server_rounds}: must be >= 1"),
             (0.0 < self.fraction_train <= 1.0, f"fraction-train={self.fraction_train}: must be in (0, 1]"),
             (self.local_epochs >= 1, f"local-epochs={self.local_epochs}: must be >= 1"),

@@ -102,7 +102,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     param_keys = [n for n, p in model.named_parameters() if p.requires_grad]
     strategy = build_strategy(cfg, array_spec(initial), param_keys)
 
-    nodes = sorted(grid.get_node_ids())
+    nodes = wait_for_nodes(grid, cfg.num_nodes, cfg.node_wait)
     if len(nodes) != cfg.num_nodes:
         log(WARNING, "fedsim: num-nodes is %d but the federation has %d nodes; using %d", cfg.num_nodes, len(nodes), len(nodes))
     sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
@@ -133,10 +133,31 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
                 "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
                 "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
+                "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
                 "wall_seconds": wall, **environment_info(),
             },
         )
     return reporter.rows
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The connected node ids, once ``wanted`` nodes are connected or ``timeout`` seconds
+    have passed (deployed SuperNodes register with the SuperLink in their own time).
+    Raises RuntimeError if no node connected at all."""
+    deadline = time.monotonic() + timeout
+    nodes = sorted(grid.get_node_ids())
+    if len(nodes) < wanted:
+        log(INFO, "fedsim: %d of %d nodes connected; waiting up to %.0f s (node-wait) for the rest", len(nodes), wanted, timeout)
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+        nodes = sorted(grid.get_node_ids())
+    if not nodes:
+        raise RuntimeError(
+            f"no node connected within node-wait={timeout:g} s: start SuperNodes with "
+            "flower-supernode --superlink <host:fleet-port> --node-config \"partition-id=K num-partitions=M\", "
+            "or raise node-wait in the run config"
+        )
+    return nodes
 
 
 def _label_counts(cfg: RunConfig, num_clients: int) -> np.ndarray:

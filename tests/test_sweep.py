@@ -99,3 +99,16 @@ def test_claims_of_dead_workers_are_taken_over_and_foreign_hosts_respected(tmp_p
     assert outcome == ["ran", "busy", "busy"] and executed == [0]
     assert runs[0].status() == "done" and not runs[0].claim_file.exists()
     assert runs[1].claim_file.exists()  # another host's claim is left alone
+
+
+def test_a_run_made_before_a_key_existed_is_still_done_at_that_keys_default(tmp_path):
+    runs = load_sweep(_write(tmp_path, grid='seed = [0]'))
+    run = runs[0]
+    run.folder.mkdir(parents=True)
+    old_config = run.config.to_mapping()
+    del old_config["node-wait"]  # as written by a fedsim without that key
+    (run.folder / "config.json").write_text(json.dumps(old_config))
+    (run.folder / "summary.json").write_text("{}")
+    assert run.status() == "done"
+    changed = load_sweep(_write(tmp_path, grid='seed = [0]'), overrides={"node-wait": 5.0})[0]
+    assert changed.status() == "stale"

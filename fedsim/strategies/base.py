@@ -81,6 +81,8 @@ class FedsimStrategy(Strategy):
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
         self.last_metrics: MetricRecord | None = None
+        # partition id -> batch size its replies report (a deployed node's own config may set it)
+        self.reported_batch_sizes: dict[int, int] = {}
 
     # --- Flower Strategy interface ------------------------------------------------------
 
@@ -127,6 +129,7 @@ class FedsimStrategy(Strategy):
             except BadReply as err:
                 log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, err)
         good.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
+        self.reported_batch_sizes.update({r.metrics.partition_id: r.metrics.batch_size for r in good})
         metrics = MetricRecord(
             {
                 "clients": len(good),
