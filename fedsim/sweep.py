@@ -76,10 +76,14 @@ class SweepRun:
             stored = json.loads((self.folder / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
             return "partial"
-        # A key added to fedsim after the run was made counts as its default value.
+        # A key added to fedsim after the run was made counts as its default value; where the
+        # folder lives (results-dir) is not part of the experiment: stored copies stay done.
         defaults = RunConfig().to_mapping()
         stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
-        return "done" if stored == json.loads(json.dumps(self.config.to_mapping())) else "stale"
+        wanted = json.loads(json.dumps(self.config.to_mapping()))
+        stored.pop("results-dir", None)
+        wanted.pop("results-dir", None)
+        return "done" if stored == wanted else "stale"
 
 
 def run_name(point: dict[str, Any]) -> str:

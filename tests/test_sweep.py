@@ -112,3 +112,15 @@ def test_a_run_made_before_a_key_existed_is_still_done_at_that_keys_default(tmp_
     assert run.status() == "done"
     changed = load_sweep(_write(tmp_path, grid='seed = [0]'), overrides={"node-wait": 5.0})[0]
     assert changed.status() == "stale"
+
+
+def test_a_finished_run_copied_elsewhere_is_still_done_there(tmp_path):
+    import shutil
+
+    run = load_sweep(_write(tmp_path, grid='seed = [0]'))[0]
+    run.folder.mkdir(parents=True)
+    (run.folder / "config.json").write_text(json.dumps(run.config.to_mapping()))
+    (run.folder / "summary.json").write_text("{}")
+    shutil.copytree(run.folder.parent, tmp_path / "stored")
+    copy = load_sweep(_write(tmp_path, grid='seed = [0]'), results_dir=tmp_path / "stored")[0]
+    assert copy.folder != run.folder and copy.status() == "done"
