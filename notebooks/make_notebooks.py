@@ -15,7 +15,15 @@ from pathlib import Path
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").exists())
 os.chdir(ROOT)  # experiment files use paths relative to the project root
 MODE = os.environ.get("FEDSIM_NOTEBOOK_MODE", "quick")  # "quick" runs a small sweep; "full" reads stored results
-print("mode:", MODE, "| project:", ROOT)'''
+print("mode:", MODE, "| project:", ROOT)
+
+
+def sweep_folder(sweep_file):
+    """Where a sweep's runs are: $FEDSIM_NOTEBOOK_RESULTS if set; in full mode the copies of
+    our runs committed under docs/results/runs/; else the sweep file's own results-dir."""
+    if os.environ.get("FEDSIM_NOTEBOOK_RESULTS"):
+        return os.environ["FEDSIM_NOTEBOOK_RESULTS"]
+    return ROOT / "docs" / "results" / "runs" / Path(sweep_file).stem if MODE == "full" else None'''
 
 FV_CELLS = [
     new_markdown_cell(
@@ -28,8 +36,10 @@ FV_CELLS = [
         "(`experiments/sweeps/fv_digits_quick.toml`: 300 rounds, the authors' 100-round warm-up; "
         "about a minute on a CPU).\n"
         "* **full** (`FEDSIM_NOTEBOOK_MODE=full`): reads the results of "
-        "`fedsim sweep experiments/sweeps/fv_mnist_modes.toml` (MNIST, the authors' CNN, 3000 rounds, "
-        "3 seeds); run that sweep first (hours on a CPU).\n\n"
+        "`fedsim sweep experiments/sweeps/fv_mnist_modes.toml` (MNIST, the authors' CNN, 3000 rounds): "
+        "by default the copies of our runs in `docs/results/runs/fv_mnist_modes/`; "
+        "`FEDSIM_NOTEBOOK_RESULTS=runs/fv_mnist_modes` reads your own (hours on a CPU), and saves "
+        "the figure to `docs/results/`.\n\n"
         "Every number shown comes from the runs this notebook runs or reads."
     ),
     new_code_cell(SETUP),
@@ -37,8 +47,8 @@ FV_CELLS = [
         '''from fedsim.sweep import sweep_results
 
 sweep_file = {"quick": "experiments/sweeps/fv_digits_quick.toml", "full": "experiments/sweeps/fv_mnist_modes.toml"}[MODE]
-# quick: run what is missing; full: read what the sweep stored. FEDSIM_NOTEBOOK_RESULTS moves the folder.
-runs = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))'''
+# quick: run what is missing; full: read the stored runs (see sweep_folder above)
+runs = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=sweep_folder(sweep_file))'''
     ),
     new_code_cell(
         '''from fedsim.analysis import over_seeds, run_table
@@ -64,7 +74,9 @@ for ax, mode in zip(axes, modes):
     ax.set_xlabel("round")
 axes[0].set_ylabel("test accuracy (mean over seeds)")
 axes[-1].legend()
-fig.tight_layout()'''
+fig.tight_layout()
+if MODE == "full":
+    fig.savefig(ROOT / "docs" / "results" / "signsgd_fv_mnist_modes.png", dpi=110)'''
     ),
     new_markdown_cell(
         "Reading it: during warm-up (the first `llr-warmup` rounds) the LLR vote *is* the majority "
@@ -139,8 +151,8 @@ COMM_CELLS = [
     new_code_cell(
         '''from fedsim.sweep import sweep_results
 
-done = sweep_results("experiments/sweeps/quick_strategies.toml", run_missing=MODE == "quick",
-                     results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))'''
+sweep_file = "experiments/sweeps/quick_strategies.toml"
+done = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=sweep_folder(sweep_file))'''
     ),
     new_code_cell(
         '''from fedsim.analysis import accuracy_vs_bytes, best_setting, over_seeds, run_table
@@ -179,17 +191,19 @@ FEDAVG_CELLS = [
         "relative to the E = 1, B = inf row (FedSGD), and missing where that row never reached the "
         "target. **quick** (default): a miniature grid on digits "
         "(`experiments/sweeps/fedavg_digits_quick.toml`, one lr for all rows, target 75%). **full**: reads "
-        "`fedsim sweep experiments/sweeps/fedavg_table2.toml` (MNIST CNN, target 99%) and puts the "
-        "paper's Table 2 numbers beside ours; the paper's numbers are the paper's, not ours, and rows "
-        "we have not run show as missing."
+        "the runs of `experiments/sweeps/fedavg_table2_iid_cpu.toml` (MNIST CNN, the IID rows a CPU finishes, "
+        "target 99%; our copies in `docs/results/runs/`) and puts the paper's Table 2 numbers beside ours; "
+        "`FEDSIM_NOTEBOOK_SWEEP=experiments/sweeps/fedavg_table2.toml` with `FEDSIM_NOTEBOOK_RESULTS` "
+        "reads the whole table once you have run it. The paper's numbers are the paper's, not ours, and "
+        "rows we have not run show as missing."
     ),
     new_code_cell(SETUP),
     new_code_cell(
         '''from fedsim.sweep import sweep_results
 
 sweep_file, target = {"quick": ("experiments/sweeps/fedavg_digits_quick.toml", 0.75),
-                      "full": ("experiments/sweeps/fedavg_table2.toml", 0.99)}[MODE]
-done = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))
+                      "full": (os.environ.get("FEDSIM_NOTEBOOK_SWEEP", "experiments/sweeps/fedavg_table2_iid_cpu.toml"), 0.99)}[MODE]
+done = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=sweep_folder(sweep_file))
 print("target", target)'''
     ),
     new_code_cell(
@@ -220,8 +234,10 @@ table[cols + (["paper", "ours_over_paper"] if MODE == "full" else [])].round(2)'
 from fedsim.analysis import best_so_far
 
 df = load_runs([r.folder for r in done])
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-for ax, part in zip(axes, sorted(df["partitioning"].unique())):
+parts = sorted(df["partitioning"].unique())
+fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.5), sharey=True, squeeze=False)
+axes = axes[0]
+for ax, part in zip(axes, parts):
     for run, g in df[df["partitioning"] == part].groupby("run"):
         g = g.dropna(subset=["test_accuracy"]).sort_values("round")
         e, b = g["local-epochs"].iloc[0], g["batch-size"].iloc[0]
@@ -231,7 +247,9 @@ for ax, part in zip(axes, sorted(df["partitioning"].unique())):
     ax.set_xlabel("round")
 axes[0].set_ylabel("best test accuracy so far")
 axes[-1].legend(fontsize=8)
-fig.tight_layout()'''
+fig.tight_layout()
+if MODE == "full":
+    fig.savefig(ROOT / "docs" / "results" / f"{Path(sweep_file).stem}.png", dpi=110)'''
     ),
 ]
 
