@@ -143,16 +143,17 @@ COMM_CELLS = [
     new_markdown_cell(
         "# Communication: accuracy against uploaded bytes\n\n"
         "FedSGD and FedAvg upload 32-bit floats per parameter; the sign votes upload 1 bit per "
-        "parameter (plus ~100 bytes of record overhead). **quick** (default): runs "
-        "`experiments/sweeps/quick_strategies.toml` (digits, 16 runs, about 15 s). **full**: reads that "
-        "sweep's stored results (rerun it with more rounds or MNIST via `--set`)."
+        "parameter (plus ~100 bytes of record overhead). Both modes run "
+        "`experiments/sweeps/quick_strategies.toml` (digits, 16 runs, about 15 s) where its runs are "
+        "missing; `FEDSIM_NOTEBOOK_RESULTS` points it at another folder of that sweep's runs."
     ),
     new_code_cell(SETUP),
     new_code_cell(
         '''from fedsim.sweep import sweep_results
 
-sweep_file = "experiments/sweeps/quick_strategies.toml"
-done = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=sweep_folder(sweep_file))'''
+# the same small sweep in both modes (13 s here): run what is missing
+done = sweep_results("experiments/sweeps/quick_strategies.toml", run_missing=True,
+                     results_dir=os.environ.get("FEDSIM_NOTEBOOK_RESULTS"))'''
     ),
     new_code_cell(
         '''from fedsim.analysis import accuracy_vs_bytes, best_setting, over_seeds, run_table
