@@ -7,7 +7,9 @@ from torch import nn
 from fedsim.models import MODEL_INPUT_SHAPES, MODELS, build_model, count_parameters
 
 PARAMETER_COUNTS = {
+    "digits-logreg": 650,
     "digits-mlp": 4_810,
+    "mnist-logreg": 7_850,
     "mnist-2nn": 199_210,
     "mnist-cnn": 1_663_370,
     "fv-mnist-cnn": 582_026,

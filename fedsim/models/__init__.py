@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from fedsim.models.cnn import cifar_cnn, fv_mnist_cnn, mnist_cnn
-from fedsim.models.mlp import digits_mlp, mnist_2nn
+from fedsim.models.mlp import digits_logreg, digits_mlp, mnist_2nn, mnist_logreg
 from fedsim.models.resnet import resnet20, resnet56
 
 __all__ = ["MODELS", "MODEL_INPUT_SHAPES", "build_model", "count_parameters"]
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "digits-logreg": digits_logreg,
     "digits-mlp": digits_mlp,
+    "mnist-logreg": mnist_logreg,
     "mnist-2nn": mnist_2nn,
     "mnist-cnn": mnist_cnn,
     "fv-mnist-cnn": fv_mnist_cnn,
@@ -28,7 +30,9 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 MODEL_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits-logreg": (1, 8, 8),
     "digits-mlp": (1, 8, 8),
+    "mnist-logreg": (1, 28, 28),
     "mnist-2nn": (1, 28, 28),
     "mnist-cnn": (1, 28, 28),
     "fv-mnist-cnn": (1, 28, 28),

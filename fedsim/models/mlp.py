@@ -1,4 +1,5 @@
-"""Fully connected networks: the digits MLP and the FedAvg paper's MNIST 2NN."""
+"""Fully connected networks: multinomial logistic regression, the digits MLP and the
+FedAvg paper's MNIST 2NN."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ def digits_mlp(num_classes: int = 10) -> MLP:
 def mnist_2nn(num_classes: int = 10) -> MLP:
     """FedAvg paper 2NN on MNIST (1x28x28): 784-200-200-num_classes with ReLU (199,210 parameters)."""
     return MLP(28 * 28, [200, 200], num_classes)
+
+
+def digits_logreg(num_classes: int = 10) -> MLP:
+    """Multinomial logistic regression on sklearn digits: 64-num_classes (650 parameters for
+    10 classes); about the least compute a client can do, for measuring framework cost."""
+    return MLP(64, [], num_classes)
+
+
+def mnist_logreg(num_classes: int = 10) -> MLP:
+    """Multinomial logistic regression on MNIST, a common FL baseline: 784-num_classes (7,850 parameters)."""
+    return MLP(28 * 28, [], num_classes)
