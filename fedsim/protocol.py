@@ -60,7 +60,7 @@ def content_bytes(content: RecordDict) -> int:
 
 
 def reply_metrics(msg: Message) -> ReplyMetrics:
-    """The reply's MetricRecord, checked: n_k > 0, finite loss."""
+    """The reply's MetricRecord, checked: n_k > 0, finite loss, partition id >= 0."""
     if msg.has_error():
         raise BadReply(f"client error: {msg.error.reason}")
     content = msg.content
@@ -70,13 +70,15 @@ def reply_metrics(msg: Message) -> ReplyMetrics:
     try:
         n = m["num-examples"]
         loss = m["train-loss"]
+        pid = m["partition-id"]
     except KeyError as err:
         raise BadReply(f"MetricRecord {METRICS!r} lacks {err.args[0]!r}") from None
     if isinstance(n, list) or not n > 0 or (isinstance(n, float) and not n.is_integer()):
         raise BadReply(f"num-examples must be a positive integer, got {n!r}")
     if isinstance(loss, list) or not np.isfinite(loss):
         raise BadReply(f"train-loss must be a finite number, got {loss!r}")
-    pid = m.get("partition-id", -1)
+    if isinstance(pid, list) or not pid >= 0 or (isinstance(pid, float) and not pid.is_integer()):
+        raise BadReply(f"partition-id must be an integer >= 0, got {pid!r}")
     bs = m.get("batch-size", 0)
     return ReplyMetrics(int(n), float(loss), int(pid), int(bs))  # type: ignore[arg-type]
 

@@ -94,8 +94,23 @@ def test_llr_vote_uses_majority_in_warmup_then_weights():
     msgs = sent(s, 3)
     vecs = [[1] * 6, [1] * 6, [-1] * 6]
     s.aggregate_train(1, [sign_reply(m, v, i) for i, (m, v) in enumerate(zip(msgs, vecs))])
-    w = s.estimator.weights(sorted(FakeGrid(3).nodes))
+    w = s.estimator.weights([0, 1, 2])  # clients are counted by partition id, stable across runs
     assert (w[2] < 0).all() and (w[:2] > 0).all()
+
+
+def test_a_second_reply_for_one_partition_and_a_reply_without_partition_are_rejected(caplog):
+    s = SignMajorityVote(SPEC, PARAMS, lr=0.01)
+    msgs = sent(s, 4)
+    no_pid = reply(msgs[3], {protocol.SIGNS: ArrayRecord({protocol.PACKED: Array(pack_signs(torch.ones(6)))})})
+    no_pid.content[protocol.METRICS] = MetricRecord({"num-examples": 10, "train-loss": 1.0})
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = s.aggregate_train(1, [
+            sign_reply(msgs[1], [-1] * 6, 0), sign_reply(msgs[0], [1] * 6, 0), sign_reply(msgs[2], [1] * 6, 1), no_pid,
+        ])
+    assert metrics["clients"] == 2 and metrics["rejected"] == 2
+    assert "partition-id 0 already replied this round (node 100)" in caplog.text  # the lower node id is kept
+    assert "lacks 'partition-id'" in caplog.text
+    np.testing.assert_allclose(as_np(arrays)["b"], B0 - 0.01)  # two +1 votes (node 100's and partition 1's)
 
 
 @pytest.mark.parametrize(

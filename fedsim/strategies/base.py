@@ -129,6 +129,7 @@ class FedsimStrategy(Strategy):
             except BadReply as err:
                 log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, err)
         good.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
+        good = self._one_per_partition(server_round, good)
         self.reported_batch_sizes.update({r.metrics.partition_id: r.metrics.batch_size for r in good})
         metrics = MetricRecord(
             {
@@ -151,6 +152,22 @@ class FedsimStrategy(Strategy):
                 mean = weighted_mean([torch.from_numpy(r.buffers[key].copy()) for r in good], weights)
                 new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
         return new, metrics
+
+    @staticmethod
+    def _one_per_partition(server_round: int, replies: list[Reply]) -> list[Reply]:
+        """Keep the first reply per partition id (replies are sorted): two nodes holding one
+        partition is a deployment mistake, and its data must not count twice."""
+        out: list[Reply] = []
+        for r in replies:
+            if out and out[-1].metrics.partition_id == r.metrics.partition_id:
+                log(
+                    WARNING, "round %d: rejected the reply of node %d: partition-id %d already replied this round "
+                    "(node %d); give each SuperNode its own partition-id", server_round, r.node_id,
+                    r.metrics.partition_id, out[-1].node_id,
+                )
+                continue
+            out.append(r)
+        return out
 
     @property
     def _sends_buffers(self) -> bool:

@@ -38,7 +38,7 @@ class SignMajorityVote(FedsimStrategy):
 
     def apply(self, server_round: int, current: ArrayRecord, replies: list[Reply]) -> ArrayRecord:
         signs = torch.stack([unpack_signs(r.payload, self.num_params) for r in replies])
-        u = self.vote([r.node_id for r in replies], signs)
+        u = self.vote([r.metrics.partition_id for r in replies], signs)  # partition ids: stable across runs, unlike node ids
         state = to_state(current)
         x = flatten(state, self.param_keys)
         unflatten_into(state, self.param_keys, x - self.lr * u.to(x.dtype))
@@ -49,7 +49,7 @@ class LLRWeightedVote(SignMajorityVote):
     """signSGD-FV: U_n = sign(sum_m w_{m,n} Y_{m,n}), w from CrossProbabilityEstimator.
 
     Plain majority during the first ``warmup_rounds`` rounds; agreement counts are kept
-    per client (node id) and coordinate from round 1 on.
+    per client (partition id) and coordinate from round 1 on.
     """
 
     def __init__(
