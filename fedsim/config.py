@@ -7,6 +7,7 @@ documents each. Server and client both read the run config through ``RunConfig``
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -105,6 +106,18 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
+    """Whether a run config stored with a run (its ``config.json``) describes the same
+    experiment as ``cfg``. A key added to fedsim after the run was made counts as its
+    default; where the results live (``results-dir``) is not part of the experiment."""
+    defaults = RunConfig().to_mapping()
+    old = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+    new = json.loads(json.dumps(cfg.to_mapping()))
+    old.pop("results-dir", None)
+    new.pop("results-dir", None)
+    return old == new
 
 
 @functools.lru_cache(maxsize=64)

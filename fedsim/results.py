@@ -6,7 +6,8 @@ One folder per run:
   bytes_up, bytes_down, clients, rejected, seconds), appended as the run goes;
 - ``model.pt``: the final global state_dict (torch.save);
 - ``summary.json``: seed, engine, device, package versions, git commit, final metrics,
-  client batch sizes, wall time.
+  client batch sizes, wall time; written last, it marks the run as finished;
+- ``checkpoint.pt`` while the run goes (fedsim.checkpoint), removed when it finishes.
 """
 
 from __future__ import annotations
@@ -57,18 +58,41 @@ class RunWriter:
         with open(self.path / "rounds.csv", "a", newline="") as f:
             csv.writer(f).writerow([_fmt(getattr(row, c)) for c in COLUMNS])
 
+    def resume(self, last_round: int) -> list[RoundRow]:
+        """Continue a run's folder after a checkpoint: keep the rows of rounds up to
+        ``last_round`` (later ones are run again) and return them."""
+        with open(self.path / "rounds.csv", newline="") as f:
+            kept = [r for r in csv.DictReader(f) if int(r["round"]) <= last_round]
+        self.rows = [RoundRow(**{c: _parse(c, r[c]) for c in COLUMNS}) for r in kept]
+        with open(self.path / "rounds.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(COLUMNS)
+            out.writerows([_fmt(getattr(row, c)) for c in COLUMNS] for row in self.rows)
+        return list(self.rows)
+
     def finish(self, state_dict: dict[str, Any] | None, summary: dict[str, Any]) -> None:
+        from fedsim.checkpoint import remove_checkpoint
+
         if state_dict is not None:
             import torch
 
             torch.save(state_dict, self.path / "model.pt")
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        remove_checkpoint(self.path)
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else repr(v)
     return str(v)
+
+
+def _parse(column: str, text: str) -> Any:
+    """A rounds.csv cell back to its RoundRow type (empty float cells are NaN)."""
+    kind = type(getattr(RoundRow(round=0), column))
+    if kind is float:
+        return float(text) if text else math.nan
+    return int(text)
 
 
 def environment_info() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.checkpoint import load_checkpoint, save_checkpoint
 from fedsim.clients.batch_sizes import client_batch_sizes
 from fedsim.clients.setup import device_dataset, input_transforms, pick_device
 from fedsim.clients.tasks import evaluate
@@ -60,6 +61,11 @@ class RoundReporter:
         self.rows: list[RoundRow] = []
         self.t0 = time.perf_counter()
 
+    def resume(self, rows: list[RoundRow], seconds: float) -> None:
+        """Continue after a checkpoint: its rounds' rows, and its clock."""
+        self.rows = list(rows)
+        self.t0 = time.perf_counter() - seconds
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row = RoundRow(round=server_round, seconds=time.perf_counter() - self.t0)
         train = self.strategy.last_metrics if server_round > 0 else None
@@ -78,6 +84,8 @@ class RoundReporter:
             self.writer.add(row)
         if self.on_round is not None:
             self.on_round(row)
+        if due and server_round > 0 and self.writer is not None:
+            save_checkpoint(self.writer.path, server_round, self.cfg, arrays, self.strategy.state_dict(), row.seconds)
         if due:
             log(
                 INFO,
@@ -111,13 +119,22 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     counts = _label_counts(cfg, max(len(nodes), 1))
     log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
     writer = RunWriter(Path(cfg.results_dir)) if cfg.results_dir else None
-    if writer is not None:
+    reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
+    checkpoint = load_checkpoint(writer.path, cfg) if writer is not None else None
+    if checkpoint is not None:
+        log(INFO, "fedsim: resuming from the checkpoint after round %d in %s", checkpoint.round, writer.path)
+        initial = checkpoint.arrays
+        strategy.load_state_dict(checkpoint.strategy)
+        reporter.resume(writer.resume(checkpoint.round), checkpoint.seconds)
+    elif writer is not None:
         writer.start(cfg.to_mapping())
         np.savetxt(writer.path / "label_counts.csv", counts, fmt="%d", delimiter=",")
-    reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
+    first_round = checkpoint.round + 1 if checkpoint is not None else 1
     t0 = time.perf_counter()
     try:
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter)
+        result = strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter, first_round=first_round
+        )
         final_arrays, stopped_at = result.arrays, None
     except _TargetReached as stop:
         final_arrays, stopped_at = stop.arrays, reporter.rows[-1].round
@@ -134,6 +151,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
                 "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
                 "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
                 "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
+                "resumed_after_round": checkpoint.round if checkpoint is not None else None,
                 "wall_seconds": wall, **environment_info(),
             },
         )

@@ -14,8 +14,9 @@ per point, each in its own folder named by the point (``strategy=sign-mv,seed=1`
     seed = [0, 1, 2]
 
 A run whose folder holds ``summary.json`` and the same ``config.json`` is finished and
-skipped on rerun; a folder without ``summary.json`` (a killed run) is deleted and run
-again from round 0 (single runs do not checkpoint mid-run).
+skipped on rerun; a killed run (no ``summary.json``) continues from its last checkpoint
+(``checkpoint.pt``, written at every evaluated round: fedsim.checkpoint), or is run
+again from round 0 if it had none.
 
 Several workers may run one sweep at once (``fedsim sweep`` twice, e.g. one per core or
 GPU): a worker claims a run by creating ``<run>/.claim`` (holding its host and PID)
@@ -39,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.checkpoint import CHECKPOINT
+from fedsim.config import ConfigError, RunConfig, same_experiment
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,7 @@ class SweepRun:
             stored = json.loads((self.folder / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
             return "partial"
-        # A key added to fedsim after the run was made counts as its default value; where the
-        # folder lives (results-dir) is not part of the experiment: stored copies stay done.
-        defaults = RunConfig().to_mapping()
-        stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
-        wanted = json.loads(json.dumps(self.config.to_mapping()))
-        stored.pop("results-dir", None)
-        wanted.pop("results-dir", None)
-        return "done" if stored == wanted else "stale"
+        return "done" if same_experiment(stored, self.config) else "stale"
 
 
 def run_name(point: dict[str, Any]) -> str:
@@ -160,7 +155,9 @@ def run_sweep(
                 echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
                 yield run, "skipped"
                 continue
-            if status in ("partial", "stale"):
+            if status == "partial" and (run.folder / CHECKPOINT).exists():
+                echo(f"[{i}/{len(runs)}] {run.name}: partial results found, resuming from its checkpoint")
+            elif status in ("partial", "stale"):
                 echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
                 for item in run.folder.iterdir():
                     if item != run.claim_file:

@@ -124,3 +124,22 @@ def test_a_finished_run_copied_elsewhere_is_still_done_there(tmp_path):
     shutil.copytree(run.folder.parent, tmp_path / "stored")
     copy = load_sweep(_write(tmp_path, grid='seed = [0]'), results_dir=tmp_path / "stored")[0]
     assert copy.folder != run.folder and copy.status() == "done"
+
+
+def test_a_killed_run_of_a_sweep_resumes_from_its_checkpoint(tmp_path):
+    from fedsim.engine.runner import run_inprocess
+    from fedsim.sweep import run_sweep
+
+    runs = load_sweep(_write(tmp_path, grid='seed = [0]', rounds=30))
+
+    def crash(row):
+        if row.round == 23:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_inprocess(runs[0].config.to_mapping(), on_round=crash)
+    assert runs[0].status() == "partial"
+    said = []
+    outcome = [w for _, w in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping()), echo=said.append)]
+    assert outcome == ["ran"] and any("resuming from its checkpoint" in s for s in said), said
+    assert json.loads((runs[0].folder / "summary.json").read_text())["resumed_after_round"] == 20

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -21,7 +21,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from fedsim.protocol import (
     ARRAYS,
@@ -85,6 +86,57 @@ class FedsimStrategy(Strategy):
         self.reported_batch_sizes: dict[int, int] = {}
 
     # --- Flower Strategy interface ------------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's round loop (``Strategy.start``) with a ``first_round`` for resuming a run
+        from a checkpoint; rounds before it are not run and round 0 is evaluated only when
+        starting from round 1. fedsim evaluates on the server only (``evaluate_fn``), so the
+        loop has no client-side evaluation step."""
+        log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        if evaluate_fn is not None and first_round == 1:
+            res = evaluate_fn(0, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            new, metrics = self.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = result.arrays = new
+            if metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+                result.train_metrics_clientapp[rnd] = metrics
+            if evaluate_fn is not None:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue this strategy exactly: the node-sampling RNG
+        and what clients reported (lists, dicts, ints: readable with weights_only=True)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "reported_batch_sizes": dict(self.reported_batch_sizes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.reported_batch_sizes = {int(k): int(v) for k, v in state["reported_batch_sizes"].items()}
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedsim %s: task %r, lr %g, fraction-train %g", type(self).__name__, self.task, self.lr, self.fraction_train)

@@ -77,3 +77,10 @@ class LLRWeightedVote(SignMajorityVote):
 
     def vote(self, client_ids: list[int], signs: torch.Tensor) -> torch.Tensor:
         return self.estimator.vote(client_ids, signs)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "estimator": self.estimator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.estimator.load_state_dict(state["estimator"])

@@ -7,7 +7,7 @@ Votes return an int8 tensor of shape [N] in {-1, 0, +1}; 0 is a tie (no step).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -159,6 +159,21 @@ class CrossProbabilityEstimator:
                 u[cols] = llr_weighted_vote(signs[:, cols], self._llr(rows, total, cols))
         self.update(client_ids, signs, u)
         return u
+
+    def state_dict(self) -> dict:
+        """The counts and their client order (tensors, lists and ints only: ``torch.load``
+        reads it back with ``weights_only=True``)."""
+        return {"clients": list(self._rows), "agree": self._agree, "total": self._total, "rounds_seen": self.rounds_seen}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what ``state_dict`` returned (same number of coordinates)."""
+        agree, clients = state["agree"], list(state["clients"])
+        if agree.shape != (len(clients), self.num_coordinates):
+            raise ValueError(f"estimator state has counts of shape {tuple(agree.shape)}, expected ({len(clients)}, {self.num_coordinates})")
+        self._rows = {c: i for i, c in enumerate(clients)}
+        self._agree = agree.to(self.device, torch.float32).clone()
+        self._total = state["total"].to(self.device, torch.float64).clone()
+        self.rounds_seen = int(state["rounds_seen"])
 
     def _blocks(self) -> Iterator[slice]:
         for start in range(0, self.num_coordinates, _BLOCK):
