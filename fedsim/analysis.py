@@ -36,9 +36,11 @@ def rounds_to_target(rounds: Sequence[float], accuracy: Sequence[float], target:
     return float(r0 + (target - a0) * (r1 - r0) / (a1 - a0))
 
 
-def run_table(df, by: Sequence[str], target: float | None = None):
+def run_table(df, by: Sequence[str], target: float | None = None, tail: int = 10):
     """One row per run folder (``run`` column of load_runs): its ``by`` values, final test
-    accuracy, best accuracy, total bytes up, and rounds to ``target`` if given."""
+    accuracy, ``tail_accuracy`` (mean over the last ``tail`` evaluations: steadier than the
+    final one for noisy methods such as sign votes), best accuracy, total bytes up, and
+    rounds to ``target`` if given."""
     import pandas as pd
 
     rows = []
@@ -49,6 +51,7 @@ def run_table(df, by: Sequence[str], target: float | None = None):
         row.update(
             run=run,
             final_accuracy=float(evaluated["test_accuracy"].iloc[-1]) if len(evaluated) else math.nan,
+            tail_accuracy=float(evaluated["test_accuracy"].iloc[-tail:].mean()) if len(evaluated) else math.nan,
             best_accuracy=float(evaluated["test_accuracy"].max()) if len(evaluated) else math.nan,
             bytes_up=int(g["bytes_up"].sum()),
         )
@@ -62,7 +65,7 @@ def over_seeds(table, by: Sequence[str]):
     """Mean, standard deviation and count over the runs that share ``by`` (e.g. all seeds of
     one setting). Rounds-to-target is averaged over the runs that reached the target, and
     ``reached`` counts them."""
-    metrics = [c for c in ("final_accuracy", "best_accuracy", "rounds_to_target") if c in table]
+    metrics = [c for c in ("final_accuracy", "tail_accuracy", "best_accuracy", "rounds_to_target") if c in table]
     grouped = table.groupby(list(by), sort=True)
     out = grouped[metrics].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]

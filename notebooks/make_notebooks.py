@@ -51,14 +51,19 @@ sweep_file = {"quick": "experiments/sweeps/fv_digits_quick.toml", "full": "exper
 runs = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=sweep_folder(sweep_file))'''
     ),
     new_code_cell(
-        '''from fedsim.analysis import over_seeds, run_table
+        '''import pandas as pd
+from fedsim.analysis import over_seeds, run_table
 from fedsim.results import load_runs
 
 df = load_runs([r.folder for r in runs])
 table = over_seeds(run_table(df, by=["batch-mode", "strategy", "seed"]), ["batch-mode", "strategy"])
-final = table.pivot(index="batch-mode", columns="strategy", values="final_accuracy_mean")
-final["LLR - MV"] = final["llr-vote"] - final["sign-mv"]
-final.round(4)'''
+# final: the last evaluation; tail: mean of the last 10 evaluations (single evaluations of sign votes are noisy)
+cols = {}
+for metric in ("final_accuracy_mean", "tail_accuracy_mean"):
+    wide = table.pivot(index="batch-mode", columns="strategy", values=metric)
+    name = metric.split("_")[0]
+    cols.update({f"{name} MV": wide["sign-mv"], f"{name} LLR": wide["llr-vote"], f"{name} LLR - MV": wide["llr-vote"] - wide["sign-mv"]})
+pd.DataFrame(cols).round(4)'''
     ),
     new_code_cell(
         '''import matplotlib.pyplot as plt

@@ -52,6 +52,8 @@ def test_tables_over_seeds_and_best_lr():
     table = run_table(_df(), by=["strategy", "lr", "seed"], target=0.9)
     assert table.set_index("run")["rounds_to_target"].to_dict() == pytest.approx({"a": 1.0, "b": 1 + 0.1 / 0.17, "c": 1 + 0.4 / 0.46})
     assert table.set_index("run")["final_accuracy"]["b"] == 0.97
+    assert table.set_index("run")["tail_accuracy"]["b"] == pytest.approx((0.1 + 0.8 + 0.97) / 3)
+    assert run_table(_df(), by=["lr"], tail=2).set_index("run")["tail_accuracy"]["c"] == pytest.approx((0.5 + 0.96) / 2)
     agg = over_seeds(table, ["strategy", "lr"]).set_index("lr")
     assert agg.loc[0.1, "runs"] == 2 and agg.loc[0.1, "final_accuracy_mean"] == pytest.approx(0.96)
     best = best_setting(over_seeds(table, ["strategy", "lr"]), ["strategy"], over="lr", metric="rounds_to_target_mean")
