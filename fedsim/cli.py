@@ -91,8 +91,7 @@ def _run_inprocess_with_progress(cfg: RunConfig, workers: int | None) -> Path:
     bar = tqdm(total=cfg.num_server_rounds, unit="round", disable=None, dynamic_ncols=True)
 
     def on_round(row: Any) -> None:
-        if row.round > 0:
-            bar.update(1)
+        bar.update(row.round - bar.n)  # a resumed run starts at its checkpoint's round
         if row.test_accuracy == row.test_accuracy:  # not NaN
             bar.set_postfix(acc=f"{row.test_accuracy:.4f}", loss=f"{row.train_loss:.3f}")
 

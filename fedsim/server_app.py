@@ -172,7 +172,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
     if not nodes:
         raise RuntimeError(
             f"no node connected within node-wait={timeout:g} s: start SuperNodes with "
-            "flower-supernode --superlink <host:fleet-port> --node-config \"partition-id=K num-partitions=M\", "
+            "flower-supernode --superlink <superlink-host>:<port> --node-config \"partition-id=K num-partitions=M\", "
             "or raise node-wait in the run config"
         )
     return nodes
