@@ -13,6 +13,7 @@ One folder per run:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import platform
@@ -95,8 +96,12 @@ def _parse(column: str, text: str) -> Any:
     return int(text)
 
 
+@functools.cache
 def environment_info() -> dict[str, Any]:
-    """Package versions, Python, platform and the git commit of the working tree (if any)."""
+    """Package versions, Python, platform and the git commit of the working tree (if any),
+    read once per process: a long sweep keeps running the code it loaded even when the
+    working tree moves on, so the first reading (at the start of its first run) is the
+    one that describes it."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}

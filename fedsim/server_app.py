@@ -103,6 +103,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     engine = getattr(grid, "engine_name", "flower")
     from fedsim.models import build_model
 
+    environment = environment_info()  # before any round: the code this process runs
     device = pick_device()
     num_classes = device_dataset(cfg.dataset, cfg.data_dir, device)[4].num_classes
     model = build_model(cfg.model_name, num_classes=num_classes, seed=cfg.seed)
@@ -152,7 +153,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
                 "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
                 "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
                 "resumed_after_round": checkpoint.round if checkpoint is not None else None,
-                "wall_seconds": wall, **environment_info(),
+                "wall_seconds": wall, **environment,
             },
         )
     return reporter.rows

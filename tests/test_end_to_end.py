@@ -140,3 +140,22 @@ def test_stop_at_accuracy_ends_the_run_at_the_first_evaluation_reaching_it(tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early_at_round"] == len(acc) - 1 == summary["rounds"]
     assert summary["final_test_accuracy"] == acc[-1] and (out / "model.pt").exists()
+
+
+def test_summary_records_the_commit_read_before_the_run_not_at_its_end(tmp_path, monkeypatch):
+    """A sweep process runs the code it loaded; the working tree may move on meanwhile."""
+    from fedsim import results
+    from fedsim.engine.runner import run_inprocess
+
+    tree = {"commit": "loaded-commit"}
+    monkeypatch.setattr(results, "_git_commit", lambda: tree["commit"])
+
+    def commit_meanwhile(row):
+        tree["commit"] = "later-commit"
+
+    results.environment_info.cache_clear()
+    try:
+        out = run_inprocess({"num-server-rounds": 2, "results-dir": str(tmp_path / "run")}, on_round=commit_meanwhile)
+        assert json.loads((out / "summary.json").read_text())["git_commit"] == "loaded-commit"
+    finally:
+        results.environment_info.cache_clear()
