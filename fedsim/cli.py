@@ -3,6 +3,7 @@
     fedsim run experiments/X.toml [--set key=value ...] [--engine inprocess|flower]
                                   [--results-dir DIR] [--workers N]
     fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
+    fedsim store runs/Y docs/results/runs/Y     # finished runs' small files, to commit
 
 An experiment is a Flower run-config TOML (flat kebab-case keys, the file
 ``flwr run . --run-config experiments/X.toml`` reads too). ``inprocess`` (default) runs it
@@ -127,6 +128,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from fedsim.results import STORED_FILES, store_runs
+
+    copied = store_runs(args.source, args.dest)
+    if not copied:
+        print(f"fedsim store: no finished run (a folder with summary.json) in {args.source}", file=sys.stderr)
+        return 1
+    print(f"fedsim: stored {len(copied)} finished run(s) in {args.dest} ({', '.join(STORED_FILES)})")
+    return 0
+
+
 def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     """Options shared by ``run`` and ``sweep``: overrides, engine and its resources."""
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
@@ -149,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     _engine_options(sweep, results_help="the sweep's folder (default: the file's results-dir, else runs/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
     sweep.set_defaults(func=cmd_sweep)
+    store = sub.add_parser("store", help="copy finished runs' small files (no model, no checkpoint), e.g. into docs/results/runs/")
+    store.add_argument("source", help="a run folder or a folder of runs (a sweep's results-dir)")
+    store.add_argument("dest", help="where the copies go")
+    store.set_defaults(func=cmd_store)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -125,6 +125,29 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+STORED_FILES = ("config.json", "rounds.csv", "summary.json", "label_counts.csv")
+
+
+def store_runs(source: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the finished runs under ``source`` (folders holding ``summary.json``, the
+    folder itself or its subfolders) to ``dest``, keeping their small files only
+    (``STORED_FILES``: no model, no checkpoint), e.g. to commit them under
+    ``docs/results/runs/`` for the notebooks' full mode. Returns the copied folders."""
+    import shutil
+
+    source, dest = Path(source), Path(dest)
+    runs = [source] if (source / "summary.json").exists() else sorted(p.parent for p in source.glob("*/summary.json"))
+    out = []
+    for run in runs:
+        target = dest / run.name if run != source else dest
+        target.mkdir(parents=True, exist_ok=True)
+        for name in STORED_FILES:
+            if (run / name).exists():
+                shutil.copy2(run / name, target / name)
+        out.append(target)
+    return out
+
+
 def load_run(path: str | Path):
     """A run folder's rounds.csv as a pandas DataFrame, with its config values as columns."""
     import pandas as pd

@@ -143,3 +143,18 @@ def test_a_killed_run_of_a_sweep_resumes_from_its_checkpoint(tmp_path):
     outcome = [w for _, w in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping()), echo=said.append)]
     assert outcome == ["ran"] and any("resuming from its checkpoint" in s for s in said), said
     assert json.loads((runs[0].folder / "summary.json").read_text())["resumed_after_round"] == 20
+
+
+def test_store_copies_finished_runs_small_files_only(tmp_path):
+    from fedsim.cli import main
+
+    runs = load_sweep(_write(tmp_path, grid='seed = [0, 1]'))
+    for run, finished in zip(runs, [True, False]):
+        run.folder.mkdir(parents=True)
+        for name in ["config.json", "rounds.csv", "model.pt", "checkpoint.pt"] + (["summary.json"] if finished else []):
+            (run.folder / name).write_text(name)
+    dest = tmp_path / "stored"
+    assert main(["store", str(runs[0].folder.parent), str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == [runs[0].name]  # the unfinished run is left out
+    assert sorted(p.name for p in (dest / runs[0].name).iterdir()) == ["config.json", "rounds.csv", "summary.json"]
+    assert main(["store", str(runs[1].folder), str(tmp_path / "none")]) == 1
