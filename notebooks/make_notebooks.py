@@ -69,7 +69,8 @@ pd.DataFrame(cols).round(4)'''
         '''import matplotlib.pyplot as plt
 
 modes = sorted(df["batch-mode"].unique())
-fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3), sharey=True)
+fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3), sharey=True, squeeze=False)
+axes = axes[0]
 for ax, mode in zip(axes, modes):
     for strategy, style in [("sign-mv", "--"), ("llr-vote", "-")]:
         d = df[(df["batch-mode"] == mode) & (df["strategy"] == strategy)].dropna(subset=["test_accuracy"])
