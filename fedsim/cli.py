@@ -58,7 +58,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def default_results_dir(experiment: Path) -> Path:
-    return Path("runs") / f"{experiment.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A new folder ``runs/<experiment>-<date>-<time>[-k]``, created here so that two runs
+    started in the same second never share it."""
+    stem = Path("runs") / f"{experiment.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        folder = stem if k == 1 else stem.with_name(f"{stem.name}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new results folder next to {stem}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,7 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, value = parse_override(item)
         values[key] = value
-    results = Path(args.results_dir) if args.results_dir else default_results_dir(Path(args.experiment))
+    # --results-dir, else results-dir from --set or the experiment file, else a new folder
+    given = args.results_dir or values.get("results-dir")
+    results = Path(str(given)) if given else default_results_dir(Path(args.experiment))
     values["results-dir"] = str(results.resolve())
     cfg = RunConfig.from_mapping(values)
     t0 = time.perf_counter()

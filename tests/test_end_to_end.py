@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -81,6 +82,25 @@ def test_cli_reports_bad_config_clearly(tmp_path):
     )
     assert proc.returncode == 2
     assert "strategy='fedprox': choose one of" in proc.stderr
+
+
+def test_cli_results_dir_from_set_and_new_folders_never_shared(tmp_path, monkeypatch):
+    out = tmp_path / "seed=1,batch-mode=3"  # a sweep-style name: the comma must not split it
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "run", "experiments/quick.toml", "--set", "num-server-rounds=1",
+         "--set", f"results-dir={out}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "summary.json").exists()
+
+    from fedsim import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20260101-000000")  # two starts in one second
+    first, second = (cli.default_results_dir(Path("experiments/fv_mnist.toml")) for _ in range(2))
+    assert first == Path("runs/fv_mnist-20260101-000000") and second == Path("runs/fv_mnist-20260101-000000-2")
+    assert first.is_dir() and second.is_dir()
 
 
 def _write_small_cifar(root, n_train=40, n_test=20):
