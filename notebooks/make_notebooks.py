@@ -63,6 +63,8 @@ for metric in ("final_accuracy_mean", "tail_accuracy_mean"):
     wide = table.pivot(index="batch-mode", columns="strategy", values=metric)
     name = metric.split("_")[0]
     cols.update({f"{name} MV": wide["sign-mv"], f"{name} LLR": wide["llr-vote"], f"{name} LLR - MV": wide["llr-vote"] - wide["sign-mv"]})
+runs_per = table.pivot(index="batch-mode", columns="strategy", values="runs")
+cols["seeds MV / LLR"] = runs_per["sign-mv"].astype(str) + " / " + runs_per["llr-vote"].astype(str)
 pd.DataFrame(cols).round(4)'''
     ),
     new_code_cell(
