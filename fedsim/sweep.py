@@ -23,6 +23,12 @@ GPU): a worker claims a run by creating ``<run>/.claim`` (holding its host and P
 atomically before it starts, and the others skip a run whose claim belongs to a live
 process. A claim left by a dead process on this host is taken over; a claim from another
 host is respected (remove it by hand if that worker is gone).
+
+Overrides (``fedsim sweep --set key=value``) apply to every run; one on a grid key narrows
+the grid to that value, keeping the sweep's folder names, so that e.g.
+``--set seed=1 --set batch-mode=3`` runs (or reports) just those points of the sweep.
+The sweep's folder is ``--results-dir`` or the file's ``results-dir``, never a run-config
+override.
 """
 
 from __future__ import annotations
@@ -102,11 +108,20 @@ def load_sweep(path: str | Path, results_dir: str | Path | None = None, override
     if "base" not in spec:
         raise ConfigError(f"sweep file {path}: needs base = \"<experiment>.toml\"")
     base = read_experiment(path.parent / spec["base"])
-    fixed = {**base, **spec.get("set", {}), **(overrides or {})}
-    grid = spec.get("grid", {})
+    overrides = dict(overrides or {})
+    for where, keys in (("[set]", spec.get("set", {})), ("--set", overrides)):
+        if "results-dir" in keys:
+            raise ConfigError(
+                f"sweep file {path}: results-dir in {where} would be replaced by each run's folder; "
+                "give the sweep's folder as the top-level results-dir or with --results-dir"
+            )
+    grid = dict(spec.get("grid", {}))
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep file {path}: grid.{key} must be a non-empty list, got {values!r}")
+    for key in set(grid) & set(overrides):  # an override on a grid key narrows the grid to it
+        grid[key] = [overrides.pop(key)]
+    fixed = {**base, **spec.get("set", {}), **overrides}
     root = Path(results_dir or spec.get("results-dir") or Path("runs") / path.stem).resolve()
     runs = []
     for combo in itertools.product(*grid.values()) if grid else [()]:

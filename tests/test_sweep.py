@@ -31,6 +31,19 @@ def test_expansion_names_and_validation(tmp_path):
         load_sweep(_write(tmp_path, grid="seed = 3"))
 
 
+def test_overrides_narrow_grid_keys_and_results_dir_is_refused(tmp_path):
+    sweep = _write(tmp_path)
+    runs = load_sweep(sweep, overrides={"seed": 1, "lr": 0.5})
+    assert [r.name for r in runs] == ["strategy=sign-mv,seed=1", "strategy=llr-vote,seed=1"]
+    assert all(r.config.lr == 0.5 and r.config.seed == 1 for r in runs)
+    assert runs[0].folder == load_sweep(sweep)[1].folder  # the same run as in the whole sweep
+    with pytest.raises(ConfigError, match="results-dir in --set would be replaced"):
+        load_sweep(sweep, overrides={"results-dir": "elsewhere"})
+    sweep.write_text(sweep.read_text().replace("[set]\n", '[set]\nresults-dir = "x"\n'))
+    with pytest.raises(ConfigError, match=r"results-dir in \[set\]"):
+        load_sweep(sweep)
+
+
 def test_killed_sweep_resumes_where_it_stopped(tmp_path):
     sweep = _write(tmp_path, rounds=60)
     cmd = [sys.executable, "-m", "fedsim.cli", "sweep", str(sweep)]
