@@ -14,6 +14,7 @@ simulation runtime (Ray), starting and stopping a private SuperLink.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -77,11 +78,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, value = parse_override(item)
         values[key] = value
+    cfg = RunConfig.from_mapping(values)  # a bad config fails here, before any folder is made
     # --results-dir, else results-dir from --set or the experiment file, else a new folder
-    given = args.results_dir or values.get("results-dir")
-    results = Path(str(given)) if given else default_results_dir(Path(args.experiment))
-    values["results-dir"] = str(results.resolve())
-    cfg = RunConfig.from_mapping(values)
+    given = args.results_dir or cfg.results_dir
+    results = Path(given) if given else default_results_dir(Path(args.experiment))
+    cfg = dataclasses.replace(cfg, results_dir=str(results.resolve()))
     t0 = time.perf_counter()
     if args.engine == "flower":
         from fedsim.engine.flower_runtime import run_flower

@@ -76,12 +76,13 @@ def test_same_seed_same_metrics_and_cli_writes_results(tmp_path):
 
 def test_cli_reports_bad_config_clearly(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", "run", "experiments/quick.toml", "--set", "strategy='fedprox'",
-         "--results-dir", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "fedsim.cli", "run", str(Path("experiments/quick.toml").resolve()),
+         "--set", "strategy='fedprox'"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "strategy='fedprox': choose one of" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no empty results folder left behind
 
 
 def test_cli_results_dir_from_set_and_new_folders_never_shared(tmp_path, monkeypatch):
