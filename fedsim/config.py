@@ -50,6 +50,8 @@ class RunConfig:
     num_nodes: int = 10
     node_wait: float = 60.0
     stop_at_accuracy: float = 0.0
+    min_replies: int = 1
+    round_timeout: float = 3600.0
     results_dir: str = ""
 
     @classmethod

@@ -105,15 +105,20 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
 
     environment = environment_info()  # before any round: the code this process runs
     device = pick_device()
-    num_classes = device_dataset(cfg.dataset, cfg.data_dir, device)[4].num_classes
-    model = build_model(cfg.model_name, num_classes=num_classes, seed=cfg.seed)
+    splits = device_dataset(cfg.dataset, cfg.data_dir, device)[4]
+    model = build_model(cfg.model_name, num_classes=splits.num_classes, seed=cfg.seed)
     initial = ArrayRecord(model.state_dict())
     param_keys = [n for n, p in model.named_parameters() if p.requires_grad]
-    strategy = build_strategy(cfg, array_spec(initial), param_keys)
 
     nodes = wait_for_nodes(grid, cfg.num_nodes, cfg.node_wait)
     if len(nodes) != cfg.num_nodes:
         log(WARNING, "fedsim: num-nodes is %d but the federation has %d nodes; using %d", cfg.num_nodes, len(nodes), len(nodes))
+    # Replies may claim partition ids below max(num-nodes, connected nodes) and at most the
+    # training set's size as num-examples: a node cannot grow the server's state at will.
+    strategy = build_strategy(
+        cfg, array_spec(initial), param_keys,
+        num_partitions=max(cfg.num_nodes, len(nodes)), max_examples=len(splits.y_train),
+    )
     sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
     log(INFO, "fedsim: %s on %s (%s), %d nodes, batch sizes by partition %s", cfg.strategy, cfg.dataset, cfg.model_name, len(nodes), sizes)
 
@@ -134,7 +139,8 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     t0 = time.perf_counter()
     try:
         result = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, evaluate_fn=reporter, first_round=first_round
+            grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+            evaluate_fn=reporter, first_round=first_round,
         )
         final_arrays, stopped_at = result.arrays, None
     except _TargetReached as stop:

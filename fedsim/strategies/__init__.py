@@ -19,9 +19,19 @@ STRATEGY_CLASSES: dict[str, type[FedsimStrategy]] = {
 }
 
 
-def build_strategy(cfg: RunConfig, model_spec: ArraySpec, param_keys: Sequence[str]) -> FedsimStrategy:
-    """The strategy named by the run config's ``strategy`` key."""
-    common = dict(lr=cfg.lr, fraction_train=cfg.fraction_train, local_epochs=cfg.local_epochs, seed=cfg.seed)
+def build_strategy(
+    cfg: RunConfig,
+    model_spec: ArraySpec,
+    param_keys: Sequence[str],
+    num_partitions: int | None = None,
+    max_examples: int | None = None,
+) -> FedsimStrategy:
+    """The strategy named by the run config's ``strategy`` key. ``num_partitions`` and
+    ``max_examples`` bound what replies may claim (see FedsimStrategy)."""
+    common = dict(
+        lr=cfg.lr, fraction_train=cfg.fraction_train, local_epochs=cfg.local_epochs, seed=cfg.seed,
+        num_partitions=num_partitions, max_examples=max_examples, min_replies=cfg.min_replies,
+    )
     if cfg.strategy == "llr-vote":
         return LLRWeightedVote(
             model_spec, param_keys, eps=cfg.llr_eps, max_llr=cfg.llr_max,

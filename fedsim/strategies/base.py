@@ -62,9 +62,18 @@ class FedsimStrategy(Strategy):
         fraction_train: float = 1.0,
         local_epochs: int = 1,
         seed: int = 0,
+        num_partitions: int | None = None,
+        max_examples: int | None = None,
+        min_replies: int = 1,
     ) -> None:
+        """``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
+        ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
+        size; None: no cap); ``min_replies``: fewer valid replies than this in a round leave
+        the global model unchanged."""
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.model_spec = dict(model_spec)
         self.param_keys = list(param_keys)
         unknown = [k for k in self.param_keys if k not in self.model_spec]
@@ -73,6 +82,9 @@ class FedsimStrategy(Strategy):
         self.lr = lr
         self.fraction_train = fraction_train
         self.local_epochs = local_epochs
+        self.num_partitions = num_partitions
+        self.max_examples = max_examples
+        self.min_replies = min_replies
         # Float state that is not a trainable parameter (BatchNorm running statistics).
         self.buffer_spec = {
             k: v for k, v in self.model_spec.items() if k not in self.param_keys and np.issubdtype(v[1], np.floating)

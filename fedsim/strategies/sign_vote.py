@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from logging import INFO
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,15 +58,15 @@ class LLRWeightedVote(SignMajorityVote):
         model_spec: ArraySpec,
         param_keys: Sequence[str],
         lr: float,
-        fraction_train: float = 1.0,
-        local_epochs: int = 1,
-        seed: int = 0,
+        *,
         eps: float = 1e-5,
         max_llr: float = 10.0,
         warmup_rounds: int = 100,
         forgetting: float = 1.0,
+        **common: Any,
     ) -> None:
-        super().__init__(model_spec, param_keys, lr, fraction_train, local_epochs, seed)
+        """``common``: FedsimStrategy's options (fraction_train, seed, num_partitions, ...)."""
+        super().__init__(model_spec, param_keys, lr, **common)
         self.estimator = CrossProbabilityEstimator(
             self.num_params, eps=eps, max_llr=max_llr, warmup_rounds=warmup_rounds, forgetting=forgetting
         )
