@@ -4,9 +4,10 @@ Flower's ``Array.numpy()`` runs ``np.load``, which parses the ``.npy`` header wi
 ``ast.literal_eval`` for every array of every message; with small models and thousands
 of rounds that parsing is most of the framework's cost. The bytes here are exactly what
 ``np.save`` writes (numpy's public ``write_array_header_1_0``, cached per dtype and
-shape), so Flower reads them as usual; decoding takes the array from the end of the
-buffer by its declared dtype and shape and falls back to ``Array.numpy()`` for anything
-else (Fortran order, object dtypes, other serialisations).
+shape), so Flower reads them as usual. Decoding takes the fast path only when the bytes
+are exactly that header followed by exactly the declared dtype and shape's data; anything
+else (Fortran order, object dtypes, other serialisations, corrupt lengths) goes to
+``Array.numpy()``, or to ``decode_exact`` where the bytes come from an untrusted client.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import functools
 import io
 import math
+import operator
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
+_MAGIC = b"\x93NUMPY"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -27,6 +30,38 @@ def _header(dtype_str: str, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": dtype_str, "fortran_order": False, "shape": shape})
     return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(dtype_str: str, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int, ...], bytes, int, int] | None:
+    """(dtype, shape, header, element count, total length) of what ``to_flwr_array`` writes
+    for this declared dtype and shape; None where the fast path does not apply."""
+    try:
+        dtype = np.dtype(dtype_str)
+        shape = tuple(operator.index(d) for d in shape)
+        if dtype.hasobject or dtype.itemsize == 0 or any(d < 0 for d in shape):
+            return None
+        header = _header(np.lib.format.dtype_to_descr(dtype), shape)
+    except (TypeError, ValueError):
+        return None
+    count = math.prod(shape)
+    return dtype, shape, header, count, len(header) + dtype.itemsize * count
+
+
+def _fast_view(a: Array) -> np.ndarray | None:
+    """A read-only view of the data if ``a`` holds exactly the bytes ``to_flwr_array`` writes
+    for its declared dtype and shape (header byte for byte, data length exact), else None."""
+    try:
+        layout = _layout(a.dtype, tuple(a.shape))
+    except TypeError:  # an unhashable dtype or shape entry
+        return None
+    if layout is None or a.stype != NUMPY_STYPE:
+        return None
+    dtype, shape, header, count, size = layout
+    data = a.data
+    if len(data) != size or data[: len(header)] != header:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
 
 
 def to_flwr_array(x: np.ndarray) -> Array:
@@ -40,19 +75,45 @@ def to_flwr_array(x: np.ndarray) -> Array:
 
 def from_flwr_array(a: Array) -> np.ndarray:
     """Array -> numpy (read-only view of the message bytes on the fast path)."""
-    try:
-        dtype = np.dtype(a.dtype)
-        shape = tuple(int(d) for d in a.shape)
-    except (TypeError, ValueError):
-        return a.numpy()
-    nbytes = dtype.itemsize * math.prod(shape)
-    data = a.data
-    header_len = len(data) - nbytes
-    if a.stype != NUMPY_STYPE or dtype.hasobject or not 10 <= header_len <= 4096 or data[:6] != b"\x93NUMPY":
-        return a.numpy()
-    if b"'fortran_order': False" not in data[:header_len]:
-        return a.numpy()
-    return np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize if dtype.itemsize else 0, offset=header_len).reshape(shape)
+    view = _fast_view(a)
+    return a.numpy() if view is None else view
+
+
+def decode_exact(a: Array) -> np.ndarray:
+    """Array -> numpy for untrusted bytes; ValueError unless the ``.npy`` header's dtype and
+    shape equal the Array's declared ones and the data fills the rest of the bytes exactly.
+
+    Off the fast path the header is parsed and the length checked before any data is
+    read, so a header claiming a huge shape allocates nothing."""
+    view = _fast_view(a)
+    if view is not None:
+        return view
+    if a.stype != NUMPY_STYPE:
+        raise ValueError(f"stype is {a.stype!r}, expected {NUMPY_STYPE!r}")
+    data = bytes(a.data)
+    if data[:6] != _MAGIC:
+        raise ValueError("the bytes are not .npy (no magic string)")
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    declared_dtype, declared_shape = np.dtype(a.dtype), tuple(operator.index(d) for d in a.shape)
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise ValueError(f"dtype {dtype} cannot be decoded without pickle")
+    if dtype != declared_dtype or tuple(shape) != declared_shape:
+        raise ValueError(
+            f"the .npy header says dtype {dtype} and shape {tuple(shape)}, "
+            f"the Array declares dtype {declared_dtype} and shape {declared_shape}"
+        )
+    offset, count = f.tell(), math.prod(shape)
+    if len(data) != offset + dtype.itemsize * count:
+        raise ValueError(f"{len(data) - offset} data bytes, expected {dtype.itemsize * count} for dtype {dtype} and shape {tuple(shape)}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -18,13 +18,14 @@ gradient, and the server takes their example-weighted mean. Models without Batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedsim.arrays import from_flwr_array
+from fedsim.arrays import decode_exact
 
 TASK_LOCAL_EPOCHS = "local-epochs"
 TASK_GRADIENT = "gradient"
@@ -59,8 +60,17 @@ def content_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def reply_metrics(msg: Message) -> ReplyMetrics:
-    """The reply's MetricRecord, checked: n_k > 0, finite loss, partition id >= 0."""
+# No minibatch has more rows than an int32 index can count; larger batch sizes are absurd.
+MAX_BATCH_SIZE = 2**31 - 1
+# Weights are computed in float64: larger example counts would not even be exact there.
+MAX_NUM_EXAMPLES = 2**53
+
+
+def reply_metrics(msg: Message, *, num_partitions: int | None = None, max_examples: int | None = None) -> ReplyMetrics:
+    """The reply's MetricRecord, type- and range-checked: ``num-examples`` an integer in
+    [1, max_examples], ``train-loss`` a finite number, ``partition-id`` an integer in
+    [0, num_partitions), ``batch-size`` (default 0) an integer in [0, MAX_BATCH_SIZE].
+    ``max_examples`` None: at most MAX_NUM_EXAMPLES; ``num_partitions`` None: any id >= 0."""
     if msg.has_error():
         raise BadReply(f"client error: {msg.error.reason}")
     content = msg.content
@@ -68,19 +78,32 @@ def reply_metrics(msg: Message) -> ReplyMetrics:
     if not isinstance(m, MetricRecord):
         raise BadReply(f"missing MetricRecord {METRICS!r} (has {sorted(content.keys())})")
     try:
-        n = m["num-examples"]
-        loss = m["train-loss"]
-        pid = m["partition-id"]
+        n, loss, pid = m["num-examples"], m["train-loss"], m["partition-id"]
     except KeyError as err:
         raise BadReply(f"MetricRecord {METRICS!r} lacks {err.args[0]!r}") from None
-    if isinstance(n, list) or not n > 0 or (isinstance(n, float) and not n.is_integer()):
-        raise BadReply(f"num-examples must be a positive integer, got {n!r}")
-    if isinstance(loss, list) or not np.isfinite(loss):
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
         raise BadReply(f"train-loss must be a finite number, got {loss!r}")
-    if isinstance(pid, list) or not pid >= 0 or (isinstance(pid, float) and not pid.is_integer()):
-        raise BadReply(f"partition-id must be an integer >= 0, got {pid!r}")
-    bs = m.get("batch-size", 0)
-    return ReplyMetrics(int(n), float(loss), int(pid), int(bs))  # type: ignore[arg-type]
+    examples_cap = (MAX_NUM_EXAMPLES, "exact in float64") if max_examples is None else (max_examples, f"max-examples={max_examples}")
+    pid_cap = (None, "") if num_partitions is None else (num_partitions - 1, f"num-partitions={num_partitions}")
+    return ReplyMetrics(
+        num_examples=_int_metric("num-examples", n, 1, *examples_cap),
+        train_loss=float(loss),
+        partition_id=_int_metric("partition-id", pid, 0, *pid_cap),
+        batch_size=_int_metric("batch-size", m.get("batch-size", 0), 0, MAX_BATCH_SIZE, "an int32 row count"),
+    )
+
+
+def _int_metric(key: str, value: object, low: int, high: int | None, bound: str) -> int:
+    """``value`` as an int with low <= value <= high (high None: no upper bound; ``bound``
+    says where high comes from); an int or an integral float (Flower sends whole numbers
+    as either), never a bool or a list."""
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # NaN, inf: not integral
+    if isinstance(value, bool) or not integral:
+        raise BadReply(f"{key} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):  # type: ignore[operator]
+        upper = "" if high is None else f" <= {high} ({bound})"
+        raise BadReply(f"{key}={value!r} is out of range: must be >= {low}{upper}")
+    return int(value)  # type: ignore[arg-type]
 
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
@@ -93,8 +116,9 @@ def array_spec(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype
 
 def checked_arrays(msg: Message, name: str, spec: ArraySpec) -> dict[str, np.ndarray]:
     """ArrayRecord ``name`` decoded to numpy and checked against ``spec`` (key -> shape, dtype):
-    the same keys and shapes; a float entry must be float and finite, any other entry must
-    have exactly the expected dtype."""
+    the same keys and shapes; a float entry must be float, is cast to the spec's dtype and
+    must be finite after the cast (what is checked is what is returned and used); any other
+    entry must have exactly the expected dtype."""
     record = _array_record(msg, name)
     if record is None:
         raise BadReply(f"missing ArrayRecord {name!r} (has {sorted(msg.content.keys())})")
@@ -110,8 +134,10 @@ def checked_arrays(msg: Message, name: str, spec: ArraySpec) -> dict[str, np.nda
         if np.issubdtype(dtype, np.floating):
             if not np.issubdtype(arr.dtype, np.floating):
                 raise BadReply(f"{name}[{key!r}] has dtype {arr.dtype}, expected a float dtype")
+            with np.errstate(over="ignore"):  # a float64 1e300 becomes inf in float32: caught just below
+                arr = arr.astype(dtype, copy=False)
             if not np.isfinite(arr).all():
-                raise BadReply(f"{name}[{key!r}] holds NaN or infinite values")
+                raise BadReply(f"{name}[{key!r}] holds NaN or infinite values as {np.dtype(dtype)}")
         elif arr.dtype != dtype:
             raise BadReply(f"{name}[{key!r}] has dtype {arr.dtype}, expected {dtype}")
         out[key] = arr
@@ -139,7 +165,8 @@ def _array_record(msg: Message, name: str) -> ArrayRecord | None:
 
 
 def _to_numpy(array: Array, what: str) -> np.ndarray:
+    """The array, decoded byte-exactly (fedsim.arrays.decode_exact), or BadReply."""
     try:
-        return from_flwr_array(array)
+        return decode_exact(array)
     except Exception as err:  # a corrupt payload must not crash the round
         raise BadReply(f"{what} cannot be decoded: {err}") from None
