@@ -96,6 +96,8 @@ class FedsimStrategy(Strategy):
         self.last_metrics: MetricRecord | None = None
         # partition id -> batch size its replies report (a deployed node's own config may set it)
         self.reported_batch_sizes: dict[int, int] = {}
+        # partition id -> num-examples of its first used reply; later replies must repeat it
+        self.pinned_num_examples: dict[int, int] = {}
 
     # --- Flower Strategy interface ------------------------------------------------------
 
@@ -143,12 +145,18 @@ class FedsimStrategy(Strategy):
         """What a checkpoint needs to continue this strategy exactly: the node-sampling RNG
         and what clients reported (lists, dicts, ints: readable with weights_only=True)."""
         version, internal, gauss = self._rng.getstate()
-        return {"rng": [version, list(internal), gauss], "reported_batch_sizes": dict(self.reported_batch_sizes)}
+        return {
+            "rng": [version, list(internal), gauss],
+            "reported_batch_sizes": dict(self.reported_batch_sizes),
+            "num_examples": dict(self.pinned_num_examples),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self.reported_batch_sizes = {int(k): int(v) for k, v in state["reported_batch_sizes"].items()}
+        # checkpoints written before num-examples was pinned lack the key: pins start afresh
+        self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedsim %s: task %r, lr %g, fraction-train %g", type(self).__name__, self.task, self.lr, self.fraction_train)
@@ -176,24 +184,26 @@ class FedsimStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check each reply, drop and log the bad ones, apply the good ones."""
-        good: list[Reply] = []
+        """Check each reply, drop and log the bad ones, and apply the good ones if there are
+        at least ``min_replies`` of them (else the global model is unchanged: None)."""
+        checked: list[Reply] = []
         bytes_up = 0
         received = 0
         for msg in replies:
             received += 1
             node = msg.metadata.src_node_id
-            if not msg.has_error():
-                bytes_up += content_bytes(msg.content)
             try:
-                metrics = reply_metrics(msg)
-                payload = self.parse(msg)
-                buffers = checked_arrays(msg, BUFFERS, self.buffer_spec) if self._sends_buffers else None
-                good.append(Reply(node, metrics, payload, buffers))
+                if not msg.has_error():
+                    bytes_up += content_bytes(msg.content)
+                checked.append(self._check(msg, node))
             except BadReply as err:
-                log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, err)
-        good.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
-        good = self._one_per_partition(server_round, good)
+                self._reject(server_round, node, str(err))
+            except Exception as err:  # a bug or an odd record type rejects this reply, not the run
+                self._reject(server_round, node, f"{type(err).__name__}: {err}")
+        checked.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
+        good = self._same_num_examples(server_round, self._one_per_partition(server_round, checked))
+        # ``good`` is final here: only replies that passed every check pin or report anything
+        self.pinned_num_examples.update({r.metrics.partition_id: r.metrics.num_examples for r in good})
         self.reported_batch_sizes.update({r.metrics.partition_id: r.metrics.batch_size for r in good})
         metrics = MetricRecord(
             {
@@ -201,33 +211,63 @@ class FedsimStrategy(Strategy):
                 "rejected": received - len(good),
                 "bytes-up": bytes_up,
                 "bytes-down": self._bytes_down,
+                "updated": 0,
             }
         )
         self.last_metrics = metrics
-        if not good:
-            log(WARNING, "round %d: no usable reply; the global model is unchanged", server_round)
-            return None, metrics
         weights = [r.metrics.num_examples for r in good]
-        metrics["train-loss"] = float(np.average([r.metrics.train_loss for r in good], weights=weights))
+        if good:
+            metrics["train-loss"] = float(np.average([r.metrics.train_loss for r in good], weights=weights))
+        if len(good) < self.min_replies:
+            log(
+                WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the global model is unchanged",
+                server_round, len(good), self.min_replies,
+            )
+            return None, metrics
         assert self._global is not None
         new = self.apply(server_round, self._global, good)
         if self._sends_buffers:
             for key in self.buffer_spec:
                 mean = weighted_mean([torch.from_numpy(r.buffers[key].copy()) for r in good], weights)
                 new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
+        metrics["updated"] = 1
         return new, metrics
 
+    def _check(self, msg: Message, node: int) -> Reply:
+        """One reply's metrics and payload, checked (BadReply if unusable)."""
+        metrics = reply_metrics(msg, num_partitions=self.num_partitions, max_examples=self.max_examples)
+        payload = self.parse(msg)
+        buffers = checked_arrays(msg, BUFFERS, self.buffer_spec) if self._sends_buffers else None
+        return Reply(node, metrics, payload, buffers)
+
     @staticmethod
-    def _one_per_partition(server_round: int, replies: list[Reply]) -> list[Reply]:
+    def _reject(server_round: int, node: int, reason: str) -> None:
+        log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
+
+    def _one_per_partition(self, server_round: int, replies: list[Reply]) -> list[Reply]:
         """Keep the first reply per partition id (replies are sorted): two nodes holding one
         partition is a deployment mistake, and its data must not count twice."""
         out: list[Reply] = []
         for r in replies:
             if out and out[-1].metrics.partition_id == r.metrics.partition_id:
-                log(
-                    WARNING, "round %d: rejected the reply of node %d: partition-id %d already replied this round "
-                    "(node %d); give each SuperNode its own partition-id", server_round, r.node_id,
-                    r.metrics.partition_id, out[-1].node_id,
+                self._reject(
+                    server_round, r.node_id, f"partition-id {r.metrics.partition_id} already replied this round "
+                    f"(node {out[-1].node_id}); give each SuperNode its own partition-id",
+                )
+                continue
+            out.append(r)
+        return out
+
+    def _same_num_examples(self, server_round: int, replies: list[Reply]) -> list[Reply]:
+        """Drop replies whose num-examples differs from the one pinned for their partition by
+        its first used reply: a local set does not change size within a run."""
+        out: list[Reply] = []
+        for r in replies:
+            pinned = self.pinned_num_examples.get(r.metrics.partition_id, r.metrics.num_examples)
+            if pinned != r.metrics.num_examples:
+                self._reject(
+                    server_round, r.node_id, f"num-examples={r.metrics.num_examples} differs from the "
+                    f"{pinned} partition-id {r.metrics.partition_id} reported before; a local set does not change size",
                 )
                 continue
             out.append(r)

@@ -68,7 +68,8 @@ class LLRWeightedVote(SignMajorityVote):
         """``common``: FedsimStrategy's options (fraction_train, seed, num_partitions, ...)."""
         super().__init__(model_spec, param_keys, lr, **common)
         self.estimator = CrossProbabilityEstimator(
-            self.num_params, eps=eps, max_llr=max_llr, warmup_rounds=warmup_rounds, forgetting=forgetting
+            self.num_params, eps=eps, max_llr=max_llr, warmup_rounds=warmup_rounds, forgetting=forgetting,
+            max_clients=self.num_partitions,
         )
 
     def summary(self) -> None:

@@ -64,7 +64,8 @@ class CrossProbabilityEstimator:
       ``forgetting`` (1.0 = keep all history), so its history decays per participation.
 
     Memory: one float32 agreement count per (client, coordinate) (4 bytes) and one
-    float64 round count per client.
+    float64 round count per client; ``max_clients`` (None: unbounded) caps the clients,
+    and a new client beyond it raises ValueError.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class CrossProbabilityEstimator:
         forgetting: float = 1.0,
         prior_weight: float = 1.0,
         device: torch.device | str = "cpu",
+        max_clients: int | None = None,
     ) -> None:
         if num_coordinates < 1:
             raise ValueError(f"num_coordinates must be >= 1, got {num_coordinates}")
@@ -83,12 +85,15 @@ class CrossProbabilityEstimator:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         if eps <= 0 or max_llr <= 0 or warmup_rounds < 0:
             raise ValueError("eps and max_llr must be > 0 and warmup_rounds >= 0")
+        if max_clients is not None and max_clients < 1:
+            raise ValueError(f"max_clients must be >= 1 or None, got {max_clients}")
         self.num_coordinates = num_coordinates
         self.eps = eps
         self.max_llr = max_llr
         self.warmup_rounds = warmup_rounds
         self.forgetting = forgetting
         self.prior_weight = prior_weight
+        self.max_clients = max_clients
         self.device = torch.device(device)
         self.rounds_seen = 0
         self._rows: dict[Hashable, int] = {}
@@ -191,6 +196,11 @@ class CrossProbabilityEstimator:
     def _row_indices(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """Rows of the count tables; a client seen for the first time gets zero counts."""
         new = [c for c in dict.fromkeys(client_ids) if c not in self._rows]
+        if new and self.max_clients is not None and len(self._rows) + len(new) > self.max_clients:
+            raise ValueError(
+                f"{len(new)} new clients would make {len(self._rows) + len(new)} with counts, "
+                f"more than max_clients={self.max_clients}"
+            )
         if new:
             for c in new:
                 self._rows[c] = len(self._rows)
