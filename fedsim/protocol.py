@@ -19,7 +19,7 @@ gradient, and the server takes their example-weighted mean. Models without Batch
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,8 @@ BUFFERS = "buffers"
 PACKED = "packed"
 CONFIG = "config"
 METRICS = "metrics"
+# task -> the ArrayRecord its reply carries
+PAYLOAD_RECORD = {TASK_LOCAL_EPOCHS: ARRAYS, TASK_GRADIENT: GRADS, TASK_SIGN: SIGNS}
 
 
 class BadReply(ValueError):
@@ -104,6 +106,14 @@ def _int_metric(key: str, value: object, low: int, high: int | None, bound: str)
         upper = "" if high is None else f" <= {high} ({bound})"
         raise BadReply(f"{key}={value!r} is out of range: must be >= {low}{upper}")
     return int(value)  # type: ignore[arg-type]
+
+
+def no_extra_records(msg: Message, expected: Collection[str]) -> None:
+    """BadReply if the reply carries a record other than ``expected`` (a record the server
+    would silently ignore, e.g. another task's payload, means the client is confused)."""
+    extra = sorted(set(msg.content.keys()) - set(expected))
+    if extra:
+        raise BadReply(f"unexpected records {extra} (expected only {sorted(expected)})")
 
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], np.dtype]]

@@ -28,12 +28,15 @@ from fedsim.protocol import (
     ARRAYS,
     BUFFERS,
     CONFIG,
+    METRICS,
+    PAYLOAD_RECORD,
     TASK_LOCAL_EPOCHS,
     ArraySpec,
     BadReply,
     ReplyMetrics,
     checked_arrays,
     content_bytes,
+    no_extra_records,
     reply_metrics,
 )
 from fedsim.strategies.aggregate import weighted_mean
@@ -238,6 +241,7 @@ class FedsimStrategy(Strategy):
         metrics = reply_metrics(msg, num_partitions=self.num_partitions, max_examples=self.max_examples)
         payload = self.parse(msg)
         buffers = checked_arrays(msg, BUFFERS, self.buffer_spec) if self._sends_buffers else None
+        no_extra_records(msg, (METRICS, PAYLOAD_RECORD[self.task], *([BUFFERS] if self._sends_buffers else [])))
         return Reply(node, metrics, payload, buffers)
 
     @staticmethod
