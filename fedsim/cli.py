@@ -16,46 +16,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from fedsim.config import ConfigError, RunConfig
-
-
-def read_experiment(path: str | Path) -> dict[str, Any]:
-    """A run-config TOML as a flat dict (nested tables are flattened with dots, as Flower does)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"experiment file {path} does not exist")
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    return _flatten(data)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value``: the value is read as a TOML value (``0.1``, ``true``, ``"x"``), else a string."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
+from fedsim.data.errors import DataError
+from fedsim.errors import RunFailed
+from fedsim.validation import check_experiment
 
 
 def default_results_dir(experiment: Path) -> Path:
@@ -78,24 +50,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, value = parse_override(item)
         values[key] = value
-    cfg = RunConfig.from_mapping(values)  # a bad config fails here, before any folder is made
+    cfg = RunConfig.from_mapping(values)  # a bad config fails here or in the next line, before any folder is made
+    check_experiment(cfg)
     # --results-dir, else results-dir from --set or the experiment file, else a new folder
     given = args.results_dir or cfg.results_dir
+    if given and Path(given).exists() and not Path(given).is_dir():
+        raise ConfigError(f"results folder {given} is a file; give a folder (new or a run's) with --results-dir")
     results = Path(given) if given else default_results_dir(Path(args.experiment))
     cfg = dataclasses.replace(cfg, results_dir=str(results.resolve()))
     t0 = time.perf_counter()
-    if args.engine == "flower":
-        from fedsim.engine.flower_runtime import run_flower
-
-        out = run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
-    else:
-        out = _run_inprocess_with_progress(cfg, args.workers)
+    out = _execute(cfg, args)
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
         f"after {summary['rounds']} rounds ({time.perf_counter() - t0:.1f} s); results in {out}"
     )
     return 0
+
+
+def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
+    """Run ``cfg`` (results-dir set) on the engine ``args`` name; its results folder.
+    Raises RunFailed when the run ended without a usable result (summary.json says why)."""
+    if args.engine == "flower":
+        from fedsim.engine.flower_runtime import run_flower
+
+        out = run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
+    else:
+        out = _run_inprocess_with_progress(cfg, args.workers)
+    failed = json.loads((out / "summary.json").read_text()).get("failed")
+    if failed:  # the in-process engine raises this itself; Flower's runtime only logs it
+        raise RunFailed(f"{failed}; results in {out}")
+    return out
 
 
 def _run_inprocess_with_progress(cfg: RunConfig, workers: int | None) -> Path:
@@ -126,12 +111,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{run.status():8s} {run.folder}")
         return 0
 
-    def execute(cfg: RunConfig) -> Path:
-        if args.engine == "flower":
-            from fedsim.engine.flower_runtime import run_flower
+    failed: list[str] = []
 
-            return run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
-        return _run_inprocess_with_progress(cfg, args.workers)
+    def execute(cfg: RunConfig) -> Path:
+        try:
+            return _execute(cfg, args)
+        except RunFailed as err:  # reported, and the sweep goes on with its other runs
+            print(f"fedsim: run failed: {err}", file=sys.stderr)
+            failed.append(Path(cfg.results_dir).name)
+            return Path(cfg.results_dir)
 
     results = [what for _, what in run_sweep(runs, execute)]
     busy = f", {results.count('busy')} left to other workers" if "busy" in results else ""
@@ -139,6 +127,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"fedsim: sweep of {len(runs)} runs: {results.count('ran')} ran, {results.count('skipped')} already done{busy}; "
         f"results in {runs[0].folder.parent}"
     )
+    if failed:
+        raise RunFailed(f"{len(failed)} run(s) of the sweep learned nothing: {', '.join(failed)} (see their summary.json)")
     return 0
 
 
@@ -158,14 +148,39 @@ def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
     parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     parser.add_argument("--results-dir", help=results_help)
-    parser.add_argument("--workers", type=int, help="inprocess engine: clients run on this many threads (default 1; same results)")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="flower engine: Ray CPUs per client")
-    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="flower engine: Ray GPU share per client")
+    parser.add_argument("--workers", type=_number(int, 1), help="inprocess engine: clients run on this many threads (default 1; same results)")
+    parser.add_argument("--cpus-per-client", type=_number(float, 0.0, strict=True), default=1.0, help="flower engine: Ray CPUs per client (> 0)")
+    parser.add_argument("--gpus-per-client", type=_number(float, 0.0), default=0.0, help="flower engine: Ray GPU share per client (>= 0)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also FEDSIM_DEBUG=1)")
+
+
+def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` >= ``low`` (> ``low`` if ``strict``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'>' if strict else '>='} {low:g}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fedsim: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedsim: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Run the command; a mistake in the user's input is one line on stderr and exit code 2,
+    a run that learned nothing exit code 1; tracebacks only with --debug or FEDSIM_DEBUG=1."""
+    parser = _Parser(prog="fedsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run an experiment TOML")
     run.add_argument("experiment", help="a Flower run-config TOML, e.g. experiments/quick.toml")
     _engine_options(run, results_help="where the run's folder goes (default runs/<experiment>-<time>)")
@@ -180,11 +195,29 @@ def main(argv: list[str] | None = None) -> int:
     store.add_argument("dest", help="where the copies go")
     store.set_defaults(func=cmd_store)
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("FEDSIM_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args))
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
+        if debug:
+            raise
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        if debug:
+            raise
+        print(f"fedsim: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedsim: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug or an environment problem: one line, the traceback on request
+        if debug:
+            raise
+        print(
+            f"fedsim: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

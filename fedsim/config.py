@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import tomllib
+from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from fedsim.errors import ConfigError
 
 STRATEGIES = ("fedsgd", "fedavg", "sign-mv", "llr-vote")
 DEFAULT_MODELS = {
@@ -19,10 +24,12 @@ DEFAULT_MODELS = {
     "fashion-mnist": "mnist-cnn",
     "cifar10": "resnet20",
 }
+MAX_SEED = 2**32 - 1  # flwr-datasets/datasets shuffles take 32-bit seeds
 
-
-class ConfigError(ValueError):
-    """A run-config value is missing or invalid; the message says which and what to do."""
+__all__ = [
+    "ConfigError", "RunConfig", "same_experiment", "read_toml", "read_experiment", "parse_override",
+    "STRATEGIES", "DEFAULT_MODELS", "MAX_SEED",
+]
 
 
 @dataclass(frozen=True)
@@ -86,28 +93,50 @@ class RunConfig:
         return DEFAULT_MODELS.get(self.dataset, "") if self.model == "auto" else self.model
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first invalid value."""
+        """Raise ConfigError naming the first invalid value. Checks that need no data; the
+        ones against the dataset (sizes, classes, files) are fedsim.validation's."""
+        from fedsim.data.load import DATASETS
+        from fedsim.models import MODELS
+        from fedsim.partitions import PartitionSpec
+
+        per_round = max(1, int(round(self.fraction_train * self.num_nodes))) if math.isfinite(self.fraction_train) else 1
         checks = [
             (self.strategy in STRATEGIES, f"strategy={self.strategy!r}: choose one of {list(STRATEGIES)}"),
+            (self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {list(DATASETS)}"),
+            (self.model == "auto" or self.model in MODELS, f"model={self.model!r}: choose 'auto' or one of {sorted(MODELS)}"),
+            (0 <= self.seed <= MAX_SEED, f"seed={self.seed}: must be an integer in 0..{MAX_SEED}"),
             (self.num_nodes >= 1, f"num-nodes={self.num_nodes}: must be >= 1"),
-            (self.node_wait >= 0, f"node-wait={self.node_wait}: must be >= 0 seconds"),
+            (_finite(self.node_wait) and self.node_wait >= 0, f"node-wait={self.node_wait}: must be a finite number of seconds >= 0"),
             (self.num_server_rounds >= 1, f"num-server-rounds={self.num_server_rounds}: must be >= 1"),
             (0.0 < self.fraction_train <= 1.0, f"fraction-train={self.fraction_train}: must be in (0, 1]"),
             (self.local_epochs >= 1, f"local-epochs={self.local_epochs}: must be >= 1"),
             (self.batch_size >= 0, f"batch-size={self.batch_size}: must be >= 0 (0 = the whole local set)"),
             (self.batch_mode in (0, 1, 2, 3, 4), f"batch-mode={self.batch_mode}: must be 0 (off) or 1-4"),
-            (self.lr > 0, f"lr={self.lr}: must be > 0"),
+            (self.batch_mode < 2 or self.num_nodes >= 2, f"batch-mode={self.batch_mode} mixes small and large batches: it needs num-nodes >= 2, got {self.num_nodes}"),
+            (_finite(self.lr) and self.lr > 0, f"lr={self.lr}: must be a finite number > 0"),
             (self.eval_every >= 1, f"eval-every={self.eval_every}: must be >= 1"),
             (0.0 <= self.stop_at_accuracy <= 1.0, f"stop-at-accuracy={self.stop_at_accuracy}: must be in [0, 1] (0 = off)"),
             (0.0 < self.llr_forgetting <= 1.0, f"llr-forgetting={self.llr_forgetting}: must be in (0, 1]"),
             (self.llr_warmup >= 0, f"llr-warmup={self.llr_warmup}: must be >= 0"),
-            (self.llr_eps > 0 and self.llr_max > 0, "llr-eps and llr-max must be > 0"),
-            (bool(self.model_name), f"model='auto' has no default for dataset={self.dataset!r}; set model"),
+            (0.0 < self.llr_eps < 0.5, f"llr-eps={self.llr_eps}: must be in (0, 0.5) (it smooths agreement rates in [0, 1])"),
+            (_finite(self.llr_max) and self.llr_max > 0, f"llr-max={self.llr_max}: must be a finite number > 0"),
+            (self.min_replies >= 1, f"min-replies={self.min_replies}: must be >= 1"),
+            (self.min_replies <= per_round, f"min-replies={self.min_replies}: only {per_round} clients are sampled per round "
+             f"(num-nodes={self.num_nodes}, fraction-train={self.fraction_train}); use min-replies <= {per_round}"),
+            (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:
+            PartitionSpec.parse(self.partitioning)
+            if self.batch_sizes:
+                from fedsim.clients.batch_sizes import parse_batch_sizes
+
+                parse_batch_sizes(self.batch_sizes, self.num_nodes)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
@@ -122,9 +151,60 @@ def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
     return old == new
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file (and the line) when it is
+    missing, not a file, unreadable or not valid TOML."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a file; give the path of a .toml file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err}") from None
+
+
+def read_experiment(path: str | Path) -> dict[str, Any]:
+    """A run-config TOML as a flat dict (nested tables are flattened with dots, as Flower does)."""
+    return _flatten(read_toml(path, "experiment file"))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value``: the value is read as a TOML value (``0.1``, ``true``, ``"x"``), else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set lr=0.01")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key is empty; expected key=value, e.g. --set lr=0.01")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
     return RunConfig.from_mapping(dict(items))
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,15 @@ from fedsim.checkpoint import load_checkpoint, save_checkpoint
 from fedsim.clients.batch_sizes import client_batch_sizes
 from fedsim.clients.setup import device_dataset, input_transforms, pick_device
 from fedsim.clients.tasks import evaluate
-from fedsim.config import RunConfig
+from fedsim.config import ConfigError, RunConfig
+from fedsim.data.errors import DataError
+from fedsim.errors import RunFailed
 from fedsim.partitions import format_label_counts
 from fedsim.protocol import array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.strategies import FedsimStrategy, build_strategy
 from fedsim.strategies.model_vector import load_into
+from fedsim.validation import check_experiment
 
 app = ServerApp()
 
@@ -103,6 +106,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     engine = getattr(grid, "engine_name", "flower")
     from fedsim.models import build_model
 
+    check_experiment(cfg)  # before waiting for nodes or touching the results folder
     environment = environment_info()  # before any round: the code this process runs
     device = pick_device()
     splits = device_dataset(cfg.dataset, cfg.data_dir, device)[4]
@@ -113,6 +117,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     nodes = wait_for_nodes(grid, cfg.num_nodes, cfg.node_wait)
     if len(nodes) != cfg.num_nodes:
         log(WARNING, "fedsim: num-nodes is %d but the federation has %d nodes; using %d", cfg.num_nodes, len(nodes), len(nodes))
+        check_experiment(cfg, num_nodes=len(nodes))
     # Replies may claim partition ids below max(num-nodes, connected nodes) and at most the
     # training set's size as num-examples: a node cannot grow the server's state at will.
     strategy = build_strategy(
@@ -196,5 +201,9 @@ def _label_counts(cfg: RunConfig, num_clients: int) -> np.ndarray:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower entry point (``flwr run .``)."""
-    run_experiment(grid, RunConfig.from_mapping(context.run_config))
+    """Flower entry point (``flwr run .``). A bad run config (or a run that learned
+    nothing) is one ERROR line, not a traceback; the run then ends without training."""
+    try:
+        run_experiment(grid, RunConfig.from_mapping(context.run_config))
+    except (ConfigError, DataError, RunFailed) as err:
+        log(ERROR, "fedsim: error: %s", err)

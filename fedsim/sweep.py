@@ -40,14 +40,14 @@ import re
 import socket
 import time
 import shutil
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsim.checkpoint import CHECKPOINT
-from fedsim.config import ConfigError, RunConfig, same_experiment
+from fedsim.config import ConfigError, RunConfig, read_experiment, read_toml, same_experiment
+from fedsim.validation import check_experiment
 
 
 @dataclass(frozen=True)
@@ -94,19 +94,20 @@ def run_name(point: dict[str, Any]) -> str:
 
 
 def load_sweep(path: str | Path, results_dir: str | Path | None = None, overrides: dict[str, Any] | None = None) -> list[SweepRun]:
-    """Expand a sweep file into its runs (validated up front: a bad point fails before any run)."""
-    from fedsim.cli import read_experiment
-
+    """Expand a sweep file into its runs, every point validated against its data up front:
+    a bad point fails before any run starts."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file {path} does not exist")
-    with open(path, "rb") as f:
-        spec = tomllib.load(f)
+    spec = read_toml(path, "sweep file")
     unknown = sorted(set(spec) - {"base", "results-dir", "set", "grid"})
     if unknown:
         raise ConfigError(f"sweep file {path}: unknown top-level key(s) {unknown}; expected base, results-dir, [set], [grid]")
-    if "base" not in spec:
-        raise ConfigError(f"sweep file {path}: needs base = \"<experiment>.toml\"")
+    if not isinstance(spec.get("base"), str):
+        raise ConfigError(f"sweep file {path}: needs base = \"<experiment>.toml\" (a path relative to the sweep file)")
+    for table in ("set", "grid"):
+        if not isinstance(spec.get(table, {}), dict):
+            raise ConfigError(f"sweep file {path}: {table} must be a table ([{table}] with key = value lines)")
+    if not isinstance(spec.get("results-dir", ""), str):
+        raise ConfigError(f"sweep file {path}: results-dir must be a string (a folder)")
     base = read_experiment(path.parent / spec["base"])
     overrides = dict(overrides or {})
     for where, keys in (("[set]", spec.get("set", {})), ("--set", overrides)):
@@ -129,6 +130,7 @@ def load_sweep(path: str | Path, results_dir: str | Path | None = None, override
         folder = root / run_name(point)
         try:
             cfg = RunConfig.from_mapping({**fixed, **point, "results-dir": str(folder)})
+            check_experiment(cfg)  # every point against its data, before the first run starts
         except ConfigError as err:
             raise ConfigError(f"sweep point {run_name(point)}: {err}") from None
         runs.append(SweepRun(point, folder, cfg))

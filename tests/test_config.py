@@ -26,7 +26,7 @@ def test_pyproject_defaults_are_the_runconfig_defaults():
         ({"batch-mode": 7}, "batch-mode=7"),
         ({"no-such-key": 1}, "unknown run-config key"),
         ({"num-server-rounds": "ten"}, "expected int"),
-        ({"dataset": "imagenet"}, "model='auto' has no default"),
+        ({"dataset": "imagenet"}, "dataset='imagenet'"),
         ({"batch-mode": 2, "batch-sizes": "4,4"}, "not both"),
     ],
 )
