@@ -140,6 +140,7 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["run", QUICK, "--set", 'dataset="mnist"', "--set", 'model="auto"', "--set", f'data-dir="{tmp_path / "empty"}"'], "mnist"),
         (["run", QUICK, "--set", 'dataset="mnist"', "--set", f'data-dir="{corrupt}"'], "is not a valid gzip file"),
         (["run", QUICK, "--results-dir", str(tmp_path / "afile")], "is a file"),
+        (["run", QUICK, "--engine", "flower", "--set", 'partitioning="labels:11"'], "only 10"),  # before Flower starts
         (["run", QUICK, "--workers", "0"], "--workers"),
         (["run", QUICK, "--workers", "two"], "--workers"),
         (["run", QUICK, "--engine", "ray"], "--engine"),

@@ -56,6 +56,26 @@ def test_readme_quickstart_flwr_run_on_embedded_default(flwr_home):
     assert superlinks, "expected flwr run to have started a SuperLink under our FLWR_HOME"
 
 
+def test_flwr_run_with_a_bad_run_config_logs_one_error_line_and_no_traceback(flwr_home):
+    """The ServerApp checks the run config (against the data too) before anything else."""
+    env = flower_env(flwr_home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    cmd = [
+        "flwr", "run", ".", "--stream", "--run-config", "partitioning='labels:11' num-server-rounds=2",
+        "--federation-config", "num-supernodes=4 client-resources-num-cpus=1",
+    ]
+    try:
+        out = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop_stragglers(flwr_home)
+    text = out.stdout + out.stderr
+    (flwr_home / "flwr-run.log").write_text(text)
+    errors = [line for line in text.splitlines() if "fedsim: error:" in line]
+    assert len(errors) == 1 and "labels:11 asks for 11 labels per client but the data has only 10" in errors[0], text[-3000:]
+    assert "Traceback" not in text and "fedsim round" not in text, text[-3000:]
+
+
 @pytest.mark.parametrize(
     "strategy, lr",
     [("fedavg", 0.1), ("fedsgd", 0.5), ("sign-mv", 0.01), ("llr-vote", 0.01)],
