@@ -1,4 +1,8 @@
-"""The fast .npy codec and load_into: same bytes and values as Flower's own path."""
+"""The fast .npy codec and load_into: same bytes and values as Flower's own path; byte-exact
+decoding of untrusted arrays."""
+
+import io
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from fedsim.arrays import from_flwr_array, to_flwr_array
+from fedsim.arrays import decode_exact, from_flwr_array, to_flwr_array
 from fedsim.models import build_model
 from fedsim.strategies.model_vector import load_into
 
@@ -42,3 +46,57 @@ def test_load_into_equals_load_state_dict_and_is_strict():
     del record["fc.bias"]
     with pytest.raises(RuntimeError, match="fc.bias"):
         load_into(a, record)
+
+
+X = np.arange(6, dtype=np.float32).reshape(2, 3)
+GOOD = to_flwr_array(X)
+
+
+def _declared(data: bytes, dtype: str = "float32", shape: tuple = (2, 3)) -> Array:
+    return Array(dtype=dtype, shape=shape, stype=GOOD.stype, data=data)
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (_declared(GOOD.data[:-3]), "data bytes"),  # a few bytes short
+        (_declared(GOOD.data + b"\0\0\0\0"), "data bytes"),  # a few bytes long: np.load would ignore them
+        (_declared(Array(X.astype(np.float64)).data), "header says dtype float64"),
+        (_declared(Array(X.reshape(3, 2)).data), "shape (3, 2)"),
+        (_declared(Array(X).data, dtype="int32"), "declares dtype int32"),
+        (_declared(GOOD.data.replace(b"(2, 3)", b"(9**9)")), None),  # a header np.load cannot parse
+        (_declared(np.lib.format.magic(1, 0) + b"junk"), None),
+        (_declared(np.lib.format.magic(3, 0) + GOOD.data[8:]), "version"),
+        (Array(dtype="float32", shape=(2, 3), stype="torch.raw", data=GOOD.data), "stype"),
+        (_declared(b"not npy at all"), "magic"),
+    ],
+)
+def test_decode_exact_rejects_bytes_that_differ_from_the_declared_array(bad, reason):
+    with pytest.raises(ValueError, match=None if reason is None else re.escape(reason)):
+        decode_exact(bad)
+
+
+def test_decode_never_reads_shifted_bytes():
+    """The fast path used to take header_len = len(data) - nbytes: a long or short payload
+    was decoded from shifted bytes. Now such bytes go to np.load, which reads by the header."""
+    long = _declared(GOOD.data + b"\xff\xff\xff\xff")
+    np.testing.assert_array_equal(from_flwr_array(long), X)
+    with pytest.raises(ValueError):
+        from_flwr_array(_declared(GOOD.data[:-4]))
+
+
+def test_decode_exact_refuses_a_huge_claimed_shape_without_allocating():
+    huge = io.BytesIO()
+    np.lib.format.write_array_header_1_0(huge, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    with pytest.raises(ValueError, match="data bytes"):
+        decode_exact(Array(dtype="float32", shape=(10**12,), stype=GOOD.stype, data=huge.getvalue() + b"\0" * 8))
+
+
+@settings(max_examples=100, deadline=None)
+@given(dtypes.flatmap(lambda d: arrays(d, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))), st.booleans())
+def test_decode_exact_accepts_what_flower_and_we_write(x, fortran):
+    x = np.asfortranarray(x) if fortran else x
+    for a in (to_flwr_array(x), Array(x)):
+        y = decode_exact(a)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        np.testing.assert_array_equal(y, x)

@@ -195,3 +195,16 @@ def test_weighted_mean_by_hand():
     assert out.tolist() == pytest.approx([3.25, 6.5])
     with pytest.raises(ValueError):
         weighted_mean([torch.zeros(2)], [0])
+
+
+def test_estimator_rows_are_capped_by_max_clients():
+    est = CrossProbabilityEstimator(num_coordinates=2, warmup_rounds=0, max_clients=3)
+    est.vote([0, 1], S([[1, 1], [1, -1]]))
+    est.vote([2], S([[1, 1]]))
+    with pytest.raises(ValueError, match="max_clients=3"):
+        est.vote([1, 7], S([[1, 1], [1, 1]]))
+    assert est.state_dict()["clients"] == [0, 1, 2] and est.rounds_seen == 2  # the refused round changed nothing
+    est.vote([2, 0], S([[1, 1], [1, 1]]))  # known clients still vote
+    unbounded = CrossProbabilityEstimator(num_coordinates=1, warmup_rounds=0)
+    unbounded.vote(list(range(50)), torch.ones(50, 1, dtype=torch.int8))
+    assert len(unbounded.state_dict()["clients"]) == 50

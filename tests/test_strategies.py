@@ -1,5 +1,6 @@
 """The four strategies on hand-built replies: the update rules, and rejection of bad replies."""
 
+import io
 import logging
 
 import numpy as np
@@ -191,3 +192,171 @@ def test_gradient_strategies_average_float_buffers_and_reject_replies_without_th
     np.testing.assert_allclose(new["running_mean"].numpy(), [4.0, 4.0])  # (1*1 + 3*5) / 4
     np.testing.assert_allclose(new["w"].numpy(), W0 - 0.1)
     assert metrics["rejected"] == 1 and "buffers" in caplog.text
+
+
+# --- untrusted replies: metric bounds, num-examples pinning, min-replies, the safety net -----
+
+def grads_reply(to, n=10, pid=0, value=1.0, dtype=np.float32, metrics=None):
+    msg = reply(to, {protocol.GRADS: ArrayRecord({"w": Array(np.full((2, 2), value, dtype)), "b": Array(np.full(2, value, dtype))})}, n=n, pid=pid)
+    if metrics is not None:
+        msg.content[protocol.METRICS] = MetricRecord(metrics)
+    return msg
+
+
+def rejections(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "rejected the reply" in r.getMessage()]
+
+
+GOOD_METRICS = {"num-examples": 10, "train-loss": 1.0, "partition-id": 1, "batch-size": 4}
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("batch-size", float("nan"), "batch-size must be an integer"),
+        ("batch-size", float("inf"), "batch-size must be an integer"),
+        ("batch-size", [4, 4], "batch-size must be an integer"),
+        ("batch-size", 2.5, "batch-size must be an integer"),
+        ("batch-size", -1, "batch-size=-1 is out of range"),
+        ("batch-size", 2**63 - 1, "batch-size=9223372036854775807 is out of range"),
+        ("num-examples", 0, "num-examples=0 is out of range: must be >= 1 <= 100 (max-examples=100)"),
+        ("num-examples", 101, "max-examples=100"),
+        ("num-examples", 2**64 - 1, "max-examples=100"),
+        ("num-examples", 1e300, "num-examples=1e+300 is out of range"),
+        ("num-examples", 10.5, "num-examples must be an integer"),
+        ("num-examples", [10], "num-examples must be an integer"),
+        ("partition-id", 4, "partition-id=4 is out of range: must be >= 0 <= 3 (num-partitions=4)"),
+        ("partition-id", -1, "partition-id=-1 is out of range"),
+        ("partition-id", float("nan"), "partition-id must be an integer"),
+        ("train-loss", float("inf"), "train-loss must be a finite number"),
+        ("train-loss", [1.0], "train-loss must be a finite number"),
+    ],
+)
+def test_metrics_out_of_type_or_range_are_rejected_naming_metric_value_and_bound(key, value, reason, caplog):
+    s = FedSGD(SPEC, PARAMS, lr=1.0, num_partitions=4, max_examples=100)
+    msgs = sent(s, 2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = s.aggregate_train(1, [grads_reply(msgs[0]), grads_reply(msgs[1], metrics={**GOOD_METRICS, key: value})])
+    assert (metrics["clients"], metrics["rejected"], metrics["updated"]) == (1, 1, 1)
+    np.testing.assert_allclose(as_np(arrays)["w"], W0 - 1.0)
+    [line] = rejections(caplog)
+    assert line.startswith("round 1: rejected the reply of node 101: ") and reason in line
+
+
+def test_integral_float_metrics_are_accepted():
+    got = protocol.reply_metrics(
+        grads_reply(sent(FedSGD(SPEC, PARAMS, lr=1.0), 1)[0], metrics={**GOOD_METRICS, "num-examples": 10.0, "partition-id": 3.0}),
+        num_partitions=4, max_examples=10,
+    )
+    assert (got.num_examples, got.partition_id, got.batch_size) == (10, 3, 4)
+    assert type(got.num_examples) is int and type(got.partition_id) is int
+
+
+def test_float64_payload_that_overflows_float32_is_rejected_and_others_are_cast():
+    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    msgs = sent(s, 2)
+    arrays, metrics = s.aggregate_train(1, [grads_reply(msgs[0], pid=0, dtype=np.float64), grads_reply(msgs[1], pid=1, value=1e300, dtype=np.float64)])
+    assert metrics["rejected"] == 1
+    out = as_np(arrays)
+    assert out["w"].dtype == np.float32 and np.array_equal(out["w"], W0 - 1.0)
+
+
+def test_num_examples_is_pinned_per_partition_across_rounds_and_checkpoints(caplog):
+    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s.aggregate_train(1, [grads_reply(m, n=10 + i, pid=i) for i, m in enumerate(sent(s, 2))])
+    assert s.pinned_num_examples == {0: 10, 1: 11}
+    msgs = sent(s, 3, rnd=2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, metrics = s.aggregate_train(2, [grads_reply(msgs[0], n=10, pid=0), grads_reply(msgs[1], n=99, pid=1), grads_reply(msgs[2], n=5, pid=2)])
+    assert (metrics["clients"], metrics["rejected"]) == (2, 1)
+    assert rejections(caplog) == [
+        "round 2: rejected the reply of node 101: num-examples=99 differs from the 11 partition-id 1 reported before; "
+        "a local set does not change size"
+    ]
+    assert s.pinned_num_examples == {0: 10, 1: 11, 2: 5}
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    restored = FedSGD(SPEC, PARAMS, lr=1.0)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.pinned_num_examples == {0: 10, 1: 11, 2: 5}
+    old = {k: v for k, v in s.state_dict().items() if k != "num_examples"}  # a checkpoint from before pinning
+    restored.load_state_dict(old)
+    assert restored.pinned_num_examples == {}
+
+
+def test_a_rejected_reply_pins_nothing():
+    s = FedSGD(SPEC, PARAMS, lr=1.0, min_replies=1)
+    msgs = sent(s, 3)
+    dup = grads_reply(msgs[2], n=50, pid=0)  # loses to node 100 under the one-per-partition rule
+    nan = grads_reply(msgs[1], n=60, pid=1, value=float("nan"))
+    s.aggregate_train(1, [grads_reply(msgs[0], n=10, pid=0), dup, nan])
+    assert s.pinned_num_examples == {0: 10}
+
+
+def test_fewer_valid_replies_than_min_replies_keep_the_model_and_the_llr_counts(caplog):
+    s = LLRWeightedVote(SPEC, PARAMS, lr=1.0, warmup_rounds=0, min_replies=3, num_partitions=4)
+    msgs = sent(s, 3)
+    s.aggregate_train(1, [sign_reply(m, [1] * 6, i) for i, m in enumerate(msgs)])
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in s.estimator.state_dict().items()}
+    msgs = sent(s, 3, rnd=2)
+    bad = sign_reply(msgs[2], [1] * 6, 2)
+    bad.content[protocol.METRICS]["train-loss"] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = s.aggregate_train(2, [sign_reply(msgs[0], [-1] * 6, 0), sign_reply(msgs[1], [1] * 6, 1), bad])
+    assert arrays is None
+    assert dict(metrics) == {"clients": 2, "rejected": 1, "bytes-up": metrics["bytes-up"], "bytes-down": metrics["bytes-down"],
+                             "updated": 0, "train-loss": 1.0}
+    assert "round 2: 2 valid replies, fewer than min-replies=3; the global model is unchanged" in caplog.text
+    after = s.estimator.state_dict()
+    assert after["clients"] == before["clients"] and after["rounds_seen"] == before["rounds_seen"]
+    assert torch.equal(after["agree"], before["agree"]) and torch.equal(after["total"], before["total"])
+
+
+def test_no_valid_reply_gives_no_train_loss_and_updated_zero():
+    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    arrays, metrics = s.aggregate_train(1, [grads_reply(sent(s, 1)[0], value=float("inf"))])
+    assert arrays is None and metrics["updated"] == 0 and metrics["clients"] == 0 and "train-loss" not in metrics
+
+
+def test_an_unexpected_exception_while_checking_rejects_only_that_reply(caplog):
+    class Buggy(FedSGD):
+        def parse(self, msg):
+            if msg.metadata.src_node_id == 101:
+                raise ZeroDivisionError("division by zero")
+            return super().parse(msg)
+
+    s = Buggy(SPEC, PARAMS, lr=1.0)
+    msgs = sent(s, 2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = s.aggregate_train(4, [grads_reply(msgs[0], pid=0), grads_reply(msgs[1], pid=1)])
+    assert (metrics["clients"], metrics["rejected"], metrics["updated"]) == (1, 1, 1)
+    assert rejections(caplog) == ["round 4: rejected the reply of node 101: ZeroDivisionError: division by zero"]
+
+
+def test_a_reply_with_a_record_the_task_does_not_use_is_rejected(caplog):
+    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    msgs = sent(s, 2)
+    extra = grads_reply(msgs[1], pid=1)
+    extra.content[protocol.SIGNS] = ArrayRecord({protocol.PACKED: Array(np.zeros(1, np.uint8))})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, metrics = s.aggregate_train(1, [grads_reply(msgs[0], pid=0), extra])
+    assert metrics["rejected"] == 1 and "unexpected records ['signs']" in caplog.text
+
+
+@pytest.mark.parametrize("mutate", ["short", "long", "header-dtype", "header-shape"])
+def test_gradient_bytes_that_do_not_match_the_declared_array_are_rejected(mutate, caplog):
+    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    msgs = sent(s, 2)
+    good_w = Array(np.ones((2, 2), np.float32))
+    bad_w = {
+        "short": Array(dtype="float32", shape=(2, 2), stype=good_w.stype, data=good_w.data[:-4]),
+        "long": Array(dtype="float32", shape=(2, 2), stype=good_w.stype, data=good_w.data + b"\0" * 4),
+        "header-dtype": Array(dtype="float32", shape=(2, 2), stype=good_w.stype, data=Array(np.ones((2,), np.float64)).data),
+        "header-shape": Array(dtype="float32", shape=(2, 2), stype=good_w.stype, data=Array(np.ones((4,), np.float32)).data),
+    }[mutate]
+    bad = reply(msgs[1], {protocol.GRADS: ArrayRecord({"w": bad_w, "b": Array(np.ones(2, np.float32))})}, pid=1)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = s.aggregate_train(1, [grads_reply(msgs[0], pid=0), bad])
+    assert metrics["rejected"] == 1 and "cannot be decoded" in caplog.text
+    np.testing.assert_array_equal(as_np(arrays)["w"], W0 - 1.0)
