@@ -4,7 +4,9 @@
 the global model and the strategy's state (node-sampling RNG; for the LLR vote the
 agreement counts). Clients keep no state between rounds (their random streams derive
 from seed, partition and round), so that is all. It is written atomically after every
-evaluated round (``eval-every``) and deleted when the run finishes.
+evaluated round (``eval-every``) and deleted when the run finishes. A damaged checkpoint
+(unreadable, missing or mistyped entries) is moved aside as ``checkpoint.pt.damaged``
+and the run starts from round 0.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
 from fedsim.config import RunConfig, same_experiment
+from fedsim.run_folder import CHECKPOINT, CHECKPOINT_TMP, set_aside
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "Checkpoint", "load_checkpoint", "remove_checkpoint", "restore_strategy", "save_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ def save_checkpoint(
     folder: Path, server_round: int, cfg: RunConfig, arrays: ArrayRecord, strategy_state: dict[str, Any], seconds: float
 ) -> None:
     """Write ``folder/checkpoint.pt`` (via a temporary file and a rename: never half-written)."""
-    tmp = folder / (CHECKPOINT + ".tmp")
+    tmp = folder / CHECKPOINT_TMP
     state = {
         "round": server_round,
         "config": cfg.to_mapping(),
@@ -50,22 +53,75 @@ def save_checkpoint(
     os.replace(tmp, folder / CHECKPOINT)
 
 
-def load_checkpoint(folder: Path, cfg: RunConfig) -> Checkpoint | None:
-    """The checkpoint in ``folder`` if there is one for this experiment, else None (a
-    checkpoint of another experiment is ignored, with a warning)."""
+def load_checkpoint(folder: Path, cfg: RunConfig, expected: ArrayRecord | None = None) -> Checkpoint | None:
+    """The checkpoint in ``folder`` if there is one for this experiment, else None. A
+    checkpoint of another experiment is ignored, with a warning; a damaged one (unreadable,
+    missing or mistyped entries, arrays unlike ``expected``'s names and shapes, a folder of
+    that name) is set aside as ``checkpoint.pt.damaged``, with a warning."""
     path = folder / CHECKPOINT
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged checkpoint means: start over
-        log(WARNING, "fedsim: cannot read %s (%s); starting from round 0", path, err)
+        problem = _problem(state, expected)
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with it, the run starts over
+        problem = f"unreadable ({type(err).__name__}: {err})"
+    if problem is not None:
+        _discard(path, problem)
         return None
     if not same_experiment(state["config"], cfg):
         log(WARNING, "fedsim: %s belongs to another run config; starting from round 0", path)
         return None
-    return Checkpoint(int(state["round"]), ArrayRecord(state["arrays"]), state["strategy"], float(state["seconds"]))
+    try:
+        return Checkpoint(int(state["round"]), ArrayRecord(state["arrays"]), state["strategy"], float(state["seconds"]))
+    except Exception as err:  # noqa: BLE001
+        _discard(path, f"its arrays cannot be read ({type(err).__name__}: {err})")
+        return None
+
+
+def restore_strategy(strategy: Any, checkpoint: Checkpoint, folder: Path) -> bool:
+    """Load ``checkpoint``'s strategy state into ``strategy``. If that fails, put the
+    strategy back as it was, set the checkpoint aside with a warning and return False."""
+    fresh = strategy.state_dict()
+    try:
+        strategy.load_state_dict(checkpoint.strategy)
+    except Exception as err:  # noqa: BLE001 - a state this strategy cannot take: start over
+        strategy.load_state_dict(fresh)
+        _discard(folder / CHECKPOINT, f"its strategy state does not fit ({type(err).__name__}: {err})")
+        return False
+    return True
+
+
+def _problem(state: Any, expected: ArrayRecord | None) -> str | None:
+    """What is wrong with a loaded checkpoint, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint"
+    kinds = {"round": int, "config": dict, "arrays": dict, "strategy": dict, "seconds": (int, float)}
+    missing = sorted(set(kinds) - set(state))
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = sorted(k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool))
+    if wrong:
+        return f"wrong type for {', '.join(wrong)}"
+    if state["round"] < 0 or not all(isinstance(v, torch.Tensor) for v in state["arrays"].values()):
+        return "bad round or arrays"
+    if expected is not None:
+        want = {k: tuple(v.shape) for k, v in expected.to_torch_state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in state["arrays"].items()}
+        if want != have:
+            return "its arrays do not match the model (names or shapes)"
+    return None
+
+
+def _discard(path: Path, problem: str) -> None:
+    try:
+        aside = set_aside(path)
+    except OSError as err:
+        log(WARNING, "fedsim: damaged checkpoint %s: %s; cannot move it aside (%s); starting from round 0", path, problem, err)
+        return
+    log(WARNING, "fedsim: damaged checkpoint %s: %s; moved to %s, starting from round 0", path, problem, aside.name)
 
 
 def remove_checkpoint(folder: Path) -> None:
     (folder / CHECKPOINT).unlink(missing_ok=True)
+    (folder / CHECKPOINT_TMP).unlink(missing_ok=True)

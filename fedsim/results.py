@@ -7,7 +7,9 @@ One folder per run:
 - ``model.pt``: the final global state_dict (torch.save);
 - ``summary.json``: seed, engine, device, package versions, git commit, final metrics,
   client batch sizes, wall time; written last, it marks the run as finished;
-- ``checkpoint.pt`` while the run goes (fedsim.checkpoint), removed when it finishes.
+- ``checkpoint.pt`` while the run goes (fedsim.checkpoint), removed when it finishes;
+- ``.lock``: held by the process writing the folder (fedsim.run_folder, which also
+  names these files).
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import math
 import platform
 import subprocess
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any
+
+from fedsim.run_folder import CONFIG, LABEL_COUNTS, MODEL, ROUNDS, SUMMARY, RunFolderLock, remove_run_files
+
+log = logging.getLogger("flwr").log  # Flower's logger, as the rest of the run logs
 
 COLUMNS = ("round", "train_loss", "test_accuracy", "test_loss", "bytes_up", "bytes_down", "clients", "rejected", "seconds")
 
@@ -43,43 +51,90 @@ class RoundRow:
 
 @dataclass
 class RunWriter:
-    """Writes one run's folder as the run goes (rows are flushed per round)."""
+    """Writes one run's folder as the run goes (rows are flushed per round). ``lock``:
+    the folder's lock (fedsim.run_folder.claim_run_folder), released by ``finish``."""
 
     path: Path
     rows: list[RoundRow] = field(default_factory=list)
+    lock: RunFolderLock | None = None
 
     def start(self, config: dict[str, Any]) -> None:
+        """Start the folder afresh: a previous run's files go first (so that a run killed
+        early never leaves an old summary beside its new config)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        with open(self.path / "rounds.csv", "w", newline="") as f:
+        remove_run_files(self.path)
+        (self.path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        with open(self.path / ROUNDS, "w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
 
     def add(self, row: RoundRow) -> None:
         self.rows.append(row)
-        with open(self.path / "rounds.csv", "a", newline="") as f:
+        with open(self.path / ROUNDS, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(getattr(row, c)) for c in COLUMNS])
 
-    def resume(self, last_round: int) -> list[RoundRow]:
+    def resume(self, last_round: int) -> list[RoundRow] | None:
         """Continue a run's folder after a checkpoint: keep the rows of rounds up to
-        ``last_round`` (later ones are run again) and return them."""
-        with open(self.path / "rounds.csv", newline="") as f:
-            kept = [r for r in csv.DictReader(f) if int(r["round"]) <= last_round]
-        self.rows = [RoundRow(**{c: _parse(c, r[c]) for c in COLUMNS}) for r in kept]
-        with open(self.path / "rounds.csv", "w", newline="") as f:
+        ``last_round`` (later ones are run again) and return them. A torn last line (the
+        process died while writing it) is dropped with a warning; if the rows of rounds
+        0..``last_round`` are not all there once each, warns and returns None (the run
+        must start over)."""
+        path = self.path / ROUNDS
+        rows = _read_rows(path)
+        kept = [r for r in rows or [] if r.round <= last_round]
+        if rows is None or [r.round for r in kept] != list(range(last_round + 1)):
+            log(WARNING, "fedsim: %s does not hold rounds 0-%d once each; starting from round 0", path, last_round)
+            return None
+        self.rows = kept
+        with open(path, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(COLUMNS)
             out.writerows([_fmt(getattr(row, c)) for c in COLUMNS] for row in self.rows)
         return list(self.rows)
 
     def finish(self, state_dict: dict[str, Any] | None, summary: dict[str, Any]) -> None:
+        """Write the model and the summary (which marks the run finished), remove the
+        checkpoint, release the folder's lock."""
         from fedsim.checkpoint import remove_checkpoint
 
-        if state_dict is not None:
-            import torch
+        try:
+            if state_dict is not None:
+                import torch
 
-            torch.save(state_dict, self.path / "model.pt")
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-        remove_checkpoint(self.path)
+                torch.save(state_dict, self.path / MODEL)
+            (self.path / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+            remove_checkpoint(self.path)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def _read_rows(path: Path) -> list[RoundRow] | None:
+    """rounds.csv's rows, None if it is missing or its header is not ``COLUMNS``. A torn
+    last line (no line end) and rows that do not parse are dropped with a warning."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        log(WARNING, "fedsim: cannot read %s (%s)", path, err)
+        return None
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        log(WARNING, "fedsim: %s: dropping its torn last line %r (the run was killed while writing it)", path, lines[-1])
+        lines = lines[:-1]
+    records = list(csv.reader(lines))
+    if not records or tuple(records[0]) != COLUMNS:
+        log(WARNING, "fedsim: %s has no header %s", path, ",".join(COLUMNS))
+        return None
+    rows = []
+    for number, record in enumerate(records[1:], 2):
+        if not record:
+            continue
+        try:
+            if len(record) != len(COLUMNS):
+                raise ValueError(f"{len(record)} fields")
+            rows.append(RoundRow(**{c: _parse(c, v) for c, v in zip(COLUMNS, record, strict=True)}))
+        except ValueError as err:
+            log(WARNING, "fedsim: %s line %d: dropping a bad row (%s)", path, number, err)
+    return rows
 
 
 def _fmt(v: Any) -> str:
@@ -125,7 +180,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-STORED_FILES = ("config.json", "rounds.csv", "summary.json", "label_counts.csv")
+STORED_FILES = (CONFIG, ROUNDS, SUMMARY, LABEL_COUNTS)
 
 
 def store_runs(source: str | Path, dest: str | Path) -> list[Path]:
@@ -136,7 +191,7 @@ def store_runs(source: str | Path, dest: str | Path) -> list[Path]:
     import shutil
 
     source, dest = Path(source), Path(dest)
-    runs = [source] if (source / "summary.json").exists() else sorted(p.parent for p in source.glob("*/summary.json"))
+    runs = [source] if (source / SUMMARY).exists() else sorted(p.parent for p in source.glob(f"*/{SUMMARY}"))
     out = []
     for run in runs:
         target = dest / run.name if run != source else dest
@@ -153,8 +208,8 @@ def load_run(path: str | Path):
     import pandas as pd
 
     path = Path(path)
-    df = pd.read_csv(path / "rounds.csv")
-    config = json.loads((path / "config.json").read_text())
+    df = pd.read_csv(path / ROUNDS)
+    config = json.loads((path / CONFIG).read_text())
     for key, value in config.items():
         df[key] = value
     df["run"] = path.name
@@ -165,7 +220,7 @@ def load_runs(paths: Iterable[str | Path]):
     """Many run folders (e.g. ``Path("runs").glob("*")``) as one DataFrame."""
     import pandas as pd
 
-    frames = [load_run(p) for p in paths if (Path(p) / "rounds.csv").exists()]
+    frames = [load_run(p) for p in paths if (Path(p) / ROUNDS).exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
 
 

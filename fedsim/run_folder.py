@@ -1,0 +1,256 @@
+"""A run folder's safety: one writer at a time, and no run mixed with another config's.
+
+The folder layout's file names are defined here once. A process that writes a run
+folder holds its lock (``fcntl.flock`` on ``<folder>/.lock``, which holds the holder's
+PID): taken without waiting, re-entrant within a process (the CLI, a sweep and
+``run_experiment`` may each hold it in one process), released when the last holder lets
+go or the process dies. A process whose ancestor holds the lock (the Flower engine's
+ServerApp, started by the ``fedsim`` process that took it) runs under its ancestor's hold.
+
+Before a run starts, ``check_run_folder`` refuses a folder holding a started or finished
+run of another experiment (``fedsim.config.same_experiment``); ``clear_run_folder``
+removes a folder's run files (``fedsim run --overwrite``). ``claim_run_folder`` does all
+three in order: lock, clear if asked, check.
+
+Imports nothing heavy (no torch): the CLI calls it before it loads an engine.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import json
+import os
+import shutil
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import ConfigError, RunConfig
+
+CONFIG = "config.json"
+ROUNDS = "rounds.csv"
+LABEL_COUNTS = "label_counts.csv"
+MODEL = "model.pt"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_TMP = CHECKPOINT + ".tmp"
+CLAIM = ".claim"  # a sweep worker's claim on a run (fedsim.sweep)
+LOCK = ".lock"
+DAMAGED_SUFFIX = ".damaged"
+
+RUN_FILES = (CONFIG, ROUNDS, LABEL_COUNTS, MODEL, SUMMARY, CHECKPOINT, CHECKPOINT_TMP)
+"""What a run writes in its folder; ``clear_run_folder`` removes these and nothing else."""
+
+
+class RunFolderBusy(ConfigError):
+    """Another process holds the run folder's lock."""
+
+
+class RunFolderConflict(ConfigError):
+    """The run folder holds a run of another experiment."""
+
+
+@dataclass
+class _Held:
+    fd: int | None  # None: an ancestor process holds the lock for us
+    count: int = 0
+
+
+_held: dict[Path, _Held] = {}
+_guard = threading.RLock()  # RLock: a handle's __del__ may run while this thread holds it
+
+
+class RunFolderLock:
+    """One hold on a run folder's lock; ``release()`` (at most once, idempotent) or use
+    as a context manager. A hold dropped without release is released when collected."""
+
+    def __init__(self, folder: Path, entry: _Held) -> None:
+        self.folder = folder
+        self._entry: _Held | None = entry
+
+    def release(self) -> None:
+        with _guard:
+            entry, self._entry = self._entry, None
+            if entry is None:
+                return
+            entry.count -= 1
+            if entry.count <= 0 and _held.get(self.folder) is entry:
+                del _held[self.folder]
+                if entry.fd is not None:
+                    os.close(entry.fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> RunFolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def lock_run_folder(folder: str | Path) -> RunFolderLock:
+    """Take the lock of ``folder`` (created if missing) for this process, without waiting.
+    Raises RunFolderBusy, naming the holder's PID, if another process holds it."""
+    folder = Path(folder).resolve()
+    with _guard:
+        entry = _held.get(folder)
+        if entry is None:
+            entry = _held[folder] = _Held(_take_lock(folder))
+        entry.count += 1
+        return RunFolderLock(folder, entry)
+
+
+def _take_lock(folder: Path) -> int | None:
+    """The open, flocked lock file's descriptor; None if an ancestor process holds it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ConfigError(f"cannot use {folder} as a results folder: {err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"cannot lock results folder {folder}: {err}") from None
+        pid = lock_holder(folder)
+        if pid is not None and pid in _ancestors():
+            return None
+        who = f" (pid {pid})" if pid is not None else ""
+        raise RunFolderBusy(
+            f"results folder {folder} is in use by another fedsim process{who}; wait for it or choose another --results-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def lock_holder(folder: str | Path) -> int | None:
+    """The PID written in ``folder``'s lock file (its last holder's), if any."""
+    try:
+        return int((Path(folder) / LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _ancestors() -> set[int]:
+    """This process's parent, grandparent, ... (Linux /proc; elsewhere the parent only)."""
+    pids: set[int] = set()
+    pid = os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+    return pids
+
+
+def config_differences(stored: Mapping[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (stored value, cfg's value)}`` where a stored run config (a ``config.json``)
+    and ``cfg`` differ, as ``fedsim.config.same_experiment`` compares them: a key missing
+    from ``stored`` counts as its default, ``results-dir`` is left out. A key only one side
+    has shows ``None`` on the other."""
+    defaults = RunConfig().to_mapping()
+    old = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+    new = json.loads(json.dumps(cfg.to_mapping()))
+    old.pop("results-dir", None)
+    new.pop("results-dir", None)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)}
+
+
+def stored_config(folder: str | Path) -> dict[str, Any] | None:
+    """``folder/config.json`` as a dict; None if it is missing or unreadable."""
+    try:
+        data = json.loads((Path(folder) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_state(folder: str | Path) -> str | None:
+    """``finished`` (summary.json), ``started`` (a checkpoint, or rounds.csv with a row) or
+    None (nothing that a new run would lose)."""
+    folder = Path(folder)
+    if (folder / SUMMARY).exists():
+        return "finished"
+    if os.path.lexists(folder / CHECKPOINT):
+        return "started"
+    try:
+        with open(folder / ROUNDS, newline="") as f:
+            return "started" if sum(1 for line in csv.reader(f) if line) > 1 else None
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return "started" if (folder / ROUNDS).exists() else None
+
+
+def check_run_folder(folder: str | Path, cfg: RunConfig) -> None:
+    """Raise RunFolderConflict if ``folder`` holds a started or finished run of another
+    experiment than ``cfg`` (or one whose config.json cannot be read)."""
+    folder = Path(folder)
+    state = run_state(folder)
+    if state is None:
+        return
+    remedy = "rerun with --overwrite to replace it, or choose another --results-dir"
+    stored = stored_config(folder)
+    if stored is None:
+        raise RunFolderConflict(f"results folder {folder} holds a {state} run without a readable {CONFIG}; {remedy}")
+    diff = config_differences(stored, cfg)
+    if diff:
+        changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        raise RunFolderConflict(f"results folder {folder} holds a {state} run of another config ({changes}); {remedy}")
+
+
+def clear_run_folder(folder: str | Path) -> None:
+    """Remove ``folder``'s run files (``RUN_FILES``), under its lock; other files (the
+    lock, a sweep's claim, anything else) stay."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    with lock_run_folder(folder):
+        remove_run_files(folder)
+
+
+def remove_run_files(folder: Path) -> None:
+    """``clear_run_folder`` for a caller that holds the lock already."""
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def claim_run_folder(folder: str | Path, cfg: RunConfig, overwrite: bool = False) -> RunFolderLock:
+    """Lock ``folder``, clear it if ``overwrite``, check it can take ``cfg``; returns the
+    hold (release it, or use it as a context manager, once the run's summary is written).
+    Raises RunFolderBusy or RunFolderConflict (both ConfigError), holding nothing."""
+    hold = lock_run_folder(folder)
+    try:
+        if overwrite:
+            remove_run_files(Path(folder))
+        check_run_folder(folder, cfg)
+    except BaseException:
+        hold.release()
+        raise
+    return hold
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file (or folder) to ``<name>.damaged`` (``.damaged.1``, ... if
+    taken) so that a run can start over without losing it; returns the new path."""
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    k = 0
+    while os.path.lexists(target):
+        k += 1
+        target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}.{k}")
+    os.replace(path, target)
+    return target
