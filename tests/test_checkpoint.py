@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from fedsim.checkpoint import CHECKPOINT
+from fedsim.checkpoint import CHECKPOINT, load_checkpoint
+from fedsim.config import RunConfig
+from fedsim.run_folder import RunFolderConflict, claim_run_folder, clear_run_folder
 from fedsim.engine.runner import run_inprocess
 
 BASE = {"num-nodes": 6, "num-server-rounds": 24, "eval-every": 5, "seed": 3, "batch-mode": 2}
@@ -64,14 +66,19 @@ def test_a_crashed_run_resumes_to_the_same_result(strategy, extra, tmp_path):
     assert not (resumed / CHECKPOINT).exists()  # removed when the run finished
 
 
-def test_a_checkpoint_of_another_config_is_ignored(tmp_path, caplog):
+def test_a_run_of_another_config_is_refused_and_its_checkpoint_ignored(tmp_path, caplog):
     folder = tmp_path / "run"
     cfg = {**BASE, "strategy": "sign-mv", "lr": 0.01, "results-dir": str(folder)}
     with pytest.raises(Crash):
         run_inprocess(cfg, on_round=crash_at(12))
+    other = RunConfig.from_mapping({**cfg, "lr": 0.02})
+    with pytest.raises(RunFolderConflict, match=r"holds a started run of another config \(lr: 0.01 -> 0.02\)"):
+        claim_run_folder(folder, other)
     with caplog.at_level(logging.WARNING):
-        run_inprocess({**cfg, "lr": 0.02})
+        assert load_checkpoint(folder, other) is None
     assert "belongs to another run config; starting from round 0" in caplog.text
+    clear_run_folder(folder)  # what `fedsim run --overwrite` does
+    run_inprocess(other.to_mapping())
     assert json.loads((folder / "summary.json").read_text())["resumed_after_round"] is None
     assert [r["round"] for r in metric_rows(folder)] == [str(r) for r in range(25)]
 

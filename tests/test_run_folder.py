@@ -1,0 +1,323 @@
+"""Run folders: one writer at a time (a lock that dies with its process), no run of one
+config mixed with another's, and damaged files (torn rounds.csv, bad checkpoint) handled
+with a warning instead of a traceback."""
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim.config import ConfigError, RunConfig, same_experiment
+from fedsim.engine.runner import run_inprocess
+from fedsim.run_folder import (
+    CHECKPOINT,
+    CONFIG,
+    LOCK,
+    ROUNDS,
+    SUMMARY,
+    RunFolderBusy,
+    RunFolderConflict,
+    check_run_folder,
+    claim_run_folder,
+    clear_run_folder,
+    config_differences,
+    lock_run_folder,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "experiments" / "quick.toml"
+SMALL = {"strategy": "fedavg", "num-nodes": 4, "num-server-rounds": 4, "eval-every": 1, "lr": 0.1}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(round_):
+    def hook(row):
+        if row.round == round_:
+            raise Crash(round_)
+
+    return hook
+
+
+def rounds(folder):
+    with open(folder / ROUNDS, newline="") as f:
+        return [int(r["round"]) for r in csv.DictReader(f)]
+
+
+def fedsim_run(folder, *sets):
+    cmd = [sys.executable, "-m", "fedsim.cli", "run", str(QUICK), "--results-dir", str(folder)]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
+
+
+def start(cmd):
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def stop(proc):
+    """Kill a process started by ``start`` (its whole session), if it still runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+def wait_for(condition, proc, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def has_rows(folder, n):
+    try:
+        return len(rounds(folder)) >= n
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+# --- the lock -----------------------------------------------------------------------
+
+
+def test_two_fedsim_runs_on_one_folder(tmp_path):
+    """The second `fedsim run` on a folder in use exits 2 at once, naming the first's PID;
+    the first finishes with every round once."""
+    folder = tmp_path / "run"
+    cmd = fedsim_run(folder, "num-server-rounds=1500", "eval-every=100")
+    first = start(cmd)
+    try:
+        wait_for(lambda: has_rows(folder, 2), first, "the first run wrote rounds")
+        t0 = time.monotonic()
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second got to the folder: raise num-server-rounds"
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"results folder {folder} is in use by another fedsim process (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert time.monotonic() - t0 < 60
+        out, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err[-2000:]
+    finally:
+        stop(first)
+    assert rounds(folder) == list(range(1501))
+    assert json.loads((folder / SUMMARY).read_text())["rounds"] == 1500
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    """SIGKILL the holder: the folder is free at once, and the same command resumes."""
+    folder = tmp_path / "run"
+    cmd = fedsim_run(folder, "num-server-rounds=300", "eval-every=10")
+    proc = start(cmd)
+    try:
+        wait_for(lambda: (folder / CHECKPOINT).exists() and has_rows(folder, 12), proc, "a checkpoint")
+        with pytest.raises(RunFolderBusy, match=f"pid {proc.pid}"):
+            lock_run_folder(folder)
+    finally:
+        stop(proc)
+    assert not (folder / SUMMARY).exists()
+    lock_run_folder(folder).release()  # free again
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((folder / SUMMARY).read_text())["resumed_after_round"] >= 10
+    assert rounds(folder) == list(range(301))
+
+
+HOLD = "import sys, time; from fedsim.run_folder import lock_run_folder; hold = lock_run_folder(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+TAKE = "import sys; from fedsim.run_folder import lock_run_folder; hold = lock_run_folder(sys.argv[1]); print('taken')"
+
+
+def test_the_lock_is_reentrant_in_a_process_and_its_children(tmp_path):
+    folder = tmp_path / "run"
+    with lock_run_folder(folder):
+        with lock_run_folder(folder), claim_run_folder(folder, RunConfig()):  # the CLI, run_experiment, ...
+            pass
+        # still held by the outer hold: a child process (the Flower engine's ServerApp) runs under it ...
+        child = subprocess.run([sys.executable, "-c", TAKE, str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert child.stdout.strip() == "taken", child.stderr
+        # ... while an unrelated process is refused
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "other")], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(RunFolderBusy, match=f"in use by another fedsim process \\(pid {holder.pid}\\)") as err:
+                lock_run_folder(tmp_path / "other")
+            assert isinstance(err.value, ConfigError)
+        finally:
+            stop(holder)
+    lock_run_folder(tmp_path / "other").release()  # the killed holder's lock is gone
+    assert (folder / LOCK).exists()
+
+
+# --- another config on a used folder ------------------------------------------------
+
+
+def test_a_changed_config_on_a_finished_folder_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    first = subprocess.run(fedsim_run(folder, "num-server-rounds=3", "eval-every=1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {name: (folder / name).read_bytes() for name in (SUMMARY, ROUNDS, CONFIG)}
+    out = subprocess.run(fedsim_run(folder, "num-server-rounds=3", "eval-every=1", "lr=0.02"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "holds a finished run of another config (lr: 0.01 -> 0.02)" in out.stderr and "--overwrite" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert {name: (folder / name).read_bytes() for name in before} == before
+
+
+def test_check_run_folder(tmp_path):
+    folder = tmp_path / "run"
+    cfg = RunConfig.from_mapping({**SMALL, "results-dir": str(folder)})
+    check_run_folder(folder, cfg)  # no folder yet
+    folder.mkdir()
+    (folder / CONFIG).write_text(json.dumps({**cfg.to_mapping(), "lr": 0.5}))
+    check_run_folder(folder, cfg)  # a config and no round: nothing to lose
+    (folder / ROUNDS).write_text("round,train_loss\n0,\n")
+    with pytest.raises(RunFolderConflict, match=r"holds a started run of another config \(lr: 0.5 -> 0.1\)"):
+        check_run_folder(folder, cfg)
+    (folder / CONFIG).write_text(json.dumps({**cfg.to_mapping(), "results-dir": "elsewhere"}))
+    check_run_folder(folder, cfg)  # where the results live is not part of the experiment
+    (folder / CONFIG).unlink()
+    with pytest.raises(RunFolderConflict, match="without a readable config.json"):
+        check_run_folder(folder, cfg)
+
+
+def test_config_differences_agree_with_same_experiment():
+    cfg = RunConfig.from_mapping(SMALL)
+    stored = {k: v for k, v in cfg.to_mapping().items() if k != "min-replies"}  # a key added later: its default
+    assert config_differences(stored, cfg) == {} and same_experiment(stored, cfg)
+    stored = {**stored, "lr": 0.2, "results-dir": "x", "gone": 1}
+    assert config_differences(stored, cfg) == {"gone": (1, None), "lr": (0.2, 0.1)}
+    assert not same_experiment(stored, cfg)
+
+
+def test_clear_run_folder_removes_run_files_only(tmp_path):
+    folder = tmp_path / "run"
+    run_inprocess({**SMALL, "results-dir": str(folder)})
+    (folder / ".claim").write_text("host 1\n")
+    (folder / "notes.txt").write_text("mine\n")
+    (folder / CHECKPOINT).mkdir()
+    clear_run_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [".claim", LOCK, "notes.txt"]
+
+
+def test_a_finished_folder_rerun_with_another_config_after_clearing_is_clean(tmp_path):
+    folder = tmp_path / "run"
+    run_inprocess({**SMALL, "results-dir": str(folder)})
+    with pytest.raises(RunFolderConflict, match="lr: 0.1 -> 0.05"):
+        claim_run_folder(folder, RunConfig.from_mapping({**SMALL, "lr": 0.05}))
+    clear_run_folder(folder)
+    with pytest.raises(Crash):  # killed early: no summary of the old run beside the new config
+        run_inprocess({**SMALL, "lr": 0.05, "results-dir": str(folder)}, on_round=crash_at(1))
+    assert not (folder / SUMMARY).exists() and json.loads((folder / CONFIG).read_text())["lr"] == 0.05
+    run_inprocess({**SMALL, "lr": 0.05, "results-dir": str(folder)})
+    summary = json.loads((folder / SUMMARY).read_text())
+    assert summary["rounds"] == 4 and rounds(folder) == [0, 1, 2, 3, 4]
+    assert json.loads((folder / CONFIG).read_text())["lr"] == 0.05
+
+
+def test_a_rerun_of_the_same_config_removes_the_old_summary_first(tmp_path):
+    folder = tmp_path / "run"
+    run_inprocess({**SMALL, "results-dir": str(folder)})
+    with pytest.raises(Crash):
+        run_inprocess({**SMALL, "results-dir": str(folder)}, on_round=crash_at(0))
+    assert not (folder / SUMMARY).exists() and not (folder / "model.pt").exists() and (folder / CONFIG).exists()
+
+
+# --- damaged files ------------------------------------------------------------------
+
+
+def crashed_run(folder):
+    """A run killed after round 3 (its checkpoint: round 2; rows 0-3)."""
+    with pytest.raises(Crash):
+        run_inprocess({**SMALL, "results-dir": str(folder)}, on_round=crash_at(3))
+    assert (folder / CHECKPOINT).exists() and rounds(folder) == [0, 1, 2, 3]
+
+
+def finish(folder, caplog):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_inprocess({**SMALL, "results-dir": str(folder)})
+    assert rounds(folder) == [0, 1, 2, 3, 4] and not (folder / CHECKPOINT).exists()
+    return json.loads((folder / SUMMARY).read_text())
+
+
+@pytest.mark.parametrize("torn", ["4,0.31", "1"])
+def test_a_torn_last_line_of_rounds_csv_is_dropped(tmp_path, caplog, torn):
+    folder = tmp_path / "run"
+    crashed_run(folder)
+    with open(folder / ROUNDS, "a") as f:
+        f.write(torn)  # killed in the middle of writing a row
+    summary = finish(folder, caplog)
+    assert f"dropping its torn last line {torn!r}" in caplog.text
+    assert summary["resumed_after_round"] == 2
+
+
+def test_rounds_csv_with_duplicated_rounds_starts_over(tmp_path, caplog):
+    folder = tmp_path / "run"
+    crashed_run(folder)
+    lines = (folder / ROUNDS).read_text().splitlines(keepends=True)
+    (folder / ROUNDS).write_text("".join(lines + lines[1:]))
+    summary = finish(folder, caplog)
+    assert "does not hold rounds 0-2 once each; starting from round 0" in caplog.text
+    assert summary["resumed_after_round"] is None
+
+
+def _missing_keys(folder):
+    state = torch.load(folder / CHECKPOINT, weights_only=True)
+    del state["arrays"], state["seconds"]
+    torch.save(state, folder / CHECKPOINT)
+
+
+def _wrong_types(folder):
+    state = torch.load(folder / CHECKPOINT, weights_only=True)
+    torch.save({**state, "round": "two", "strategy": [1, 2]}, folder / CHECKPOINT)
+
+
+def _wrong_shapes(folder):
+    state = torch.load(folder / CHECKPOINT, weights_only=True)
+    torch.save({**state, "arrays": {k: v[..., :1] for k, v in state["arrays"].items()}}, folder / CHECKPOINT)
+
+
+def _bad_strategy_state(folder):
+    state = torch.load(folder / CHECKPOINT, weights_only=True)
+    torch.save({**state, "strategy": {"rng": 3}}, folder / CHECKPOINT)
+
+
+def _a_folder(folder):
+    (folder / CHECKPOINT).unlink()
+    (folder / CHECKPOINT).mkdir()
+    (folder / CHECKPOINT / "x").write_text("x")
+
+
+def _not_torch(folder):
+    (folder / CHECKPOINT).write_bytes(b"not a torch file\n")
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (_missing_keys, "missing arrays, seconds"),
+        (_wrong_types, "wrong type for round, strategy"),
+        (_wrong_shapes, "its arrays do not match the model"),
+        (_bad_strategy_state, "its strategy state does not fit"),
+        (_a_folder, "unreadable (IsADirectoryError"),
+        (_not_torch, "unreadable ("),
+    ],
+)
+def test_a_damaged_checkpoint_is_set_aside(tmp_path, caplog, damage, problem):
+    folder = tmp_path / "run"
+    crashed_run(folder)
+    damage(folder)
+    summary = finish(folder, caplog)
+    assert f"damaged checkpoint {folder / CHECKPOINT}: {problem}" in caplog.text
+    assert "moved to checkpoint.pt.damaged, starting from round 0" in caplog.text
+    assert os.path.lexists(folder / (CHECKPOINT + ".damaged"))
+    assert summary["resumed_after_round"] is None
