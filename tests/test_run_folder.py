@@ -321,3 +321,40 @@ def test_a_damaged_checkpoint_is_set_aside(tmp_path, caplog, damage, problem):
     assert "moved to checkpoint.pt.damaged, starting from round 0" in caplog.text
     assert os.path.lexists(folder / (CHECKPOINT + ".damaged"))
     assert summary["resumed_after_round"] is None
+
+
+# --- sweeps -------------------------------------------------------------------------
+
+
+def test_a_sweep_run_holds_its_folders_lock_and_skips_a_folder_in_use(tmp_path):
+    import fcntl
+
+    from fedsim.sweep import load_sweep, run_sweep
+
+    (tmp_path / "base.toml").write_text('strategy = "fedavg"\nnum-nodes = 4\n')
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'base = "base.toml"\nresults-dir = "{tmp_path / "out"}"\n[grid]\nseed = [0, 1]\n')
+    runs = load_sweep(sweep)
+    held = []
+
+    def execute(cfg):
+        fd = os.open(Path(cfg.results_dir) / LOCK, os.O_RDWR)
+        try:  # another open file description cannot take it: the sweep holds the flock
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        held.append(Path(cfg.results_dir).name)
+        return Path(cfg.results_dir)
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(runs[0].folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # e.g. a `fedsim run` on that folder
+        echoed = []
+        results = [what for _, what in run_sweep(runs, execute, echo=echoed.append)]
+    finally:
+        stop(holder)
+    assert results == ["busy", "ran"] and held == ["seed=1"]
+    assert f"in use by another fedsim process (pid {holder.pid})" in echoed[0]
+    assert not runs[0].claim_file.exists() and runs[0].status() == "todo"  # the lock file alone is no result
+    lock_run_folder(runs[1].folder).release()  # released after the run
