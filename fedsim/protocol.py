@@ -100,11 +100,9 @@ def _int_metric(key: str, value: object, low: int, high: int | None, bound: str)
     says where high comes from); an int or an integral float (Flower sends whole numbers
     as either), never a bool or a list."""
     integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # NaN, inf: not integral
-    if isinstance(value, bool) or not integral:
-        raise BadReply(f"{key} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):  # type: ignore[operator]
-        upper = "" if high is None else f" <= {high} ({bound})"
-        raise BadReply(f"{key}={value!r} is out of range: must be >= {low}{upper}")
+    if isinstance(value, bool) or not integral or value < low or (high is not None and value > high):  # type: ignore[operator]
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}] ({bound})"
+        raise BadReply(f"{key} must be an integer {allowed}, got {value!r}")
     return int(value)  # type: ignore[arg-type]
 
 

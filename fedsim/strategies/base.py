@@ -2,9 +2,12 @@
 
 A subclass sets ``task`` (what clients compute) and implements ``parse`` (one reply ->
 its payload, or BadReply) and ``apply`` (the payloads of a round -> the new global
-model). Replies are checked one by one: a bad one is logged with its node id and reason
-and left out; the round goes on with the rest. Replies are used in partition-id order
-so that results do not depend on arrival order.
+model). Replies are untrusted and checked one by one (metrics in range, payload decoded
+byte-exactly, no extra records, one reply per partition, a partition's num-examples the
+same as in its first used reply): a bad one, or one whose check raises anything, is
+logged in one line with its node id and reason and left out; the round goes on with the
+rest. Fewer than ``min_replies`` valid replies leave the global model unchanged. Replies
+are used in partition-id order so that results do not depend on arrival order.
 """
 
 from __future__ import annotations
