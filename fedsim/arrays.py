@@ -111,7 +111,9 @@ def decode_exact(a: Array) -> np.ndarray:
         )
     offset, count = f.tell(), math.prod(shape)
     if len(data) != offset + dtype.itemsize * count:
-        raise ValueError(f"{len(data) - offset} data bytes, expected {dtype.itemsize * count} for dtype {dtype} and shape {tuple(shape)}")
+        raise ValueError(
+            f"{len(data) - offset} data bytes, expected {dtype.itemsize * count} for dtype {dtype} and shape {tuple(shape)}"
+        )
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
 

@@ -85,7 +85,9 @@ def reply_metrics(msg: Message, *, num_partitions: int | None = None, max_exampl
         raise BadReply(f"MetricRecord {METRICS!r} lacks {err.args[0]!r}") from None
     if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
         raise BadReply(f"train-loss must be a finite number, got {loss!r}")
-    examples_cap = (MAX_NUM_EXAMPLES, "exact in float64") if max_examples is None else (max_examples, f"max-examples={max_examples}")
+    examples_cap = (
+        (MAX_NUM_EXAMPLES, "exact in float64") if max_examples is None else (max_examples, f"max-examples={max_examples}")
+    )
     pid_cap = (None, "") if num_partitions is None else (num_partitions - 1, f"num-partitions={num_partitions}")
     return ReplyMetrics(
         num_examples=_int_metric("num-examples", n, 1, *examples_cap),
