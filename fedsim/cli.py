@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
 from fedsim.data.errors import DataError
 from fedsim.errors import RunFailed
+from fedsim.run_folder import claim_run_folder
 from fedsim.validation import check_experiment
 
 
@@ -58,8 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"results folder {given} is a file; give a folder (new or a run's) with --results-dir")
     results = Path(given) if given else default_results_dir(Path(args.experiment))
     cfg = dataclasses.replace(cfg, results_dir=str(results.resolve()))
-    t0 = time.perf_counter()
-    out = _execute(cfg, args)
+    # The folder's lock (held until the run ends), --overwrite, and the refusal of a folder
+    # holding another config's run: before either engine starts.
+    with claim_run_folder(results, cfg, overwrite=args.overwrite):
+        t0 = time.perf_counter()
+        out = _execute(cfg, args)
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run an experiment TOML")
     run.add_argument("experiment", help="a Flower run-config TOML, e.g. experiments/quick.toml")
+    run.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in a results folder that holds a run of another config (its run files are deleted)",
+    )
     _engine_options(run, results_help="where the run's folder goes (default runs/<experiment>-<time>)")
     run.set_defaults(func=cmd_run)
     sweep = sub.add_parser("sweep", help="run a grid of experiments; finished runs are skipped on rerun")

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.checkpoint import load_checkpoint, save_checkpoint
+from fedsim.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from fedsim.clients.batch_sizes import client_batch_sizes
 from fedsim.clients.setup import device_dataset, input_transforms, pick_device
 from fedsim.clients.tasks import evaluate
@@ -29,6 +29,7 @@ from fedsim.errors import RunFailed
 from fedsim.partitions import format_label_counts
 from fedsim.protocol import array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
+from fedsim.run_folder import LABEL_COUNTS, claim_run_folder
 from fedsim.strategies import FedsimStrategy, build_strategy
 from fedsim.strategies.model_vector import load_into
 from fedsim.validation import check_experiment
@@ -129,17 +130,22 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
 
     counts = _label_counts(cfg, max(len(nodes), 1))
     log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
-    writer = RunWriter(Path(cfg.results_dir)) if cfg.results_dir else None
+    # The folder's lock is held from here until writer.finish has written the summary
+    # (re-entrant: the CLI or a sweep in this process may hold it already).
+    folder = Path(cfg.results_dir) if cfg.results_dir else None
+    writer = RunWriter(folder, lock=claim_run_folder(folder, cfg)) if folder is not None else None
     reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
-    checkpoint = load_checkpoint(writer.path, cfg) if writer is not None else None
-    if checkpoint is not None:
+    checkpoint = load_checkpoint(writer.path, cfg, initial) if writer is not None else None
+    rows = writer.resume(checkpoint.round) if checkpoint is not None else None  # None: rounds.csv cannot continue it
+    if checkpoint is not None and rows is not None and restore_strategy(strategy, checkpoint, writer.path):
         log(INFO, "fedsim: resuming from the checkpoint after round %d in %s", checkpoint.round, writer.path)
         initial = checkpoint.arrays
-        strategy.load_state_dict(checkpoint.strategy)
-        reporter.resume(writer.resume(checkpoint.round), checkpoint.seconds)
-    elif writer is not None:
-        writer.start(cfg.to_mapping())
-        np.savetxt(writer.path / "label_counts.csv", counts, fmt="%d", delimiter=",")
+        reporter.resume(rows, checkpoint.seconds)
+    else:
+        checkpoint = None
+        if writer is not None:
+            writer.start(cfg.to_mapping())
+            np.savetxt(writer.path / LABEL_COUNTS, counts, fmt="%d", delimiter=",")
     first_round = checkpoint.round + 1 if checkpoint is not None else 1
     t0 = time.perf_counter()
     try:
@@ -154,6 +160,17 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     wall = time.perf_counter() - t0
     last = reporter.rows[-1]
     log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, last.round, wall)
+    short = rounds_below_min_replies(reporter.rows, cfg.min_replies)
+    trained = sum(1 for r in reporter.rows if r.round > 0)
+    failed = None
+    if trained and len(short) == trained:
+        failed = (
+            f"no round had min-replies={cfg.min_replies} valid replies, so the model never changed "
+            f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
+            f"columns of rounds.csv)"
+        )
+    elif short:
+        log(WARNING, "fedsim: %d of %d rounds had fewer than min-replies=%d valid replies and left the model unchanged", len(short), trained, cfg.min_replies)
     if writer is not None:
         writer.finish(
             final_arrays.to_torch_state_dict() if final_arrays is not None else None,
@@ -164,10 +181,19 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
                 "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
                 "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
                 "resumed_after_round": checkpoint.round if checkpoint is not None else None,
+                "rounds_below_min_replies": len(short), "failed": failed,
                 "wall_seconds": wall, **environment,
             },
         )
+    if failed:
+        raise RunFailed(failed + (f"; results in {writer.path}" if writer is not None else ""))
     return reporter.rows
+
+
+def rounds_below_min_replies(rows: list[RoundRow], min_replies: int) -> list[int]:
+    """The trained rounds (> 0) whose valid replies were fewer than ``min_replies``: the
+    strategy left the global model unchanged in them."""
+    return [r.round for r in rows if r.round > 0 and r.clients < min_replies]
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -201,9 +227,12 @@ def _label_counts(cfg: RunConfig, num_clients: int) -> np.ndarray:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower entry point (``flwr run .``). A bad run config (or a run that learned
-    nothing) is one ERROR line, not a traceback; the run then ends without training."""
+    """Flower entry point (``flwr run .``). Under Flower's runtime a bad run config (or a
+    run that learned nothing) is one ERROR line, not a traceback, and the run ends there;
+    on the in-process engine the error reaches the caller."""
     try:
         run_experiment(grid, RunConfig.from_mapping(context.run_config))
     except (ConfigError, DataError, RunFailed) as err:
+        if getattr(grid, "engine_name", None) == "inprocess":
+            raise  # fedsim's own engine: its caller (the CLI, a notebook) reports it
         log(ERROR, "fedsim: error: %s", err)

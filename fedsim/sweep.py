@@ -48,6 +48,7 @@ from typing import Any
 from fedsim.checkpoint import CHECKPOINT
 from fedsim.config import ConfigError, RunConfig, read_experiment, read_toml, same_experiment
 from fedsim.validation import check_experiment
+from fedsim.run_folder import LOCK, RunFolderBusy, RunFolderConflict, check_run_folder, lock_run_folder
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class SweepRun:
 
     def stored_status(self) -> str:
         """``status`` from the files alone, ignoring claims."""
-        if not self.folder.exists() or not any(p != self.claim_file for p in self.folder.iterdir()):
+        if not self.folder.exists() or not any(p not in (self.claim_file, self.folder / LOCK) for p in self.folder.iterdir()):
             return "todo"
         if not (self.folder / "summary.json").exists():
             return "partial"
@@ -166,23 +167,36 @@ def run_sweep(
             echo(f"[{i}/{len(runs)}] {run.name}: claimed by another worker ({_read_claim(run.claim_file)}), skipped")
             yield run, "busy"
             continue
+        try:  # the folder's lock, held while the run goes (a `fedsim run` on it may hold it)
+            folder_lock = lock_run_folder(run.folder)
+        except RunFolderBusy as err:
+            run.claim_file.unlink(missing_ok=True)
+            echo(f"[{i}/{len(runs)}] {run.name}: {err}; skipped")
+            yield run, "busy"
+            continue
         try:
             status = run.stored_status()  # again: another worker may have finished it meanwhile
             if status == "done":
                 echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
                 yield run, "skipped"
                 continue
+            if status == "partial":
+                try:
+                    check_run_folder(run.folder, run.config)
+                except RunFolderConflict:
+                    status = "stale"  # a killed run of another config: its checkpoint cannot continue this one
             if status == "partial" and (run.folder / CHECKPOINT).exists():
                 echo(f"[{i}/{len(runs)}] {run.name}: partial results found, resuming from its checkpoint")
             elif status in ("partial", "stale"):
                 echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
                 for item in run.folder.iterdir():
-                    if item != run.claim_file:
+                    if item not in (run.claim_file, run.folder / LOCK):  # never the lock: it is held
                         shutil.rmtree(item) if item.is_dir() else item.unlink()
             echo(f"[{i}/{len(runs)}] {run.name}: running")
             execute(run.config)
         finally:
             run.claim_file.unlink(missing_ok=True)
+            folder_lock.release()
         yield run, "ran"
 
 

@@ -52,6 +52,73 @@ def test_truncated_reply_is_rejected_logged_and_round_goes_on(tmp_path, caplog):
     assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
 
 
+broken = ClientApp()
+
+
+@broken.train()
+def _broken_train(msg: Message, context: Context) -> Message:
+    """fedsim's client, except that partitions 0 and 1 reply with NaN signs' worth of garbage
+    (a float payload where packed uint8 signs belong)."""
+    reply = fedsim_client(msg, context)
+    if context.node_config["partition-id"] in (0, 1):
+        reply.content[protocol.SIGNS] = ArrayRecord({protocol.PACKED: Array(np.full(602, np.nan, dtype=np.float32))})
+    return reply
+
+
+def _run_broken(tmp_path, min_replies: int, name: str):
+    cfg = RunConfig.from_mapping(
+        {"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 3, "num-nodes": 4, "min-replies": min_replies,
+         "results-dir": str(tmp_path / name)}
+    ).to_mapping()
+    grid = InProcessGrid(broken, 4, cfg)
+    server_app(grid, Context(1, 1, {}, RecordDict(), cfg))
+    return tmp_path / name
+
+
+def test_min_replies_rounds_below_it_keep_the_model_and_a_run_with_none_fails(tmp_path, caplog):
+    from fedsim.errors import RunFailed
+
+    ok = _run_broken(tmp_path, 2, "ok")  # 2 valid replies a round: enough
+    assert [int(r["clients"]) for r in _rows(ok)[1:]] == [2, 2, 2]
+    summary = json.loads((ok / "summary.json").read_text())
+    assert summary["failed"] is None and summary["rounds_below_min_replies"] == 0
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        try:
+            _run_broken(tmp_path, 3, "short")
+            raise AssertionError("expected RunFailed")
+        except RunFailed as err:
+            assert "no round had min-replies=3 valid replies" in str(err) and str(tmp_path / "short") in str(err)
+    rows = _rows(tmp_path / "short")
+    assert [int(r["clients"]) for r in rows[1:]] == [2, 2, 2] and [int(r["rejected"]) for r in rows[1:]] == [2, 2, 2]
+    assert len({r["test_accuracy"] for r in rows}) == 1  # the model never changed
+    summary = json.loads((tmp_path / "short" / "summary.json").read_text())
+    assert summary["rounds_below_min_replies"] == 3 and "min-replies=3" in summary["failed"]
+    assert sum("fewer than min-replies=3" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_cli_exits_1_when_no_round_met_min_replies(tmp_path, monkeypatch, capsys):
+    """fedsim run on nodes whose replies are all rejected: one line, exit code 1, results kept."""
+    from fedsim import cli
+    from fedsim.engine import runner
+
+    def run_with_broken_clients(run_config, **kwargs):
+        import fedsim.client_app
+
+        monkeypatch.setattr(fedsim.client_app, "app", broken)
+        return real(run_config, **kwargs)
+
+    real = runner.run_inprocess
+    monkeypatch.setattr(runner, "run_inprocess", run_with_broken_clients)
+    out = tmp_path / "run"
+    rc = cli.main(["run", "experiments/quick.toml", "--set", "num-nodes=2", "--set", "batch-mode=0",
+                   "--set", "strategy='sign-mv'", "--set", "num-server-rounds=2", "--results-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("fedsim:")]
+    assert len(lines) == 1 and "no round had min-replies=1 valid replies" in lines[0], err
+    assert "Traceback" not in err and (out / "summary.json").exists()
+
+
 def test_same_seed_same_metrics_and_cli_writes_results(tmp_path):
     outs = []
     for name in ("a", "b"):
