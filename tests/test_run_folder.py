@@ -170,6 +170,10 @@ def test_a_changed_config_on_a_finished_folder_is_refused(tmp_path):
     assert "holds a finished run of another config (lr: 0.01 -> 0.02)" in out.stderr and "--overwrite" in out.stderr
     assert "Traceback" not in out.stderr
     assert {name: (folder / name).read_bytes() for name in before} == before
+    out = subprocess.run([*fedsim_run(folder, "num-server-rounds=3", "eval-every=1", "lr=0.02"), "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((folder / CONFIG).read_text())["lr"] == 0.02
+    assert (folder / SUMMARY).read_bytes() != before[SUMMARY] and len((folder / ROUNDS).read_text().splitlines()) == 5
 
 
 def test_check_run_folder(tmp_path):
