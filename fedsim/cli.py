@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     store.set_defaults(func=cmd_store)
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("FEDSIM_DEBUG", "") not in ("", "0")
+    if debug:
+        os.environ["FEDSIM_DEBUG"] = "1"  # the engines read it too (a raising client's traceback)
     try:
         return int(args.func(args))
     except (ConfigError, DataError) as err:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
@@ -128,7 +129,9 @@ class InProcessGrid(Grid):
             reply = self.client_app(inbound, ctx)
             node.state = ctx.state
         except Exception as ex:  # noqa: BLE001 - a raising client is an error reply, as in Flower
-            log(ERROR, "node %d raised %s\n%s", node.node_id, ex, traceback.format_exc())
+            # One line; the traceback only on request (a client's failure is often a setup problem, not a bug)
+            detail = "\n" + traceback.format_exc() if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0") else ""
+            log(ERROR, "node %d raised %s: %s%s", node.node_id, type(ex).__name__, ex, detail)
             reason = f"{type(ex)}:<'{ex}'>"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
         assign_message_id(reply, f"r{next(self._ids)}")
