@@ -119,6 +119,35 @@ def test_cli_exits_1_when_no_round_met_min_replies(tmp_path, monkeypatch, capsys
     assert "Traceback" not in err and (out / "summary.json").exists()
 
 
+def test_a_sweep_reports_a_failed_run_goes_on_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Two points: the one whose clients are all broken fails, the other still runs."""
+    from fedsim import cli
+    from fedsim.clients import setup
+
+    real_setup = setup.client_setup
+
+    def setup_failing_for_lr_0_5(cfg, *args):
+        if cfg.lr == 0.5:
+            raise RuntimeError("this client is broken")
+        return real_setup(cfg, *args)
+
+    import fedsim.client_app
+
+    monkeypatch.setattr(fedsim.client_app, "client_setup", setup_failing_for_lr_0_5)
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(
+        f'base = "{Path("experiments/quick.toml").resolve()}"\nresults-dir = "{tmp_path / "out"}"\n'
+        '[set]\nnum-server-rounds = 2\nstrategy = "fedavg"\n[grid]\nlr = [0.5, 0.1]\n'
+    )
+    rc = cli.main(["sweep", str(sweep)])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err
+    assert "fedsim: run failed: no round had min-replies=1 valid replies" in captured.err
+    assert "1 run(s) of the sweep learned nothing: lr=0.5" in captured.err
+    assert json.loads((tmp_path / "out" / "lr=0.1" / "summary.json").read_text())["failed"] is None
+    assert "min-replies" in json.loads((tmp_path / "out" / "lr=0.5" / "summary.json").read_text())["failed"]
+
+
 def test_same_seed_same_metrics_and_cli_writes_results(tmp_path):
     outs = []
     for name in ("a", "b"):
