@@ -27,7 +27,7 @@ DEFAULT_MODELS = {
 MAX_SEED = 2**32 - 1  # flwr-datasets/datasets shuffles take 32-bit seeds
 
 __all__ = [
-    "ConfigError", "RunConfig", "same_experiment", "read_toml", "read_experiment", "parse_override",
+    "ConfigError", "RunConfig", "same_experiment", "config_differences", "read_toml", "read_experiment", "parse_override",
     "STRATEGIES", "DEFAULT_MODELS", "MAX_SEED",
 ]
 
@@ -141,14 +141,21 @@ class RunConfig:
 
 def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
     """Whether a run config stored with a run (its ``config.json``) describes the same
-    experiment as ``cfg``. A key added to fedsim after the run was made counts as its
-    default; where the results live (``results-dir``) is not part of the experiment."""
+    experiment as ``cfg`` (``config_differences`` is empty)."""
+    return not config_differences(stored, cfg)
+
+
+def config_differences(stored: Mapping[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (stored value, cfg's value)}`` where a stored run config (a ``config.json``)
+    and ``cfg`` differ. A key added to fedsim after the run was made counts as its default;
+    where the results live (``results-dir``) is not part of the experiment. A key only one
+    side has shows ``None`` on the other."""
     defaults = RunConfig().to_mapping()
     old = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     new = json.loads(json.dumps(cfg.to_mapping()))
     old.pop("results-dir", None)
     new.pop("results-dir", None)
-    return old == new
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)}
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -24,12 +24,11 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError, RunConfig, config_differences
 
 CONFIG = "config.json"
 ROUNDS = "rounds.csv"
@@ -153,19 +152,6 @@ def _ancestors() -> set[int]:
             break
         pid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
     return pids
-
-
-def config_differences(stored: Mapping[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
-    """``{key: (stored value, cfg's value)}`` where a stored run config (a ``config.json``)
-    and ``cfg`` differ, as ``fedsim.config.same_experiment`` compares them: a key missing
-    from ``stored`` counts as its default, ``results-dir`` is left out. A key only one side
-    has shows ``None`` on the other."""
-    defaults = RunConfig().to_mapping()
-    old = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
-    new = json.loads(json.dumps(cfg.to_mapping()))
-    old.pop("results-dir", None)
-    new.pop("results-dir", None)
-    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)}
 
 
 def stored_config(folder: str | Path) -> dict[str, Any] | None:

@@ -6,7 +6,6 @@ the test checks that none is left.
 
 import csv
 import math
-import os
 import re
 import subprocess
 from pathlib import Path

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsim.config import ConfigError, RunConfig, same_experiment
+from fedsim.config import ConfigError, RunConfig, config_differences, same_experiment
 from fedsim.engine.runner import run_inprocess
 from fedsim.run_folder import (
     CHECKPOINT,
@@ -28,7 +28,6 @@ from fedsim.run_folder import (
     check_run_folder,
     claim_run_folder,
     clear_run_folder,
-    config_differences,
     lock_run_folder,
 )
 
