@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     store.set_defaults(func=cmd_store)
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("FEDSIM_DEBUG", "") not in ("", "0")
+    before = os.environ.get("FEDSIM_DEBUG")
     if debug:
         os.environ["FEDSIM_DEBUG"] = "1"  # the engines read it too (a raising client's traceback)
     try:
@@ -228,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             f"fedsim: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr
         )
         return 1
+    finally:
+        if before is None:
+            os.environ.pop("FEDSIM_DEBUG", None)
+        else:
+            os.environ["FEDSIM_DEBUG"] = before
 
 
 if __name__ == "__main__":
