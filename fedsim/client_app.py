@@ -7,7 +7,9 @@
 The client's partition comes from the node config (``partition-id``, ``num-partitions``,
 set by Flower's simulation or by ``flower-supernode --node-config``); its batch size from
 the node config's ``batch-size`` if given, else from the run config (``batch-size``,
-``batch-sizes`` or ``batch-mode``). Heavy modules (datasets, models) load lazily and are
+``batch-sizes`` or ``batch-mode``); its device from the node config's ``device`` if given,
+else from the run config's, never silently the CPU where the server trains on CUDA
+(fedsim.device). Each reply reports the device it trained on (``cuda-device``). Heavy modules (datasets, models) load lazily and are
 cached per process.
 """
 
@@ -21,6 +23,7 @@ from fedsim.arrays import to_array_record
 from fedsim.clients.setup import client_setup
 from fedsim.clients.tasks import flat_gradient, local_epochs, minibatch_gradient
 from fedsim.config import RunConfig
+from fedsim.device import client_device, device_code
 from fedsim.seeding import generator
 from fedsim.strategies.model_vector import load_into
 from fedsim.strategies.signs import pack_signs
@@ -39,8 +42,9 @@ def train(msg: Message, context: Context) -> Message:
             "--node-config \"partition-id=K num-partitions=M\" (Flower's simulation sets them itself)"
         )
     pid, num = int(node["partition-id"]), int(node["num-partitions"])
-    setup = client_setup(cfg, pid, num, int(node["batch-size"]) if "batch-size" in node else None)
     task_cfg = msg.content[protocol.CONFIG]
+    device = client_device(cfg.device, task_cfg.get("device"), str(node["device"]) if "device" in node else None)
+    setup = client_setup(cfg, pid, num, int(node["batch-size"]) if "batch-size" in node else None, device)
     task, rnd = str(task_cfg["task"]), int(task_cfg["server-round"])
 
     model = setup.model
@@ -64,7 +68,10 @@ def train(msg: Message, context: Context) -> Message:
         if buffers:
             payload[protocol.BUFFERS] = to_array_record(_numpy(buffers))
     metrics = MetricRecord(
-        {"num-examples": len(setup.data), "train-loss": loss, "partition-id": pid, "batch-size": setup.batch_size}
+        {
+            "num-examples": len(setup.data), "train-loss": loss, "partition-id": pid, "batch-size": setup.batch_size,
+            "cuda-device": device_code(setup.device),
+        }
     )
     return Message(RecordDict({**payload, protocol.METRICS: metrics}), reply_to=msg)
 

@@ -59,6 +59,7 @@ class RunConfig:
     stop_at_accuracy: float = 0.0
     min_replies: int = 1
     round_timeout: float = 3600.0
+    device: str = "auto"
     results_dir: str = ""
 
     @classmethod
@@ -96,6 +97,7 @@ class RunConfig:
         """Raise ConfigError naming the first invalid value. Checks that need no data; the
         ones against the dataset (sizes, classes, files) are fedsim.validation's."""
         from fedsim.data.load import DATASETS
+        from fedsim.device import DEVICE_FORMS, valid_device_name
         from fedsim.models import MODELS
         from fedsim.partitions import PartitionSpec
 
@@ -124,6 +126,7 @@ class RunConfig:
             (self.min_replies <= per_round, f"min-replies={self.min_replies}: only {per_round} clients are sampled per round "
              f"(num-nodes={self.num_nodes}, fraction-train={self.fraction_train}); use min-replies <= {per_round}"),
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
+            (valid_device_name(self.device), f"device={self.device!r}: choose {DEVICE_FORMS}"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
         ]
         for ok, message in checks:

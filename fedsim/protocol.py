@@ -1,9 +1,10 @@
 """What fedsim's messages carry, and the checks a reply must pass before it is used.
 
 Train message (server -> client): ArrayRecord ``"arrays"`` (the global model's
-state_dict) and ConfigRecord ``"config"`` with ``task``, ``lr``, ``local-epochs`` and
-``server-round``. Train reply: MetricRecord ``"metrics"`` (``num-examples`` = n_k, the
-local set size; ``batch-size``; ``train-loss``; ``partition-id``) and, by task:
+state_dict) and ConfigRecord ``"config"`` with ``task``, ``lr``, ``local-epochs``,
+``server-round`` and ``device`` (the device type the server resolved ``device`` to). Train reply: MetricRecord ``"metrics"`` (``num-examples`` = n_k, the
+local set size; ``batch-size``; ``train-loss``; ``partition-id``; ``cuda-device``, the
+CUDA index the client trained on or -1 for the CPU) and, by task:
 
 - ``local-epochs`` (FedAvg): ArrayRecord ``"arrays"``, the locally trained state_dict;
 - ``gradient`` (FedSGD): ArrayRecord ``"grads"``, one float array per trainable parameter;
@@ -55,6 +56,7 @@ class ReplyMetrics:
     train_loss: float
     partition_id: int
     batch_size: int
+    cuda_device: int | None = None  # the CUDA index it trained on, -1 for the CPU; None: not reported
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -66,12 +68,14 @@ def content_bytes(content: RecordDict) -> int:
 MAX_BATCH_SIZE = 2**31 - 1
 # Weights are computed in float64: larger example counts would not even be exact there.
 MAX_NUM_EXAMPLES = 2**53
+MAX_CUDA_INDEX = 1023
 
 
 def reply_metrics(msg: Message, *, num_partitions: int | None = None, max_examples: int | None = None) -> ReplyMetrics:
     """The reply's MetricRecord, type- and range-checked: ``num-examples`` an integer in
     [1, max_examples], ``train-loss`` a finite number, ``partition-id`` an integer in
-    [0, num_partitions), ``batch-size`` (default 0) an integer in [0, MAX_BATCH_SIZE].
+    [0, num_partitions), ``batch-size`` (default 0) an integer in [0, MAX_BATCH_SIZE],
+    ``cuda-device`` (optional: the device it trained on) an integer in [-1, MAX_CUDA_INDEX].
     ``max_examples`` None: at most MAX_NUM_EXAMPLES; ``num_partitions`` None: any id >= 0."""
     if msg.has_error():
         raise BadReply(f"client error: {msg.error.reason}")
@@ -94,6 +98,7 @@ def reply_metrics(msg: Message, *, num_partitions: int | None = None, max_exampl
         train_loss=float(loss),
         partition_id=_int_metric("partition-id", pid, 0, *pid_cap),
         batch_size=_int_metric("batch-size", m.get("batch-size", 0), 0, MAX_BATCH_SIZE, "an int32 row count"),
+        cuda_device=None if "cuda-device" not in m else _int_metric("cuda-device", m["cuda-device"], -1, MAX_CUDA_INDEX, "a CUDA index"),
     )
 
 

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from fedsim.clients.batch_sizes import client_batch_sizes
-from fedsim.clients.setup import device_dataset, input_transforms, pick_device
+from fedsim.clients.setup import device_dataset, input_transforms
 from fedsim.clients.tasks import evaluate
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data.errors import DataError
+from fedsim.device import device_label, resolve_device
 from fedsim.errors import RunFailed
 from fedsim.partitions import format_label_counts
 from fedsim.protocol import array_spec
@@ -57,7 +58,7 @@ class RoundReporter:
         self.strategy = strategy
         self.writer = writer
         self.on_round = on_round
-        self.device = pick_device()
+        self.device = resolve_device(cfg.device)
         _, _, x_test, self.y_test, splits = device_dataset(cfg.dataset, cfg.data_dir, self.device)
         _, eval_transform = input_transforms(cfg.dataset, splits.input_shape, cfg.model_name)
         self.x_test = eval_transform(x_test) if eval_transform is not None else x_test
@@ -109,7 +110,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
 
     check_experiment(cfg)  # before waiting for nodes or touching the results folder
     environment = environment_info()  # before any round: the code this process runs
-    device = pick_device()
+    device = resolve_device(cfg.device)
     splits = device_dataset(cfg.dataset, cfg.data_dir, device)[4]
     model = build_model(cfg.model_name, num_classes=splits.num_classes, seed=cfg.seed)
     initial = ArrayRecord(model.state_dict())
@@ -123,7 +124,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     # training set's size as num-examples: a node cannot grow the server's state at will.
     strategy = build_strategy(
         cfg, array_spec(initial), param_keys,
-        num_partitions=max(cfg.num_nodes, len(nodes)), max_examples=len(splits.y_train),
+        num_partitions=max(cfg.num_nodes, len(nodes)), max_examples=len(splits.y_train), device=device,
     )
     sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
     log(INFO, "fedsim: %s on %s (%s), %d nodes, batch sizes by partition %s", cfg.strategy, cfg.dataset, cfg.model_name, len(nodes), sizes)
@@ -151,6 +152,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     try:
         result = strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+            train_config=train_config(device),
             evaluate_fn=reporter, first_round=first_round,
         )
         final_arrays, stopped_at = result.arrays, None
@@ -177,6 +179,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
             {
                 "seed": cfg.seed, "engine": engine, "device": str(device),
                 "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "client_devices": sorted({device_label(code) for code in strategy.reported_devices.values()}),
                 "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
                 "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
                 "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
@@ -188,6 +191,12 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     if failed:
         raise RunFailed(failed + (f"; results in {writer.path}" if writer is not None else ""))
     return reporter.rows
+
+
+def train_config(device: torch.device) -> ConfigRecord:
+    """What every train message carries besides the strategy's task: the device type the
+    server resolved ``device`` to (clients of a CUDA server must find CUDA: fedsim.device)."""
+    return ConfigRecord({"device": device.type})
 
 
 def rounds_below_min_replies(rows: list[RoundRow], min_replies: int) -> list[int]:
@@ -220,7 +229,7 @@ def _label_counts(cfg: RunConfig, num_clients: int) -> np.ndarray:
     """Each client's label histogram [clients, classes] under the run's partition."""
     from fedsim.partitions import label_counts, partition_indices
 
-    splits = device_dataset(cfg.dataset, cfg.data_dir, pick_device())[4]
+    splits = device_dataset(cfg.dataset, cfg.data_dir, resolve_device(cfg.device))[4]
     labels = splits.y_train.numpy()
     return label_counts(labels, partition_indices(labels, cfg.partitioning, num_clients, cfg.seed), splits.num_classes)
 

@@ -3,7 +3,7 @@ process is started (``fedsim run``, ``fedsim sweep``, the ServerApp).
 
 ``RunConfig.validate`` checks values on their own; ``check_experiment`` loads the
 dataset (cached per process, so the run that follows does not load it again) and checks
-what depends on it: the data files, the model against the data's shape, the
+what depends on it and on this machine: the device, the data files, the model against the data's shape, the
 partitioning against the number of clients, examples and labels, the batch-size table.
 """
 
@@ -19,9 +19,11 @@ def check_experiment(cfg: RunConfig, num_nodes: int | None = None) -> None:
     from fedsim.clients.setup import input_transforms
     from fedsim.data import DataError, load_dataset
     from fedsim.data.paths import given_dir
+    from fedsim.device import resolve_device
     from fedsim.partitions import partition_indices
 
     nodes = cfg.num_nodes if num_nodes is None else num_nodes
+    resolve_device(cfg.device)  # CUDA asked for where there is none
     try:
         if cfg.data_dir:  # checked for every dataset: a mistyped folder is a mistake even where it is not read
             given_dir(cfg.data_dir)

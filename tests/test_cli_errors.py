@@ -66,6 +66,8 @@ BAD_SETTINGS: list[tuple[list[str], str]] = [
     (["node-wait=-1"], "node-wait"),
     (["no-such-key=1"], "unknown run-config key"),
     (['data-dir="/nonexistent/fedsim-data"'], "does not exist"),
+    (['device="gpu"'], "device='gpu': choose 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (['device="cuda:999"'], "device='cuda:999', but this process sees"),
     (["lr"], "expected key=value"),
     (["=3"], "the key is empty"),
 ]

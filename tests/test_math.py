@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.signs import pack_signs, packed_size, unpack_signs
+from fedsim.strategies.signs import pack_on_device, pack_signs, packed_size, unpack_signs
 from fedsim.strategies.votes import CrossProbabilityEstimator, llr_weighted_vote, majority_vote
 
 S = lambda rows: torch.tensor(rows, dtype=torch.int8)  # noqa: E731
@@ -42,6 +42,20 @@ def test_pack_unpack_round_trip(x):
     assert packed.size == packed_size(t.numel()) == math.ceil(t.numel() / 8)
     expected = torch.where(t >= 0, 1, -1).to(torch.int8)
     assert torch.equal(unpack_signs(packed, t.numel()), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e6, 1e6, width=32)), st.booleans())
+def test_packing_on_the_device_equals_numpys_packbits(x, with_nan):
+    """pack_on_device (what a CUDA client runs) is bit-identical to the host code, and its
+    flag byte says NaN; run here on the CPU, on the GPU by benchmarks/gpu_check.sh."""
+    if with_nan:
+        x = x.copy()
+        x[len(x) // 2] = np.nan
+    out = pack_on_device(torch.from_numpy(x)).numpy()
+    assert out.size == packed_size(x.size) + 1 and out[-1] == int(with_nan)
+    with np.errstate(invalid="ignore"):
+        assert out[:-1].tolist() == np.packbits(x >= 0).tolist()
 
 
 # --- votes --------------------------------------------------------------------------------

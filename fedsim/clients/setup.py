@@ -9,7 +9,6 @@ process and these caches simply start empty.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,21 +22,6 @@ from fedsim.config import ConfigError, RunConfig
 
 
 _LOAD_LOCK = threading.Lock()
-
-
-def pick_device() -> torch.device:
-    """CUDA when available, else CPU; ``FEDSIM_DEVICE`` overrides (e.g. "cpu", "cuda:1")."""
-    return _device(os.environ.get("FEDSIM_DEVICE") or ("cuda" if _cuda_available() else "cpu"))
-
-
-@functools.cache
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-@functools.cache
-def _device(name: str) -> torch.device:
-    return torch.device(name)
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,12 +117,15 @@ def _model_facts(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
     return params, buffers
 
 
-def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None) -> ClientSetup:
-    """The client's data view, model and batch size (node config's batch size wins); built
-    once per (config, node, device, thread) in this process."""
+def client_setup(
+    cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None, device: torch.device
+) -> ClientSetup:
+    """The client's data view, model and batch size (node config's batch size wins) on
+    ``device`` (fedsim.device.client_device); built once per (config, node, device,
+    thread) in this process."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    return _client_setup(cfg, partition_id, num_partitions, node_batch_size, pick_device(), threading.get_ident())
+    return _client_setup(cfg, partition_id, num_partitions, node_batch_size, device, threading.get_ident())
 
 
 @functools.lru_cache(maxsize=4096)

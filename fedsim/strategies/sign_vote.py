@@ -42,7 +42,7 @@ class SignMajorityVote(FedsimStrategy):
         u = self.vote([r.metrics.partition_id for r in replies], signs)  # partition ids: stable across runs, unlike node ids
         state = to_state(current)
         x = flatten(state, self.param_keys)
-        unflatten_into(state, self.param_keys, x - self.lr * u.to(x.dtype))
+        unflatten_into(state, self.param_keys, x - self.lr * u.to(x.device, x.dtype))
         return to_array_record({k: v.numpy() for k, v in state.items()})
 
 
@@ -63,13 +63,16 @@ class LLRWeightedVote(SignMajorityVote):
         max_llr: float = 10.0,
         warmup_rounds: int = 100,
         forgetting: float = 1.0,
+        device: torch.device | str = "cpu",
         **common: Any,
     ) -> None:
-        """``common``: FedsimStrategy's options (fraction_train, seed, num_partitions, ...)."""
+        """``device``: where the agreement counts live and the vote runs (the training
+        device: on a GPU the M x N counts and the vote stay there); ``common``:
+        FedsimStrategy's options (fraction_train, seed, num_partitions, ...)."""
         super().__init__(model_spec, param_keys, lr, **common)
         self.estimator = CrossProbabilityEstimator(
             self.num_params, eps=eps, max_llr=max_llr, warmup_rounds=warmup_rounds, forgetting=forgetting,
-            max_clients=self.num_partitions,
+            max_clients=self.num_partitions, device=device,
         )
 
     def summary(self) -> None:

@@ -20,13 +20,34 @@ def packed_size(n: int) -> int:
 def pack_signs(t: torch.Tensor) -> np.ndarray:
     """Pack sign(t) into a uint8 array of ceil(t.numel() / 8) bytes (zero -> +1).
 
-    Raises ValueError on NaN, which has no sign.
+    Raises ValueError on NaN, which has no sign. A CUDA tensor is packed on its device
+    (``pack_on_device``): 8x fewer bytes cross to the host, in one copy with the NaN flag.
     """
     flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        packed = pack_on_device(flat).cpu().numpy()  # the one device -> host copy (and sync)
+        if packed[-1]:
+            raise ValueError(_NAN_MESSAGE)
+        return packed[:-1]
     if flat.is_floating_point() and bool(torch.isnan(flat).any()):
-        raise ValueError("pack_signs: the tensor holds NaN, which has no sign; check the gradient")
-    bits = (flat >= 0).to(torch.uint8).cpu().numpy()
-    return np.packbits(bits)
+        raise ValueError(_NAN_MESSAGE)
+    return np.packbits((flat >= 0).numpy())
+
+
+_NAN_MESSAGE = "pack_signs: the tensor holds NaN, which has no sign; check the gradient"
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # bit 7 - i % 8 of byte i // 8: numpy's packbits order
+
+
+def pack_on_device(flat: torch.Tensor) -> torch.Tensor:
+    """The packed bytes of sign(flat) computed on flat's device, as pack_signs lays them
+    out, followed by one flag byte (1 if flat holds NaN): ceil(n / 8) + 1 uint8 values."""
+    n = flat.numel()
+    bits = torch.zeros(packed_size(n) * 8, dtype=torch.uint8, device=flat.device)
+    bits[:n] = flat >= 0
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    packed = (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    nan = torch.isnan(flat).any() if flat.is_floating_point() else torch.zeros((), dtype=torch.bool, device=flat.device)
+    return torch.cat([packed, nan.to(torch.uint8).reshape(1)])
 
 
 def unpack_signs(packed: np.ndarray, n: int) -> torch.Tensor:
