@@ -154,7 +154,10 @@ def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     parser.add_argument("--results-dir", help=results_help)
     parser.add_argument("--workers", type=_number(int, 1), help="inprocess engine: clients run on this many threads (default 1; same results)")
     parser.add_argument("--cpus-per-client", type=_number(float, 0.0, strict=True), default=1.0, help="flower engine: Ray CPUs per client (> 0)")
-    parser.add_argument("--gpus-per-client", type=_number(float, 0.0), default=0.0, help="flower engine: Ray GPU share per client (>= 0)")
+    parser.add_argument(
+        "--gpus-per-client", type=_number(float, 0.0),
+        help="flower engine: Ray GPU share per client (>= 0; default: a share that fits all concurrent clients on the GPUs when CUDA is present, else 0)",
+    )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also FEDSIM_DEBUG=1)")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import RunConfig
+from fedsim.device import cuda_count, default_gpu_share
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,15 +201,20 @@ def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
 def run_flower(
     run_config: Mapping[str, Any],
     cpus_per_client: float = 1.0,
-    gpus_per_client: float = 0.0,
+    gpus_per_client: float | None = None,
     flwr_home: Path | None = None,
     echo: bool = True,
 ) -> Path:
     """Run ``run_config`` through ``flwr run`` on Flower's simulation runtime with
-    ``num-nodes`` SuperNodes; return the results folder (``results-dir``, made absolute)."""
+    ``num-nodes`` SuperNodes; return the results folder (``results-dir``, made absolute).
+    ``gpus_per_client`` None: a share that fits every concurrent client on this machine's
+    GPUs when the run may use CUDA (``device`` not "cpu"), else 0 (fedsim.device)."""
     cfg = RunConfig.from_mapping(run_config)
     if not cfg.results_dir:
         raise ValueError("run_flower needs results-dir: the folder the run's results go to")
+    if gpus_per_client is None:
+        gpus = cuda_count() if cfg.device != "cpu" else 0
+        gpus_per_client = default_gpu_share(cfg.num_nodes, cpus_per_client, os.cpu_count() or 1, gpus)
     mapping = cfg.to_mapping()
     mapping["results-dir"] = str(Path(cfg.results_dir).resolve())
     if cfg.data_dir:  # Flower's processes run elsewhere: a relative path means "from here"
