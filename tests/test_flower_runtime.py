@@ -5,6 +5,7 @@ the test checks that none is left.
 """
 
 import csv
+import json
 import math
 import re
 import subprocess
@@ -95,6 +96,9 @@ def test_strategy_learns_on_flower_runtime_and_inprocess_engine_agrees(strategy,
     acc = [float(r["test_accuracy"]) for r in a]
     assert acc[-1] > acc[0] + 0.2, acc
     assert all(int(r["clients"]) == 10 and int(r["rejected"]) == 0 for r in a[1:])
+    for folder in (flower, inproc):  # every client said where it trained (here: no GPU)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert [d.split(":")[0] for d in summary["client_devices"]] == [summary["device"].split(":")[0]], summary
     if strategy in ("sign-mv", "llr-vote"):
         per_client = max(int(r["bytes_up"]) for r in a[1:]) / 10
         assert per_client <= packed_size(DIGITS_MLP_PARAMS) + 1024, per_client
