@@ -11,21 +11,28 @@ Semantics kept from Flower's runtime:
 - a client that raises becomes an error reply (``Error(code=2, ...)``, as in Flower's
   simulation) and its ``context.state`` changes are discarded;
 - replies carry message ids and ``reply_to`` metadata like the SuperLink's.
-With ``workers > 1`` the messages of a round run concurrently on a thread pool (torch
-releases the GIL in its kernels, so clients use several cores); replies come back in
-push order and every client draws from its own seeded stream, so results do not depend
-on the number of workers. A node never gets two messages at once (one per round).
+Cores: with ``workers`` = "auto" (``plan_round``) or a number > 1, the messages of a round
+run concurrently on worker threads, one torch intra-op thread each (torch releases the GIL
+in its kernels); a client whose minibatch is split into micro-batches
+(``fedsim.clients.tasks``) hands its parts to idle workers, so one big client does not
+hold the round on one core. Replies come back in push order, every client draws from its
+own seeded stream and parts are summed in a fixed order: results are bit-identical for any
+number of workers. A node never gets two messages at once (one per round).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import os
+import threading
+import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from logging import ERROR
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -35,9 +42,112 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedsim.clients.tasks import part_map
 from fedsim.engine.flower_internals import Run, assign_message_id, copy_record, set_server_identity
 
 FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
+# "auto" runs a round on one thread when its clients' work (as last measured) is below this:
+# the GIL-held framework work per message (~0.3 ms) would then not overlap, and thread
+# hand-offs cost more than they save.
+PARALLEL_MIN_ROUND_S = 0.02
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How a round's messages run: ``workers`` threads (1: one after another on the calling
+    thread) taking the messages in ``order`` (indices into the pushed list)."""
+
+    workers: int
+    order: tuple[int, ...]
+
+
+def plan_round(seconds: Sequence[float | None], cores: int) -> RoundPlan:
+    """The plan for a round whose clients last took ``seconds`` each (None: not yet measured).
+
+    One thread when there is one core or client, when a client is unmeasured (the round
+    measures them) or when the whole round is under PARALLEL_MIN_ROUND_S; else one worker
+    per core, each with one torch thread, taking the clients longest first (a client split
+    into micro-batches shares its parts with idle workers, so the longest need not be last).
+    """
+    n = len(seconds)
+    if cores < 2 or n < 2 or any(s is None for s in seconds) or sum(seconds) < PARALLEL_MIN_ROUND_S:  # type: ignore[arg-type]
+        return RoundPlan(1, tuple(range(n)))
+    order = sorted(range(n), key=lambda i: -seconds[i])  # type: ignore[operator]  # stable: ties in push order
+    return RoundPlan(cores, tuple(order))
+
+
+class _Workers:
+    """Threads taking tasks from one deque; tasks pushed ``front=True`` are taken first.
+
+    ``map_parts`` (a part map, see fedsim.clients.tasks) pushes a task's parts to the front
+    and runs every part that no worker has started itself before waiting, so a waiting thread
+    never waits for a part that is not running: no deadlock with any number of threads.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._tasks: collections.deque[tuple[Future, Callable[[], Any]]] = collections.deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._loop, name=f"fedsim-node-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[[], R], front: bool = False) -> Future:
+        future: Future = Future()
+        with self._ready:
+            (self._tasks.appendleft if front else self._tasks.append)((future, fn))
+            self._ready.notify()
+        return future
+
+    def map_parts(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """[fn(i) for i in items]: the first here, the others by whichever thread is free first."""
+        items = list(items)
+        futures = [self.submit(lambda item=item: fn(item), front=True) for item in reversed(items[1:])][::-1]
+        try:
+            results: list[Any] = [fn(items[0])] if items else []
+            pending = []
+            for item, future in zip(items[1:], futures):
+                if future.cancel():  # nobody started it: run it here
+                    results.append(fn(item))
+                else:
+                    results.append(None)
+                    pending.append((len(results) - 1, future))
+            for index, future in pending:
+                results[index] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return results
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._tasks and not self._closed:
+                    self._ready.wait()
+                if not self._tasks:
+                    return
+                future, fn = self._tasks.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as ex:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(ex)
 
 
 class InProcessGrid(Grid):
@@ -52,13 +162,19 @@ class InProcessGrid(Grid):
         run_config: UserConfig,
         node_configs: Iterable[Mapping[str, bool | float | int | str]] | None = None,
         run_id: int = 1,
-        workers: int = 1,
+        workers: int | str = 1,
     ) -> None:
+        """``workers``: "auto" (plan each round with ``plan_round`` on the available cores)
+        or a fixed number of threads (1: one client after another)."""
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedsim-node") if workers > 1 else None
+        if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be 'auto' or an int >= 1, got {workers!r}")
+        self.workers = workers
+        threads = available_cores() if workers == "auto" else int(workers)
+        self._pool = _Workers(threads) if threads > 1 else None
+        self._seconds: dict[int, float] = {}  # node id -> its last message's wall time
+        self.plans: collections.Counter[int] = collections.Counter()  # workers used -> rounds
         extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
         if len(extra) != num_nodes:
             raise ValueError(f"got {len(extra)} node configs for {num_nodes} nodes")
@@ -104,20 +220,42 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         msgs = [self._pending.pop(mid) for mid in message_ids if mid in self._pending]
-        if self._pool is None or len(msgs) < 2:
-            return [self._deliver(m) for m in msgs]
-        return list(self._pool.map(self._deliver, msgs))
+        plan = self._plan(msgs)
+        self.plans[plan.workers] += 1
+        if plan.workers == 1 or self._pool is None:
+            return [self._timed_deliver(m) for m in msgs]
+        pool = self._pool
+        futures = {i: pool.submit(lambda m=msgs[i]: self._timed_deliver(m, pool.map_parts)) for i in plan.order}
+        return [futures[i].result() for i in range(len(msgs))]
+
+    def _plan(self, msgs: list[Message]) -> RoundPlan:
+        if self._pool is None:
+            return RoundPlan(1, tuple(range(len(msgs))))
+        if self.workers != "auto":
+            return RoundPlan(int(self.workers), tuple(range(len(msgs))))
+        return plan_round([self._seconds.get(m.metadata.dst_node_id) for m in msgs], available_cores())
 
     def close(self) -> None:
         """Stop the worker threads (if any)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.close()
             self._pool = None
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
 
     # --- delivery ----------------------------------------------------------------------
+
+    def _timed_deliver(self, msg: Message, mapper: Callable | None = None) -> Message:
+        """_deliver, micro-batches through ``mapper`` (None: on this thread); records its wall time."""
+        t0 = time.perf_counter()
+        if mapper is None:
+            reply = self._deliver(msg)
+        else:
+            with part_map(mapper):
+                reply = self._deliver(msg)
+        self._seconds[msg.metadata.dst_node_id] = time.perf_counter() - t0
+        return reply
 
     def _deliver(self, msg: Message) -> Message:
         """Run the ClientApp on a private copy of ``msg``; commit node state only on success."""

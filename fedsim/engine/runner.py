@@ -22,14 +22,15 @@ def run_inprocess(
     threads: int | None = None,
     on_round: Callable[[Any], None] | None = None,
     quiet: bool = False,
-    workers: int | None = None,
+    workers: int | str | None = None,
 ) -> Path:
     """Run ``run_config`` (validated by RunConfig; must set ``results-dir``) to the end and
-    return the results folder. ``threads``: torch intra-op threads (default 1, as one
-    Flower actor has; ``FEDSIM_THREADS`` overrides). ``quiet``: hide Flower's per-round
-    INFO log lines (warnings, e.g. rejected replies, still show). ``workers``: clients run
-    concurrently on this many threads (default 1; ``FEDSIM_WORKERS`` overrides); results
-    are the same for any number."""
+    return the results folder. ``threads``: torch intra-op threads per worker (default 1;
+    ``FEDSIM_THREADS`` overrides; more than 1 lets torch split its sums, so results then
+    depend on it). ``quiet``: hide Flower's per-round INFO log lines (warnings, e.g.
+    rejected replies, still show). ``workers``: "auto" (default; ``FEDSIM_WORKERS``
+    overrides) plans each round on the available cores (``fedsim.engine.inprocess.plan_round``),
+    a number runs clients on that many threads; results are the same bits for any value."""
     import torch
 
     from fedsim.client_app import app as client_app
@@ -40,8 +41,7 @@ def run_inprocess(
         raise ValueError("run_inprocess needs results-dir: the folder the run's results go to")
     torch.set_num_threads(threads or int(os.environ.get("FEDSIM_THREADS", "1")))
     mapping = cfg.to_mapping()
-    workers = workers or int(os.environ.get("FEDSIM_WORKERS", "1"))
-    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=workers)
+    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=parse_workers(workers or os.environ.get("FEDSIM_WORKERS") or "auto"))
     grid.on_round = on_round  # the ServerApp reports each round to this hook when present
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
     flwr_logger = logging.getLogger("flwr")
@@ -54,3 +54,16 @@ def run_inprocess(
         flwr_logger.setLevel(level)
         grid.close()
     return Path(cfg.results_dir)
+
+
+def parse_workers(value: int | str) -> int | str:
+    """"auto" or an int >= 1 (also as text, e.g. from FEDSIM_WORKERS); ValueError otherwise."""
+    number = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        number = int(text) if text.isdigit() else 0
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"workers must be 'auto' or an integer >= 1, got {value!r}")
+    return number

@@ -1,0 +1,154 @@
+"""Every core on the in-process engine: round plans, micro-batches and worker threads give
+the same results as one thread (issue #13)."""
+
+import csv
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsim.clients import tasks
+from fedsim.clients.tasks import LocalData, MICRO_BATCH, flat_gradient, micro_batches, part_map
+from fedsim.engine import inprocess
+from fedsim.engine.inprocess import RoundPlan, _Workers, plan_round
+from fedsim.models import build_model
+from fedsim.seeding import generator
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+def test_plan_is_one_thread_until_every_client_is_measured_or_when_the_round_is_tiny():
+    assert plan_round([None, 0.5, 0.5], cores=4) == RoundPlan(1, (0, 1, 2))
+    assert plan_round([0.001] * 15, cores=2) == RoundPlan(1, tuple(range(15)))  # 15 ms < PARALLEL_MIN_ROUND_S
+    assert plan_round([0.9], cores=8) == RoundPlan(1, (0,))
+    assert plan_round([0.5, 0.5], cores=1) == RoundPlan(1, (0, 1))
+
+
+def test_plan_uses_every_core_and_takes_the_longest_clients_first():
+    # batch mode 4: one big client among small ones; ties keep push order
+    seconds = [0.005, 0.005, 0.6, 0.005, 0.01]
+    assert plan_round(seconds, cores=2) == RoundPlan(2, (2, 4, 0, 1, 3))
+    assert plan_round([0.1] * 3, cores=16) == RoundPlan(16, (0, 1, 2))
+
+
+# --- micro-batches -------------------------------------------------------------------------
+
+
+@given(st.integers(0, 5000))
+def test_micro_batches_split_b_into_near_equal_parts_of_at_most_micro_batch(b):
+    sizes = micro_batches(b)
+    assert sum(sizes) == b and max(sizes) <= max(b, 1) and (len(sizes) == 1 or max(sizes) <= MICRO_BATCH)
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert len(sizes) == max(1, -(-b // MICRO_BATCH))
+
+
+_DIGITS = None
+
+
+def _digits() -> LocalData:
+    global _DIGITS
+    if _DIGITS is None:
+        from fedsim.data import load_dataset
+
+        splits = load_dataset("digits")
+        _DIGITS = LocalData(splits.x_train, splits.y_train, torch.arange(len(splits.y_train)))
+    return _DIGITS
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(MICRO_BATCH + 1, 1400), seed=st.integers(0, 2**20))
+def test_micro_batch_gradient_matches_one_batch_to_1e6_with_the_same_signs(b, seed):
+    """Parts change only the order of the floating-point sums: |diff| <= 1e-6 and the same signs
+    wherever the whole-batch gradient is not an exact tie (0)."""
+    model = build_model("digits-mlp", seed=seed % 7)
+    data = _digits()
+    parts, _, n = flat_gradient(model, data, b, generator(seed, 0, 1))
+    saved = tasks.MICRO_BATCH
+    tasks.MICRO_BATCH = 10**9  # one batch
+    try:
+        whole, _, n_whole = flat_gradient(model, data, b, generator(seed, 0, 1))
+    finally:
+        tasks.MICRO_BATCH = saved
+    assert n == n_whole == min(b, len(data)) and len(micro_batches(n)) > 1
+    assert float((parts - whole).abs().max()) <= 1e-6
+    not_tie = whole != 0
+    assert torch.equal((parts >= 0)[not_tie], (whole >= 0)[not_tie])
+
+
+def test_parts_are_the_same_bits_on_other_threads_in_any_order_and_batchnorm_models_are_not_split():
+    model = build_model("digits-mlp", seed=1)
+    data = _digits()
+    one, _, _ = flat_gradient(model, data, 700, generator(3, 0, 1))
+
+    def own_threads_last_first(fn, items):
+        """Each part on its own new thread, started last part first."""
+        items = list(items)
+        out = [None] * len(items)
+        threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, fn(items[k]))) for k in range(len(items))][::-1]
+        for t in threads:
+            t.start()
+            t.join()
+        return out
+
+    with part_map(own_threads_last_first):
+        many, _, _ = flat_gradient(model, data, 700, generator(3, 0, 1))
+    assert torch.equal(one, many) and len(micro_batches(700)) == 6
+    assert not tasks.batch_separable(build_model("resnet20")) and tasks.batch_separable(model)
+
+
+def test_worker_pool_runs_nested_parts_without_deadlock_and_passes_errors_on():
+    pool = _Workers(1)  # one thread: parts of a task on it must run on the waiting thread itself
+    try:
+        nested = pool.submit(lambda: pool.map_parts(lambda i: i * i, range(5))).result(timeout=10)
+        assert nested == [0, 1, 4, 9, 16]
+
+        def boom(i):
+            if i == 2:
+                raise RuntimeError("part 2")
+            return i
+
+        with pytest.raises(RuntimeError, match="part 2"):
+            pool.map_parts(boom, range(4))
+    finally:
+        pool.close()
+
+
+# --- whole runs ----------------------------------------------------------------------------
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "rounds.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("mode", [1, 2, 4])
+def test_any_worker_count_gives_the_same_bits_as_one_thread(tmp_path, monkeypatch, mode):
+    """digits, 10 clients, every example in each partition ("full"), so batch modes 2 and 4
+    have clients with more than MICRO_BATCH examples; auto is made to go parallel although
+    digits-mlp's rounds are tiny."""
+    from fedsim.engine.runner import run_inprocess
+
+    monkeypatch.setattr(inprocess, "PARALLEL_MIN_ROUND_S", 0.0)
+    plans = []
+    original = inprocess.InProcessGrid.close
+
+    def record(grid):
+        plans.append(dict(grid.plans))
+        original(grid)
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "close", record)
+    cfg = {"strategy": "llr-vote", "lr": 0.01, "num-nodes": 10, "num-server-rounds": 4, "batch-mode": mode,
+           "partitioning": "full", "llr-warmup": 1, "eval-every": 2, "seed": 0}
+    runs = {w: run_inprocess({**cfg, "results-dir": str(tmp_path / str(w))}, workers=w) for w in (1, "auto", 3)}
+    ref = _rows(runs[1])
+    for w, out in runs.items():
+        assert _rows(out) == ref, f"workers={w}"
+        assert (out / "model.pt").read_bytes() == (runs[1] / "model.pt").read_bytes()
+    assert plans[0] == {1: 4}
+    if inprocess.available_cores() > 1:
+        assert plans[1].get(inprocess.available_cores(), 0) >= 3  # auto: round 1 measures, then parallel
+    assert plans[2] == {3: 4}
