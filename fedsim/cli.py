@@ -87,7 +87,7 @@ def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
     return out
 
 
-def _run_inprocess_with_progress(cfg: RunConfig, workers: int | None) -> Path:
+def _run_inprocess_with_progress(cfg: RunConfig, workers: int | str | None) -> Path:
     from tqdm.auto import tqdm
 
     from fedsim.engine.runner import run_inprocess
@@ -152,13 +152,18 @@ def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
     parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     parser.add_argument("--results-dir", help=results_help)
-    parser.add_argument("--workers", type=_number(int, 1), help="inprocess engine: clients run on this many threads (default 1; same results)")
+    parser.add_argument("--workers", type=_workers, help="inprocess engine: auto (default: every core, planned per round; FEDSIM_WORKERS) or clients on this many threads; same results")
     parser.add_argument("--cpus-per-client", type=_number(float, 0.0, strict=True), default=1.0, help="flower engine: Ray CPUs per client (> 0)")
     parser.add_argument(
         "--gpus-per-client", type=_number(float, 0.0),
         help="flower engine: Ray GPU share per client (>= 0; default: a share that fits all concurrent clients on the GPUs when CUDA is present, else 0)",
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also FEDSIM_DEBUG=1)")
+
+
+def _workers(text: str) -> int | str:
+    """An argparse type: "auto" or an integer >= 1."""
+    return "auto" if text.strip().lower() == "auto" else _number(int, 1)(text)
 
 
 def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
