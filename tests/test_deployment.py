@@ -1,18 +1,18 @@
-"""Real deployment on loopback: a deployment SuperLink, SuperNodes started with
-``flower-supernode --node-config``, and ``flwr run`` against them, as the README's
-deployment section describes. Every message starts a fresh ClientApp process there.
+"""Real deployment on loopback, insecure (local testing only; the secure sequence of
+docs/deployment.md is tests/test_deployment_secure.py): a deployment SuperLink, SuperNodes
+started with ``flower-supernode --node-config``, and ``flwr run`` against them, as the
+README's deployment section describes. Every message starts a fresh ClientApp process.
 
-Slow (~1 min): marked ``flower``. Every process the test starts is stopped by PID and
-the test checks that none is left.
+Slow (~1 min): marked ``flower``. Every process the test starts is stopped by PID
+(``LocalSuperLink``) and the test checks that none is left.
 """
 
 import csv
 import json
-import subprocess
 
 import pytest
 
-from fedsim.engine.flower_runtime import PROJECT_ROOT, LocalSuperLink, free_port, kill_pids, stop_stragglers
+from fedsim.engine.flower_runtime import PROJECT_ROOT, LocalSuperLink
 
 pytestmark = pytest.mark.flower
 
@@ -27,30 +27,12 @@ def test_superlink_and_supernodes_train_with_node_configs(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     results = tmp_path / "results"
-    supernodes: list[subprocess.Popen] = []
-    try:
-        with LocalSuperLink(home, simulation=False) as link:
-            for i, node_config in enumerate(NODE_CONFIGS):
-                cmd = [
-                    "flower-supernode", "--insecure", "--superlink", link.address,
-                    "--port", str(free_port()),
-                ]
-                if node_config:
-                    cmd += ["--node-config", node_config]
-                log = open(home / f"supernode-{i}.out", "wb")
-                supernodes.append(subprocess.Popen(cmd, env=link.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            run_config = (
-                f"strategy='fedavg' lr=0.1 num-server-rounds=2 num-nodes=3 seed=0 results-dir='{results}'"
-            )
-            out = subprocess.run(
-                ["flwr", "run", str(PROJECT_ROOT), link.connection, "--stream", "--run-config", run_config],
-                env=link.env, cwd=home, capture_output=True, text=True, timeout=420,
-            )
-    finally:
-        kill_pids([p.pid for p in supernodes])
-        for p in supernodes:
-            p.wait(timeout=30)
-        left = stop_stragglers(home)
+    with LocalSuperLink(home, simulation=False) as link:
+        for i, node_config in enumerate(NODE_CONFIGS):
+            link.start_supernode(f"supernode-{i}", node_config)
+        run_config = f"strategy='fedavg' lr=0.1 num-server-rounds=2 num-nodes=3 seed=0 results-dir='{results}'"
+        out = link.flwr("run", str(PROJECT_ROOT), link.connection, "--stream", "--run-config", run_config, timeout=420)
+    left = link.stragglers + link.leftovers()
     text = out.stdout + out.stderr
     (home / "flwr-run.log").write_text(text)
     assert out.returncode == 0, text[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,49 +73,85 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS SuperLink: the CA that signed the server certificate (SuperNodes
+    and ``flwr`` verify the SuperLink with it), the server certificate and its key."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
 class LocalSuperLink:
-    """A private SuperLink on loopback; use as a context manager (stops by PID).
+    """A private SuperLink on loopback, and the SuperNodes started through it; use as a
+    context manager: everything it started is stopped by PID (process groups) on exit.
 
     ``simulation=True``: Flower's simulation runtime (Ray) runs the SuperNodes itself.
-    ``simulation=False``: a deployment SuperLink; SuperNodes connect to ``address``.
-    Flower 1.41 serves its Control, Fleet and Runtime APIs on one HTTP port.
+    ``simulation=False``: a deployment SuperLink; SuperNodes connect to ``address``
+    (``start_supernode``). ``tls``: serve TLS with these files (else ``--insecure``);
+    ``supernode_auth``: only SuperNodes whose public key was registered (``register``)
+    may connect. Flower 1.41 serves its Control, Fleet and Runtime APIs on one HTTP port.
     """
 
-    def __init__(self, flwr_home: Path, simulation: bool = True) -> None:
+    def __init__(
+        self, flwr_home: Path, simulation: bool = True, tls: TLSFiles | None = None, supernode_auth: bool = False
+    ) -> None:
         self.flwr_home = flwr_home
         self.simulation = simulation
+        self.tls = tls
+        self.supernode_auth = supernode_auth
         self.http_port = free_port()
         self.address = f"127.0.0.1:{self.http_port}"
         self.env = flower_env(flwr_home)
         self.proc: subprocess.Popen[bytes] | None = None
         self.connection = "fedsim-local"
+        self.supernodes: dict[str, subprocess.Popen[bytes]] = {}
+        self._supernode_addresses: list[str] = []
+        self.stragglers: list[int] = []
 
     def __enter__(self) -> LocalSuperLink:
         ray_tmpdir(self.flwr_home).mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self.tls.ca_cert}"' if self.tls else "insecure = true"
         (self.flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "fedsim-local"\n\n'
-            f'[superlink.fedsim-local]\naddress = "{self.address}"\ninsecure = true\n'
+            f'[superlink.fedsim-local]\naddress = "{self.address}"\n{security}\n'
         )
-        log = open(self.flwr_home / "superlink.out", "wb")
-        self.proc = subprocess.Popen(
+        if self.tls:
+            security_args = [
+                "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key),
+            ]
+        else:
+            security_args = ["--insecure"]
+        self.proc = self._spawn(
+            "superlink",
             [
-                "flower-superlink", "--insecure", *(["--simulation"] if self.simulation else []), "--isolation", "subprocess",
+                "flower-superlink", *security_args, *(["--enable-supernode-auth"] if self.supernode_auth else []),
+                *(["--simulation"] if self.simulation else []), "--isolation", "subprocess",
                 "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.http_port),
                 "--database", str(self.flwr_home / "state.db"),
             ],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._wait_ready()
         return self
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in a new session (its own process group), output to ``<name>.out``."""
+        with open(self.flwr_home / f"{name}.out", "wb") as log:
+            return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_text(self, name: str) -> str:
+        """What process ``name`` ("superlink", a SuperNode's name) has written so far."""
+        return (self.flwr_home / f"{name}.out").read_text(errors="replace")
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                out = (self.flwr_home / "superlink.out").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}:\n{out}")
+                raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}:\n{self.log_text('superlink')[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.5):
                     return
@@ -122,22 +160,60 @@ class LocalSuperLink:
         self.stop()
         raise RuntimeError(f"flower-superlink did not open port {self.http_port} within {timeout:.0f} s")
 
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this SuperLink (its ``FLWR_HOME`` and connection)."""
+        return subprocess.run(["flwr", *args], env=self.env, cwd=self.flwr_home, capture_output=True, text=True, timeout=timeout)
+
+    def register(self, public_key: Path) -> int:
+        """``flwr supernode register``: allow the SuperNode holding this key's private half;
+        returns the node id the SuperLink gives it (that node's id for every run)."""
+        out = self.flwr("supernode", "register", str(public_key), self.connection)
+        found = re.search(r"SuperNode (\d+) registered", out.stdout + out.stderr)
+        if out.returncode != 0 or found is None:
+            raise RuntimeError(f"flwr supernode register {public_key} failed:\n{out.stdout}{out.stderr}")
+        return int(found.group(1))
+
+    def start_supernode(
+        self, name: str, node_config: str = "", private_key: Path | None = None, insecure: bool | None = None,
+        extra: Sequence[str] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start a ``flower-supernode`` for this SuperLink, named ``name`` (its log is
+        ``<flwr_home>/<name>.out``). ``insecure`` None: as the SuperLink (TLS ones verify it
+        with the CA); ``private_key``: its authentication key."""
+        insecure = self.tls is None if insecure is None else insecure
+        if insecure:
+            security = ["--insecure"]
+        else:
+            assert self.tls is not None, "a TLS SuperNode needs a TLS SuperLink"
+            security = ["--root-certificates", str(self.tls.ca_cert)]
+        port = free_port()
+        self._supernode_addresses.append(f"127.0.0.1:{port}")
+        cmd = [
+            "flower-supernode", *security, "--superlink", self.address, "--port", str(port),
+            *(["--auth-supernode-private-key", str(private_key)] if private_key else []),
+            *(["--node-config", node_config] if node_config else []), *extra,
+        ]
+        self.supernodes[name] = self._spawn(name, cmd)
+        return self.supernodes[name]
+
+    def kill_supernode(self, name: str) -> None:
+        """SIGKILL a SuperNode and the ClientApps it started (a device that crashes)."""
+        _kill_group(self.supernodes[name])
+
+    def leftovers(self) -> list[int]:
+        """PIDs of live processes that name this SuperLink's home or any of its addresses."""
+        marks = [str(self.flwr_home), str(ray_tmpdir(self.flwr_home)), *(f"{a} " for a in [self.address, *self._supernode_addresses])]
+        return sorted({pid for mark in marks for pid in processes_mentioning(mark)})
+
     def stop(self) -> None:
-        """Stop the SuperLink's process group: SIGTERM, then SIGKILL after 10 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            _kill_group(self.proc)
-            stop_stragglers(self.flwr_home)
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        _kill_group(self.proc)
-        stop_stragglers(self.flwr_home)
+        """Stop the SuperNodes' and then the SuperLink's process groups (SIGTERM, then
+        SIGKILL after 10 s), then any straggler that names this SuperLink (their PIDs are
+        kept in ``stragglers``: a deployment leaves none when its groups hold everything)."""
+        for proc in [*self.supernodes.values(), self.proc]:
+            _stop_group(proc)
+        stragglers = stop_stragglers(self.flwr_home) + self.leftovers()
+        kill_pids(stragglers)
+        self.stragglers = sorted(set(stragglers))
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -183,6 +259,22 @@ def stop_stragglers(flwr_home: Path) -> list[int]:
     kill_pids(pids)
     shutil.rmtree(ray_dir, ignore_errors=True)
     return pids
+
+
+def _stop_group(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """SIGTERM ``proc``'s process group, wait up to ``grace`` seconds, then SIGKILL it."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
