@@ -84,18 +84,23 @@ def plan_round(seconds: Sequence[float | None], cores: int) -> RoundPlan:
 
 
 class _Workers:
-    """Threads taking tasks from one deque; tasks pushed ``front=True`` are taken first.
+    """``active`` threads' worth of work from one deque; tasks pushed ``front=True`` are taken first.
 
     ``map_parts`` (a part map, see fedsim.clients.tasks) pushes a task's parts to the front
-    and runs every part that no worker has started itself before waiting, so a waiting thread
-    never waits for a part that is not running: no deadlock with any number of threads.
+    and runs every part that no thread has started itself; only then does it wait, for parts
+    that are running. While it waits its slot goes to a spare thread, which takes the next
+    task (the waiting thread cannot: the part it waits for uses its thread's model). Running
+    parts never wait, so the pool cannot deadlock.
     """
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, active: int, spare: int | None = None) -> None:
         self._tasks: collections.deque[tuple[Future, Callable[[], Any]]] = collections.deque()
         self._ready = threading.Condition()
+        self._limit, self._active, self._returning = active, 0, 0
         self._closed = False
-        self._threads = [threading.Thread(target=self._loop, name=f"fedsim-node-{i}", daemon=True) for i in range(threads)]
+        self._local = threading.local()
+        count = active + (active if spare is None else spare)
+        self._threads = [threading.Thread(target=self._loop, name=f"fedsim-node-{i}", daemon=True) for i in range(count)]
         for t in self._threads:
             t.start()
 
@@ -103,7 +108,7 @@ class _Workers:
         future: Future = Future()
         with self._ready:
             (self._tasks.appendleft if front else self._tasks.append)((future, fn))
-            self._ready.notify()
+            self._ready.notify_all()
         return future
 
     def map_parts(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -120,12 +125,29 @@ class _Workers:
                     results.append(None)
                     pending.append((len(results) - 1, future))
             for index, future in pending:
-                results[index] = future.result()
+                results[index] = self._wait(future)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
         return results
+
+    def _wait(self, future: Future) -> Any:
+        """future.result(), lending this worker's slot to a spare thread meanwhile."""
+        if future.done() or not getattr(self._local, "worker", False):
+            return future.result()
+        with self._ready:
+            self._active -= 1
+            self._ready.notify_all()
+        try:
+            return future.result()
+        finally:
+            with self._ready:
+                self._returning += 1  # back before any new task starts
+                while self._active >= self._limit:
+                    self._ready.wait()
+                self._returning -= 1
+                self._active += 1
 
     def close(self) -> None:
         with self._ready:
@@ -135,19 +157,25 @@ class _Workers:
             t.join()
 
     def _loop(self) -> None:
+        self._local.worker = True
         while True:
             with self._ready:
-                while not self._tasks and not self._closed:
+                while not self._closed and not (self._tasks and self._active + self._returning < self._limit):
                     self._ready.wait()
-                if not self._tasks:
+                if self._closed:
                     return
                 future, fn = self._tasks.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
+                self._active += 1
             try:
-                future.set_result(fn())
-            except BaseException as ex:  # noqa: BLE001 - handed to whoever waits
-                future.set_exception(ex)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as ex:  # noqa: BLE001 - handed to whoever waits
+                        future.set_exception(ex)
+            finally:
+                with self._ready:
+                    self._active -= 1
+                    self._ready.notify_all()
 
 
 class InProcessGrid(Grid):
@@ -172,7 +200,7 @@ class InProcessGrid(Grid):
             raise ValueError(f"workers must be 'auto' or an int >= 1, got {workers!r}")
         self.workers = workers
         threads = available_cores() if workers == "auto" else int(workers)
-        self._pool = _Workers(threads) if threads > 1 else None
+        self._pool = _Workers(threads) if threads > 1 else None  # plus as many spare threads
         self._seconds: dict[int, float] = {}  # node id -> its last message's wall time
         self.plans: collections.Counter[int] = collections.Counter()  # workers used -> rounds
         extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
