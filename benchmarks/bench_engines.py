@@ -223,9 +223,11 @@ def bare_loop(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     from fedsim.models import build_model
     from fedsim.partitions import partition_indices
     from fedsim.seeding import generator
+    from fedsim.engine.runner import keep_freed_memory
     from fedsim.strategies.votes import CrossProbabilityEstimator
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # the same malloc settings as run_inprocess: a difference in allocators is not the framework's
     dev = torch.device(device)
     m, seed, rounds, lr = cfg["num-nodes"], cfg["seed"], cfg["num-server-rounds"], float(cfg["lr"])
     splits = load_dataset(cfg["dataset"], cfg.get("data-dir") or None)
