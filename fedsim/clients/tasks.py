@@ -8,7 +8,7 @@ Micro-batches: a minibatch gradient over more than ``MICRO_BATCH`` examples is c
 as the sum of the gradients of near-equal parts (``micro_batches``), divided by B. The
 split depends on B alone, never on threads or workers, so every engine and worker count
 gives the same bits; against one whole-batch backward it changes only the order of the
-floating-point sums (|difference| ~1e-9 for the MNIST CNN). Parts cost less per example
+floating-point sums (|difference| ~1e-8 for the MNIST CNN at B = 904). Parts cost less per example
 than one big batch on a CPU (cache) and can run on several threads (``part_map``, which
 the in-process engine sets). Models whose training forward pass couples the examples of a
 batch (BatchNorm statistics) or draws random numbers (dropout) always use whole batches.
@@ -32,10 +32,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 PartMap = Callable[[Callable[[T], R], Sequence[T]], list[R]]
 
-# Largest micro-batch. On one CPU thread the FV MNIST CNN costs about 2/3 as much per
-# example in parts of 100-230 as in one batch of 904 (benchmarks/README.md); 128 also
-# leaves mode 2's B = 154 in 2 parts that two threads can share.
-MICRO_BATCH = 128
+# Largest micro-batch. On one CPU thread the FV MNIST CNN costs about as much per example
+# in parts of 113-151 as in batches of 64-154, and about 30% more in one batch of 904
+# (README "Speed"); 160 leaves the batch modes' B = 4, 64 and 154 whole (their results as
+# before micro-batches) and splits 304 and 904 into parts that several threads can share.
+MICRO_BATCH = 160
 
 
 @dataclass
