@@ -360,3 +360,101 @@ def test_gradient_bytes_that_do_not_match_the_declared_array_are_rejected(mutate
         arrays, metrics = s.aggregate_train(1, [grads_reply(msgs[0], pid=0), bad])
     assert metrics["rejected"] == 1 and "cannot be decoded" in caplog.text
     np.testing.assert_array_equal(as_np(arrays)["w"], W0 - 1.0)
+
+
+# --- identity: a node is bound to the partition of its first used reply ----------------------
+
+class Nodes:
+    """A grid with the given node ids (what get_node_ids returns)."""
+
+    def __init__(self, *ids: int) -> None:
+        self.ids = list(ids)
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def to_nodes(strategy, grid: Nodes, rnd: int) -> dict[int, Message]:
+    """The train messages of round ``rnd``, by destination node."""
+    msgs = list(strategy.configure_train(rnd, GLOBAL, ConfigRecord(), grid))
+    for m in msgs:
+        assign_message_id(m, f"r{rnd}-{m.metadata.dst_node_id}")
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def test_a_node_claiming_a_bound_partition_is_rejected_and_the_honest_llr_row_is_untouched(caplog):
+    """Node 100 (the lowest id, which won duplicate claims before binding) claims node
+    101's partition; node 102 switches to partition 0 later. Both are rejected with one
+    line naming both nodes; counts and model equal those of the honest replies alone."""
+    attacked, honest = (LLRWeightedVote(SPEC, PARAMS, lr=1.0, warmup_rounds=1, num_partitions=3) for _ in range(2))
+    grid = Nodes(100, 101, 102)
+    plan = {  # round -> (node, partition, signs) replies; node 100 first replies in round 2
+        1: [(101, 0, [1] * 6), (102, 1, [1, -1] * 3)],
+        2: [(101, 0, [1] * 6), (102, 1, [1, -1] * 3), (100, 0, [-1] * 6)],
+        3: [(101, 0, [1, 1, 1, -1, -1, -1]), (102, 0, [-1] * 6), (100, 2, [-1] * 6)],
+    }
+    bad = {2: [(100, 0)], 3: [(102, 0)]}
+    for rnd, replies in plan.items():
+        msgs = {id(s): to_nodes(s, grid, rnd) for s in (attacked, honest)}
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            caplog.clear()
+            out_a, m_a = attacked.aggregate_train(rnd, [sign_reply(msgs[id(attacked)][n], v, p) for n, p, v in reversed(replies)])
+            out_h, m_h = honest.aggregate_train(
+                rnd, [sign_reply(msgs[id(honest)][n], v, p) for n, p, v in replies if (n, p) not in bad.get(rnd, [])]
+            )
+        assert (m_a["clients"], m_a["rejected"]) == (m_h["clients"], len(bad.get(rnd, [])))
+        assert all(a.tobytes() == h.tobytes() for a, h in zip(as_np(out_a).values(), as_np(out_h).values()))
+        if rnd == 2:
+            assert rejections(caplog) == [
+                "round 2: rejected the reply of node 100: claims partition-id 0, which is bound to node 101 by its "
+                "first used reply (a replaced device: see docs/deployment.md)"
+            ]
+        if rnd == 3:
+            assert rejections(caplog) == [
+                "round 3: rejected the reply of node 102: claims partition-id 0, but node 102 is bound to partition-id 1 "
+                "by its first used reply; partition-id 0 is bound to node 101"
+            ]
+    ea, eh = attacked.estimator.state_dict(), honest.estimator.state_dict()
+    assert torch.equal(ea["agree"], eh["agree"]) and torch.equal(ea["total"], eh["total"])
+    assert attacked.node_partitions == {101: 0, 102: 1, 100: 2}
+
+
+def test_first_round_duplicates_bind_the_lowest_node_and_rejected_replies_bind_nothing(caplog):
+    s = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=3)
+    msgs = to_nodes(s, Nodes(100, 101, 102), 1)
+    truncated = reply(msgs[100], {protocol.SIGNS: ArrayRecord({protocol.PACKED: Array(np.zeros(3, np.uint8))})}, pid=2)
+    s.aggregate_train(1, [sign_reply(msgs[102], [1] * 6, 0), sign_reply(msgs[101], [1] * 6, 0), truncated])
+    assert s.node_partitions == {101: 0}  # 101 beat 102 for partition 0; 100's reply was unusable
+    msgs = to_nodes(s, Nodes(100, 101, 102), 2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, metrics = s.aggregate_train(2, [sign_reply(msgs[n], [1] * 6, p) for n, p in ((100, 2), (101, 0), (102, 0))])
+    assert (metrics["clients"], metrics["rejected"]) == (2, 1) and s.node_partitions == {101: 0, 100: 2}
+    assert "node 102: claims partition-id 0, which is bound to node 101" in caplog.text
+
+
+def test_bindings_survive_a_checkpoint_for_connected_nodes_and_rebind_when_node_ids_change(caplog):
+    s = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=2)
+    msgs = to_nodes(s, Nodes(100, 101), 1)
+    s.aggregate_train(1, [sign_reply(msgs[100], [1] * 6, 0), sign_reply(msgs[101], [1] * 6, 1)])
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+
+    same = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=2)  # resumed in-process: same node ids
+    buf.seek(0)
+    same.load_state_dict(torch.load(buf, weights_only=True))
+    msgs = to_nodes(same, Nodes(100, 101), 2)
+    _, metrics = same.aggregate_train(2, [sign_reply(msgs[100], [1] * 6, 1), sign_reply(msgs[101], [1] * 6, 1)])
+    assert (metrics["clients"], metrics["rejected"]) == (1, 1) and same.node_partitions == {100: 0, 101: 1}
+
+    fresh = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=2)  # Flower's runtime: new node ids
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        msgs = to_nodes(fresh, Nodes(200, 201), 2)
+    assert "2 node(s) bound before the checkpoint are not connected; their partitions [0, 1] bind afresh" in caplog.text
+    _, metrics = fresh.aggregate_train(2, [sign_reply(msgs[200], [1] * 6, 1), sign_reply(msgs[201], [1] * 6, 0)])
+    assert (metrics["clients"], metrics["rejected"]) == (2, 0) and fresh.node_partitions == {200: 1, 201: 0}
+
+    old = {k: v for k, v in s.state_dict().items() if k != "node_partitions"}  # a checkpoint from before binding
+    fresh.load_state_dict(old)
+    assert fresh.node_partitions == {}

@@ -4,10 +4,19 @@ A subclass sets ``task`` (what clients compute) and implements ``parse`` (one re
 its payload, or BadReply) and ``apply`` (the payloads of a round -> the new global
 model). Replies are untrusted and checked one by one (metrics in range, payload decoded
 byte-exactly, no extra records, one reply per partition, a partition's num-examples the
-same as in its first used reply): a bad one, or one whose check raises anything, is
-logged in one line with its node id and reason and left out; the round goes on with the
-rest. Fewer than ``min_replies`` valid replies leave the global model unchanged. Replies
-are used in partition-id order so that results do not depend on arrival order.
+same as in its first used reply, the node's partition the one it was bound to): a bad
+one, or one whose check raises anything, is logged in one line with its node id and
+reason and left out; the round goes on with the rest. Fewer than ``min_replies`` valid
+replies leave the global model unchanged. Replies are used in partition-id order so
+that results do not depend on arrival order.
+
+Identity: a node's first used reply binds that node to the partition it claims (node id
+-> partition id, one node per partition). Later a reply claiming another partition, or
+a partition bound to another node, is rejected naming both nodes. Within a round, among
+nodes not bound yet, the lowest node id per partition wins (replies sorted by partition
+id, then node id). The binding is part of ``state_dict``; after a restore, bindings of
+nodes that are not connected any more are dropped at the next round (Flower's simulation
+runtime gives nodes new ids in every run), so their partitions bind afresh.
 """
 
 from __future__ import annotations
@@ -102,8 +111,13 @@ class FedsimStrategy(Strategy):
         self.last_metrics: MetricRecord | None = None
         # partition id -> batch size its replies report (a deployed node's own config may set it)
         self.reported_batch_sizes: dict[int, int] = {}
+        # partition id -> the device its replies trained on (cuda-device: CUDA index, -1 = CPU)
+        self.reported_devices: dict[int, int] = {}
         # partition id -> num-examples of its first used reply; later replies must repeat it
         self.pinned_num_examples: dict[int, int] = {}
+        # node id -> the partition id of its first used reply (its identity for the run)
+        self.node_partitions: dict[int, int] = {}
+        self._prune_bindings = False  # set by load_state_dict: drop bindings of nodes gone since
 
     # --- Flower Strategy interface ------------------------------------------------------
 
@@ -154,15 +168,20 @@ class FedsimStrategy(Strategy):
         return {
             "rng": [version, list(internal), gauss],
             "reported_batch_sizes": dict(self.reported_batch_sizes),
+            "reported_devices": dict(self.reported_devices),
             "num_examples": dict(self.pinned_num_examples),
+            "node_partitions": dict(self.node_partitions),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self.reported_batch_sizes = {int(k): int(v) for k, v in state["reported_batch_sizes"].items()}
+        self.reported_devices = {int(k): int(v) for k, v in state.get("reported_devices", {}).items()}
         # checkpoints written before num-examples was pinned lack the key: pins start afresh
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
+        self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
+        self._prune_bindings = True
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedsim %s: task %r, lr %g, fraction-train %g", type(self).__name__, self.task, self.lr, self.fraction_train)
@@ -173,6 +192,8 @@ class FedsimStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample max(1, round(C * K)) of the K nodes and send each the model and the task."""
         nodes = sorted(grid.get_node_ids())
+        if self._prune_bindings:
+            self._drop_bindings_of_absent_nodes(server_round, nodes)
         if not nodes:
             log(WARNING, "round %d: no nodes are connected; skipping training", server_round)
             return []
@@ -207,10 +228,14 @@ class FedsimStrategy(Strategy):
             except Exception as err:  # a bug or an odd record type rejects this reply, not the run
                 self._reject(server_round, node, f"{type(err).__name__}: {err}")
         checked.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
-        good = self._same_num_examples(server_round, self._one_per_partition(server_round, checked))
-        # ``good`` is final here: only replies that passed every check pin or report anything
+        good = self._same_num_examples(
+            server_round, self._one_per_partition(server_round, self._bound_identity(server_round, checked))
+        )
+        # ``good`` is final here: only replies that passed every check bind, pin or report anything
+        self.node_partitions.update({r.node_id: r.metrics.partition_id for r in good})
         self.pinned_num_examples.update({r.metrics.partition_id: r.metrics.num_examples for r in good})
         self.reported_batch_sizes.update({r.metrics.partition_id: r.metrics.batch_size for r in good})
+        self.reported_devices.update({r.metrics.partition_id: r.metrics.cuda_device for r in good if r.metrics.cuda_device is not None})
         metrics = MetricRecord(
             {
                 "clients": len(good),
@@ -250,6 +275,43 @@ class FedsimStrategy(Strategy):
     @staticmethod
     def _reject(server_round: int, node: int, reason: str) -> None:
         log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
+
+    def _bound_identity(self, server_round: int, replies: list[Reply]) -> list[Reply]:
+        """Drop replies that claim a partition other than the one their node is bound to, or
+        a partition bound to another node (a node cannot take over another's partition or
+        its LLR history, nor wander between partitions)."""
+        owner = {pid: node for node, pid in self.node_partitions.items()}
+        out: list[Reply] = []
+        for r in replies:
+            pid = r.metrics.partition_id
+            bound = self.node_partitions.get(r.node_id)
+            holder = owner.get(pid)
+            if bound is not None and bound != pid:
+                held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
+                self._reject(
+                    server_round, r.node_id, f"claims partition-id {pid}, but node {r.node_id} is bound to "
+                    f"partition-id {bound} by its first used reply{held}",
+                )
+            elif holder is not None and holder != r.node_id:
+                self._reject(
+                    server_round, r.node_id, f"claims partition-id {pid}, which is bound to node {holder} by its "
+                    f"first used reply (a replaced device: see docs/deployment.md)",
+                )
+            else:
+                out.append(r)
+        return out
+
+    def _drop_bindings_of_absent_nodes(self, server_round: int, nodes: list[int]) -> None:
+        """After a restore: forget bindings of nodes that are not connected now."""
+        self._prune_bindings = False
+        gone = sorted(n for n in self.node_partitions if n not in set(nodes))
+        if gone:
+            log(
+                INFO, "round %d: %d node(s) bound before the checkpoint are not connected; their partitions %s bind afresh",
+                server_round, len(gone), sorted(self.node_partitions[n] for n in gone),
+            )
+        for n in gone:
+            del self.node_partitions[n]
 
     def _one_per_partition(self, server_round: int, replies: list[Reply]) -> list[Reply]:
         """Keep the first reply per partition id (replies are sorted): two nodes holding one
