@@ -228,9 +228,9 @@ class FedsimStrategy(Strategy):
             except Exception as err:  # a bug or an odd record type rejects this reply, not the run
                 self._reject(server_round, node, f"{type(err).__name__}: {err}")
         checked.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
-        good = self._same_num_examples(
-            server_round, self._one_per_partition(server_round, self._bound_identity(server_round, checked))
-        )
+        good = checked
+        for rule in (self._not_bound_elsewhere(), self._first_of_partition, self._pinned_num_examples):
+            good = self._keep(server_round, good, rule)
         # ``good`` is final here: only replies that passed every check bind, pin or report anything
         self.node_partitions.update({r.node_id: r.metrics.partition_id for r in good})
         self.pinned_num_examples.update({r.metrics.partition_id: r.metrics.num_examples for r in good})
@@ -276,30 +276,61 @@ class FedsimStrategy(Strategy):
     def _reject(server_round: int, node: int, reason: str) -> None:
         log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
 
-    def _bound_identity(self, server_round: int, replies: list[Reply]) -> list[Reply]:
-        """Drop replies that claim a partition other than the one their node is bound to, or
-        a partition bound to another node (a node cannot take over another's partition or
-        its LLR history, nor wander between partitions)."""
-        owner = {pid: node for node, pid in self.node_partitions.items()}
+    def _keep(
+        self, server_round: int, replies: list[Reply], why_not: Callable[[Reply, list[Reply]], str | None]
+    ) -> list[Reply]:
+        """The replies for which ``why_not(reply, kept so far)`` gives no reason; the others
+        are rejected with that reason (one log line each)."""
         out: list[Reply] = []
         for r in replies:
-            pid = r.metrics.partition_id
-            bound = self.node_partitions.get(r.node_id)
-            holder = owner.get(pid)
+            reason = why_not(r, out)
+            if reason is None:
+                out.append(r)
+            else:
+                self._reject(server_round, r.node_id, reason)
+        return out
+
+    def _not_bound_elsewhere(self) -> Callable[[Reply, list[Reply]], str | None]:
+        """Rule: a reply may claim only its node's bound partition, and no partition bound to
+        another node (a node cannot take over another's partition or its LLR history, nor
+        wander between partitions)."""
+        owner = {pid: node for node, pid in self.node_partitions.items()}
+
+        def why_not(r: Reply, _: list[Reply]) -> str | None:
+            pid, bound, holder = r.metrics.partition_id, self.node_partitions.get(r.node_id), owner.get(r.metrics.partition_id)
             if bound is not None and bound != pid:
                 held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
-                self._reject(
-                    server_round, r.node_id, f"claims partition-id {pid}, but node {r.node_id} is bound to "
-                    f"partition-id {bound} by its first used reply{held}",
+                return f"claims partition-id {pid}, but node {r.node_id} is bound to partition-id {bound} by its first used reply{held}"
+            if holder is not None and holder != r.node_id:
+                return (
+                    f"claims partition-id {pid}, which is bound to node {holder} by its "
+                    f"first used reply (a replaced device: see docs/deployment.md)"
                 )
-            elif holder is not None and holder != r.node_id:
-                self._reject(
-                    server_round, r.node_id, f"claims partition-id {pid}, which is bound to node {holder} by its "
-                    f"first used reply (a replaced device: see docs/deployment.md)",
-                )
-            else:
-                out.append(r)
-        return out
+            return None
+
+        return why_not
+
+    @staticmethod
+    def _first_of_partition(r: Reply, kept: list[Reply]) -> str | None:
+        """Rule (replies sorted): the first reply per partition id; two nodes holding one
+        partition is a deployment mistake, and its data must not count twice."""
+        if kept and kept[-1].metrics.partition_id == r.metrics.partition_id:
+            return (
+                f"partition-id {r.metrics.partition_id} already replied this round "
+                f"(node {kept[-1].node_id}); give each SuperNode its own partition-id"
+            )
+        return None
+
+    def _pinned_num_examples(self, r: Reply, _: list[Reply]) -> str | None:
+        """Rule: num-examples as pinned for the partition by its first used reply (a local
+        set does not change size within a run)."""
+        pinned = self.pinned_num_examples.get(r.metrics.partition_id, r.metrics.num_examples)
+        if pinned != r.metrics.num_examples:
+            return (
+                f"num-examples={r.metrics.num_examples} differs from the {pinned} partition-id "
+                f"{r.metrics.partition_id} reported before; a local set does not change size"
+            )
+        return None
 
     def _drop_bindings_of_absent_nodes(self, server_round: int, nodes: list[int]) -> None:
         """After a restore: forget bindings of nodes that are not connected now."""
@@ -312,35 +343,6 @@ class FedsimStrategy(Strategy):
             )
         for n in gone:
             del self.node_partitions[n]
-
-    def _one_per_partition(self, server_round: int, replies: list[Reply]) -> list[Reply]:
-        """Keep the first reply per partition id (replies are sorted): two nodes holding one
-        partition is a deployment mistake, and its data must not count twice."""
-        out: list[Reply] = []
-        for r in replies:
-            if out and out[-1].metrics.partition_id == r.metrics.partition_id:
-                self._reject(
-                    server_round, r.node_id, f"partition-id {r.metrics.partition_id} already replied this round "
-                    f"(node {out[-1].node_id}); give each SuperNode its own partition-id",
-                )
-                continue
-            out.append(r)
-        return out
-
-    def _same_num_examples(self, server_round: int, replies: list[Reply]) -> list[Reply]:
-        """Drop replies whose num-examples differs from the one pinned for their partition by
-        its first used reply: a local set does not change size within a run."""
-        out: list[Reply] = []
-        for r in replies:
-            pinned = self.pinned_num_examples.get(r.metrics.partition_id, r.metrics.num_examples)
-            if pinned != r.metrics.num_examples:
-                self._reject(
-                    server_round, r.node_id, f"num-examples={r.metrics.num_examples} differs from the "
-                    f"{pinned} partition-id {r.metrics.partition_id} reported before; a local set does not change size",
-                )
-                continue
-            out.append(r)
-        return out
 
     @property
     def _sends_buffers(self) -> bool:
