@@ -152,3 +152,15 @@ def test_any_worker_count_gives_the_same_bits_as_one_thread(tmp_path, monkeypatc
     if inprocess.available_cores() > 1:
         assert plans[1].get(inprocess.available_cores(), 0) >= 3  # auto: round 1 measures, then parallel
     assert plans[2] == {3: 4}
+
+
+def test_workers_setting_is_auto_or_a_positive_integer():
+    from fedsim.engine.runner import parse_workers
+
+    assert parse_workers("auto") == parse_workers(" AUTO ") == "auto"
+    assert parse_workers("3") == parse_workers(3) == 3
+    for bad in ("0", "-1", "two", "1.5", 0, True, 2.0):
+        with pytest.raises(ValueError, match="workers must be 'auto' or an integer >= 1"):
+            parse_workers(bad)
+    with pytest.raises(ValueError, match="workers must be 'auto' or an int >= 1"):
+        inprocess.InProcessGrid(None, 2, {}, workers=0)
