@@ -50,6 +50,9 @@ FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
 # the GIL-held framework work per message (~0.3 ms) would then not overlap, and thread
 # hand-offs cost more than they save.
 PARALLEL_MIN_ROUND_S = 0.02
+# ... and keeps a round on one thread when the one all-core round it tried was not at least
+# this much faster than the same clients on one thread (digits-mlp: 0.65x, i.e. slower).
+MIN_SPEEDUP = 1.2
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -68,19 +71,27 @@ class RoundPlan:
     order: tuple[int, ...]
 
 
-def plan_round(seconds: Sequence[float | None], cores: int) -> RoundPlan:
-    """The plan for a round whose clients last took ``seconds`` each (None: not yet measured).
+def plan_round(seconds: Sequence[float | None], cores: int, speedup: float | None = None) -> RoundPlan:
+    """The plan for a round whose clients took ``seconds`` each on one thread (fastest seen;
+    None: not measured), given the ``speedup`` (one-thread seconds / all-core seconds) of the all-core
+    round tried earlier (None: none tried yet).
 
-    One thread when there is one core or client, when a client is unmeasured (the round
-    measures them) or when the whole round is under PARALLEL_MIN_ROUND_S; else one worker
-    per core, each with one torch thread, taking the clients longest first (a client split
-    into micro-batches shares its parts with idle workers, so the longest need not be last).
+    One thread when there is one core or client, when no client is measured (the round
+    measures them), when the clients' total is under PARALLEL_MIN_ROUND_S or when the tried
+    speedup was under MIN_SPEEDUP. Else one worker per core, each with one torch thread,
+    taking the clients longest first (an unmeasured client counts as the measured mean; a
+    client split into micro-batches shares its parts with idle workers).
     """
     n = len(seconds)
-    if cores < 2 or n < 2 or any(s is None for s in seconds) or sum(seconds) < PARALLEL_MIN_ROUND_S:  # type: ignore[arg-type]
-        return RoundPlan(1, tuple(range(n)))
-    order = sorted(range(n), key=lambda i: -seconds[i])  # type: ignore[operator]  # stable: ties in push order
-    return RoundPlan(cores, tuple(order))
+    known = [s for s in seconds if s is not None]
+    one = RoundPlan(1, tuple(range(n)))
+    if cores < 2 or n < 2 or not known:
+        return one
+    mean = sum(known) / len(known)
+    cost = [mean if s is None else s for s in seconds]
+    if sum(cost) < PARALLEL_MIN_ROUND_S or (speedup is not None and speedup < MIN_SPEEDUP):
+        return one
+    return RoundPlan(cores, tuple(sorted(range(n), key=lambda i: -cost[i])))  # stable: ties in push order
 
 
 class _Workers:
@@ -201,7 +212,9 @@ class InProcessGrid(Grid):
         self.workers = workers
         threads = available_cores() if workers == "auto" else int(workers)
         self._pool = _Workers(threads) if threads > 1 else None  # plus as many spare threads
-        self._seconds: dict[int, float] = {}  # node id -> its last message's wall time
+        self._seconds: dict[int, float] = {}  # node id -> its fastest one-thread message time (auto)
+        self._speedup: float | None = None  # of the all-core round auto tried
+        self._pulls = 0
         self.plans: collections.Counter[int] = collections.Counter()  # workers used -> rounds
         extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
         if len(extra) != num_nodes:
@@ -250,18 +263,32 @@ class InProcessGrid(Grid):
         msgs = [self._pending.pop(mid) for mid in message_ids if mid in self._pending]
         plan = self._plan(msgs)
         self.plans[plan.workers] += 1
+        self._pulls += 1
         if plan.workers == 1 or self._pool is None:
-            return [self._timed_deliver(m) for m in msgs]
+            replies = []
+            for m in msgs:
+                t0 = time.perf_counter()
+                replies.append(self._deliver(m))
+                if self._pulls > 1:  # the first round also pays for loading data and building models
+                    node, took = m.metadata.dst_node_id, time.perf_counter() - t0
+                    self._seconds[node] = min(took, self._seconds.get(node, took))  # a hiccup must not look like work
+            return replies
         pool = self._pool
-        futures = {i: pool.submit(lambda m=msgs[i]: self._timed_deliver(m, pool.map_parts)) for i in plan.order}
-        return [futures[i].result() for i in range(len(msgs))]
+        t0 = time.perf_counter()
+        futures = {i: pool.submit(lambda m=msgs[i]: self._parallel_deliver(m, pool.map_parts)) for i in plan.order}
+        replies = [futures[i].result() for i in range(len(msgs))]
+        if self.workers == "auto" and self._speedup is None:
+            one_thread = [self._seconds.get(m.metadata.dst_node_id) for m in msgs]
+            if None not in one_thread:
+                self._speedup = sum(one_thread) / (time.perf_counter() - t0)  # type: ignore[arg-type]
+        return replies
 
     def _plan(self, msgs: list[Message]) -> RoundPlan:
         if self._pool is None:
             return RoundPlan(1, tuple(range(len(msgs))))
         if self.workers != "auto":
             return RoundPlan(int(self.workers), tuple(range(len(msgs))))
-        return plan_round([self._seconds.get(m.metadata.dst_node_id) for m in msgs], available_cores())
+        return plan_round([self._seconds.get(m.metadata.dst_node_id) for m in msgs], available_cores(), self._speedup)
 
     def close(self) -> None:
         """Stop the worker threads (if any)."""
@@ -274,16 +301,10 @@ class InProcessGrid(Grid):
 
     # --- delivery ----------------------------------------------------------------------
 
-    def _timed_deliver(self, msg: Message, mapper: Callable | None = None) -> Message:
-        """_deliver, micro-batches through ``mapper`` (None: on this thread); records its wall time."""
-        t0 = time.perf_counter()
-        if mapper is None:
-            reply = self._deliver(msg)
-        else:
-            with part_map(mapper):
-                reply = self._deliver(msg)
-        self._seconds[msg.metadata.dst_node_id] = time.perf_counter() - t0
-        return reply
+    def _parallel_deliver(self, msg: Message, mapper: Callable) -> Message:
+        """_deliver on a worker thread, micro-batches through ``mapper``."""
+        with part_map(mapper):
+            return self._deliver(msg)
 
     def _deliver(self, msg: Message) -> Message:
         """Run the ClientApp on a private copy of ``msg``; commit node state only on success."""
