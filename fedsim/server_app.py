@@ -135,59 +135,63 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> list[RoundRow]:
     # (re-entrant: the CLI or a sweep in this process may hold it already).
     folder = Path(cfg.results_dir) if cfg.results_dir else None
     writer = RunWriter(folder, lock=claim_run_folder(folder, cfg)) if folder is not None else None
-    reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
-    checkpoint = load_checkpoint(writer.path, cfg, initial) if writer is not None else None
-    rows = writer.resume(checkpoint.round) if checkpoint is not None else None  # None: rounds.csv cannot continue it
-    if checkpoint is not None and rows is not None and restore_strategy(strategy, checkpoint, writer.path):
-        log(INFO, "fedsim: resuming from the checkpoint after round %d in %s", checkpoint.round, writer.path)
-        initial = checkpoint.arrays
-        reporter.resume(rows, checkpoint.seconds)
-    else:
-        checkpoint = None
+    try:  # the lock goes with the run, however it ends (finish releases it on success)
+        reporter = RoundReporter(cfg, strategy, writer, getattr(grid, "on_round", None))
+        checkpoint = load_checkpoint(writer.path, cfg, initial) if writer is not None else None
+        rows = writer.resume(checkpoint.round) if checkpoint is not None else None  # None: rounds.csv cannot continue it
+        if checkpoint is not None and rows is not None and restore_strategy(strategy, checkpoint, writer.path):
+            log(INFO, "fedsim: resuming from the checkpoint after round %d in %s", checkpoint.round, writer.path)
+            initial = checkpoint.arrays
+            reporter.resume(rows, checkpoint.seconds)
+        else:
+            checkpoint = None
+            if writer is not None:
+                writer.start(cfg.to_mapping())
+                np.savetxt(writer.path / LABEL_COUNTS, counts, fmt="%d", delimiter=",")
+        first_round = checkpoint.round + 1 if checkpoint is not None else 1
+        t0 = time.perf_counter()
+        try:
+            result = strategy.start(
+                grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                train_config=train_config(device),
+                evaluate_fn=reporter, first_round=first_round,
+            )
+            final_arrays, stopped_at = result.arrays, None
+        except _TargetReached as stop:
+            final_arrays, stopped_at = stop.arrays, reporter.rows[-1].round
+            log(INFO, "fedsim: stop-at-accuracy %.4f reached at round %d; stopping", cfg.stop_at_accuracy, stopped_at)
+        wall = time.perf_counter() - t0
+        last = reporter.rows[-1]
+        log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, last.round, wall)
+        short = rounds_below_min_replies(reporter.rows, cfg.min_replies)
+        trained = sum(1 for r in reporter.rows if r.round > 0)
+        failed = None
+        if trained and len(short) == trained:
+            failed = (
+                f"no round had min-replies={cfg.min_replies} valid replies, so the model never changed "
+                f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
+                f"columns of rounds.csv)"
+            )
+        elif short:
+            log(WARNING, "fedsim: %d of %d rounds had fewer than min-replies=%d valid replies and left the model unchanged", len(short), trained, cfg.min_replies)
         if writer is not None:
-            writer.start(cfg.to_mapping())
-            np.savetxt(writer.path / LABEL_COUNTS, counts, fmt="%d", delimiter=",")
-    first_round = checkpoint.round + 1 if checkpoint is not None else 1
-    t0 = time.perf_counter()
-    try:
-        result = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-            train_config=train_config(device),
-            evaluate_fn=reporter, first_round=first_round,
-        )
-        final_arrays, stopped_at = result.arrays, None
-    except _TargetReached as stop:
-        final_arrays, stopped_at = stop.arrays, reporter.rows[-1].round
-        log(INFO, "fedsim: stop-at-accuracy %.4f reached at round %d; stopping", cfg.stop_at_accuracy, stopped_at)
-    wall = time.perf_counter() - t0
-    last = reporter.rows[-1]
-    log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, last.round, wall)
-    short = rounds_below_min_replies(reporter.rows, cfg.min_replies)
-    trained = sum(1 for r in reporter.rows if r.round > 0)
-    failed = None
-    if trained and len(short) == trained:
-        failed = (
-            f"no round had min-replies={cfg.min_replies} valid replies, so the model never changed "
-            f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
-            f"columns of rounds.csv)"
-        )
-    elif short:
-        log(WARNING, "fedsim: %d of %d rounds had fewer than min-replies=%d valid replies and left the model unchanged", len(short), trained, cfg.min_replies)
-    if writer is not None:
-        writer.finish(
-            final_arrays.to_torch_state_dict() if final_arrays is not None else None,
-            {
-                "seed": cfg.seed, "engine": engine, "device": str(device),
-                "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                "client_devices": sorted({device_label(code) for code in strategy.reported_devices.values()}),
-                "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
-                "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
-                "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
-                "resumed_after_round": checkpoint.round if checkpoint is not None else None,
-                "rounds_below_min_replies": len(short), "failed": failed,
-                "wall_seconds": wall, **environment,
-            },
-        )
+            writer.finish(
+                final_arrays.to_torch_state_dict() if final_arrays is not None else None,
+                {
+                    "seed": cfg.seed, "engine": engine, "device": str(device),
+                    "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "client_devices": sorted({device_label(code) for code in strategy.reported_devices.values()}),
+                    "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
+                    "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
+                    "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
+                    "resumed_after_round": checkpoint.round if checkpoint is not None else None,
+                    "rounds_below_min_replies": len(short), "failed": failed,
+                    "wall_seconds": wall, **environment,
+                },
+            )
+    finally:
+        if writer is not None and writer.lock is not None:
+            writer.lock.release()  # idempotent
     if failed:
         raise RunFailed(failed + (f"; results in {writer.path}" if writer is not None else ""))
     return reporter.rows

@@ -361,3 +361,26 @@ def test_a_sweep_run_holds_its_folders_lock_and_skips_a_folder_in_use(tmp_path):
     assert f"in use by another fedsim process (pid {holder.pid})" in echoed[0]
     assert not runs[0].claim_file.exists() and runs[0].status() == "todo"  # the lock file alone is no result
     lock_run_folder(runs[1].folder).release()  # released after the run
+
+
+def test_a_run_that_raises_releases_its_folders_lock(tmp_path, monkeypatch):
+    """The lock goes with the run however it ends, not only when the summary is written."""
+    from flwr.app import Context, RecordDict
+
+    from fedsim import run_folder
+    from fedsim.client_app import app as client_app
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.server_app import app as server_app
+    from fedsim.strategies.base import FedsimStrategy
+
+    def crash(*args, **kwargs):
+        raise Crash("round loop died")
+
+    monkeypatch.setattr(FedsimStrategy, "start", crash)
+    folder = tmp_path / "run"
+    cfg = RunConfig.from_mapping({**SMALL, "results-dir": str(folder)}).to_mapping()
+    try:
+        server_app(InProcessGrid(client_app, 4, cfg), Context(1, 1, {}, RecordDict(), cfg))
+    except Crash as err:
+        kept = err.__traceback__  # as a notebook keeps the last traceback: its frames keep the run's objects alive
+    assert kept is not None and folder.resolve() not in run_folder._held
