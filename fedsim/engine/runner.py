@@ -13,7 +13,7 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 
-from fedsim.config import RunConfig
+from fedsim.config import ConfigError, RunConfig
 from fedsim.engine.flower_internals import SUPERLINK_NODE_ID
 from fedsim.engine.inprocess import InProcessGrid
 
@@ -60,7 +60,8 @@ def run_inprocess(
 
 
 def parse_workers(value: int | str) -> int | str:
-    """"auto" or an int >= 1 (also as text, e.g. from FEDSIM_WORKERS); ValueError otherwise."""
+    """"auto" or an int >= 1 (also as text, e.g. from FEDSIM_WORKERS); ConfigError (a
+    ValueError: one line, exit 2 from the CLI) otherwise."""
     number = value
     if isinstance(value, str):
         text = value.strip().lower()
@@ -68,7 +69,7 @@ def parse_workers(value: int | str) -> int | str:
             return "auto"
         number = int(text) if text.isdigit() else 0
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ValueError(f"workers must be 'auto' or an integer >= 1, got {value!r}")
+        raise ConfigError(f"workers must be 'auto' or an integer >= 1, got {value!r} (--workers or FEDSIM_WORKERS)")
     return number
 
 
