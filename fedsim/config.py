@@ -2,6 +2,8 @@
 
 The keys and defaults live in pyproject.toml's ``[tool.flwr.app.config]``; README.md
 documents each. Server and client both read the run config through ``RunConfig``.
+Common keys are its fields; an algorithm's own keys (``llr-*``, ``local-epochs``) are
+declared by the algorithm (``fedsim.algorithms``) and read with ``cfg.option(key)``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any
 
 from fedsim.errors import ConfigError
 
-STRATEGIES = ("fedsgd", "fedavg", "sign-mv", "llr-vote")
 DEFAULT_MODELS = {
     "digits": "digits-mlp",
     "mnist": "mnist-cnn",
@@ -28,7 +29,7 @@ MAX_SEED = 2**32 - 1  # flwr-datasets/datasets shuffles take 32-bit seeds
 
 __all__ = [
     "ConfigError", "RunConfig", "same_experiment", "config_differences", "read_toml", "read_experiment", "parse_override",
-    "STRATEGIES", "DEFAULT_MODELS", "MAX_SEED",
+    "DEFAULT_MODELS", "MAX_SEED", "strategy_names",
 ]
 
 
@@ -44,16 +45,11 @@ class RunConfig:
     partitioning: str = "iid"
     model: str = "auto"
     fraction_train: float = 1.0
-    local_epochs: int = 1
     batch_size: int = 10
     batch_sizes: str = ""
     batch_mode: int = 0
     lr: float = 0.1
     eval_every: int = 1
-    llr_eps: float = 1e-5
-    llr_max: float = 10.0
-    llr_warmup: int = 100
-    llr_forgetting: float = 1.0
     num_nodes: int = 10
     node_wait: float = 60.0
     stop_at_accuracy: float = 0.0
@@ -61,23 +57,41 @@ class RunConfig:
     round_timeout: float = 3600.0
     device: str = "auto"
     results_dir: str = ""
+    # the algorithms' own keys that differ from their defaults, sorted: (key, value) pairs
+    options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a Flower run config (kebab-case keys); unknown keys are an error."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        known = _common_keys()
+        declared = _declared_options()
+        unknown = sorted(set(values) - set(known) - set(declared))
         if unknown:
             raise ConfigError(
-                f"unknown run-config key(s) {unknown}; valid keys: {sorted(known)} (see README.md)"
+                f"unknown run-config key(s) {unknown}; valid keys: {sorted([*known, *declared])} (see README.md)"
             )
         kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         for key, value in values.items():
-            f = known[key]
-            kwargs[f.name] = _coerce(key, value, type(getattr(cls(), f.name)))
-        cfg = cls(**kwargs)
+            if key in known:
+                kwargs[known[key]] = _coerce(key, value, type(getattr(_DEFAULT, known[key])))
+            else:
+                value = _coerce(key, value, type(declared[key].default))
+                if value != declared[key].default:
+                    extra[key] = value
+        cfg = cls(**kwargs, options=tuple(sorted(extra.items())))
         cfg.validate()
         return cfg
+
+    def option(self, key: str) -> Any:
+        """The value of an algorithm's own key (its default where not set)."""
+        for k, v in self.options:
+            if k == key:
+                return v
+        declared = _declared_options()
+        if key not in declared:
+            raise KeyError(f"{key!r} is not an option of a registered algorithm")
+        return declared[key].default
 
     @staticmethod
     def cached(values: Mapping[str, Any]) -> RunConfig:
@@ -85,8 +99,9 @@ class RunConfig:
         return _cached_config(tuple(sorted(values.items())))
 
     def to_mapping(self) -> dict[str, Any]:
-        """Back to Flower's kebab-case run config."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        """Back to Flower's kebab-case run config (every key, the algorithms' included)."""
+        common = {key: getattr(self, name) for key, name in _common_keys().items()}
+        return {**common, **{key: self.option(key) for key in sorted(_declared_options())}}
 
     @property
     def model_name(self) -> str:
@@ -103,7 +118,7 @@ class RunConfig:
 
         per_round = max(1, int(round(self.fraction_train * self.num_nodes))) if math.isfinite(self.fraction_train) else 1
         checks = [
-            (self.strategy in STRATEGIES, f"strategy={self.strategy!r}: choose one of {list(STRATEGIES)}"),
+            (self.strategy in strategy_names(), f"strategy={self.strategy!r}: choose one of {list(strategy_names())}"),
             (self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {list(DATASETS)}"),
             (self.model == "auto" or self.model in MODELS, f"model={self.model!r}: choose 'auto' or one of {sorted(MODELS)}"),
             (0 <= self.seed <= MAX_SEED, f"seed={self.seed}: must be an integer in 0..{MAX_SEED}"),
@@ -111,23 +126,19 @@ class RunConfig:
             (_finite(self.node_wait) and self.node_wait >= 0, f"node-wait={self.node_wait}: must be a finite number of seconds >= 0"),
             (self.num_server_rounds >= 1, f"num-server-rounds={self.num_server_rounds}: must be >= 1"),
             (0.0 < self.fraction_train <= 1.0, f"fraction-train={self.fraction_train}: must be in (0, 1]"),
-            (self.local_epochs >= 1, f"local-epochs={self.local_epochs}: must be >= 1"),
             (self.batch_size >= 0, f"batch-size={self.batch_size}: must be >= 0 (0 = the whole local set)"),
             (self.batch_mode in (0, 1, 2, 3, 4), f"batch-mode={self.batch_mode}: must be 0 (off) or 1-4"),
             (self.batch_mode < 2 or self.num_nodes >= 2, f"batch-mode={self.batch_mode} mixes small and large batches: it needs num-nodes >= 2, got {self.num_nodes}"),
             (_finite(self.lr) and self.lr > 0, f"lr={self.lr}: must be a finite number > 0"),
             (self.eval_every >= 1, f"eval-every={self.eval_every}: must be >= 1"),
             (0.0 <= self.stop_at_accuracy <= 1.0, f"stop-at-accuracy={self.stop_at_accuracy}: must be in [0, 1] (0 = off)"),
-            (0.0 < self.llr_forgetting <= 1.0, f"llr-forgetting={self.llr_forgetting}: must be in (0, 1]"),
-            (self.llr_warmup >= 0, f"llr-warmup={self.llr_warmup}: must be >= 0"),
-            (0.0 < self.llr_eps < 0.5, f"llr-eps={self.llr_eps}: must be in (0, 0.5) (it smooths agreement rates in [0, 1])"),
-            (_finite(self.llr_max) and self.llr_max > 0, f"llr-max={self.llr_max}: must be a finite number > 0"),
             (self.min_replies >= 1, f"min-replies={self.min_replies}: must be >= 1"),
             (self.min_replies <= per_round, f"min-replies={self.min_replies}: only {per_round} clients are sampled per round "
              f"(num-nodes={self.num_nodes}, fraction-train={self.fraction_train}); use min-replies <= {per_round}"),
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
             (valid_device_name(self.device), f"device={self.device!r}: choose {DEVICE_FORMS}"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
+            *((option.valid(self.option(key)), f"{key}={self.option(key)!r}: {option.rule}") for key, option in _declared_options().items()),
         ]
         for ok, message in checks:
             if not ok:
@@ -135,11 +146,30 @@ class RunConfig:
         try:
             PartitionSpec.parse(self.partitioning)
             if self.batch_sizes:
-                from fedsim.clients.batch_sizes import parse_batch_sizes
+                from fedsim.partitions.batch_sizes import parse_batch_sizes
 
                 parse_batch_sizes(self.batch_sizes, self.num_nodes)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The registered algorithms' names (the ``strategy`` values)."""
+    from fedsim.algorithms import REGISTRY
+
+    return tuple(REGISTRY)
+
+
+def _declared_options() -> dict[str, Any]:
+    from fedsim.algorithms import options
+
+    return options()
+
+
+@functools.cache
+def _common_keys() -> dict[str, str]:
+    """Run-config key -> RunConfig field name, for the common keys."""
+    return {f.name.replace("_", "-"): f.name for f in fields(RunConfig) if f.name != "options"}
 
 
 def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
@@ -206,6 +236,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key, value
+
+
+_DEFAULT = RunConfig()
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,20 +1,23 @@
 """What fedsim's messages carry, and the checks a reply must pass before it is used.
 
 Train message (server -> client): ArrayRecord ``"arrays"`` (the global model's
-state_dict) and ConfigRecord ``"config"`` with ``task``, ``lr``, ``local-epochs``,
-``server-round`` and ``device`` (the device type the server resolved ``device`` to). Train reply: MetricRecord ``"metrics"`` (``num-examples`` = n_k, the
-local set size; ``batch-size``; ``train-loss``; ``partition-id``; ``cuda-device``, the
-CUDA index the client trained on or -1 for the CPU) and, by task:
+state_dict) and ConfigRecord ``"config"`` with ``algorithm`` (the registered algorithm
+whose client step to run: fedsim.algorithms), ``server-round`` and ``device`` (the device
+type the server resolved ``device`` to). Train reply: MetricRecord ``"metrics"``
+(``num-examples`` = n_k, the local set size; ``batch-size``; ``train-loss``;
+``partition-id``; ``cuda-device``, the CUDA index the client trained on or -1 for the
+CPU) and the algorithm's own ArrayRecord (``Algorithm.record``):
 
-- ``local-epochs`` (FedAvg): ArrayRecord ``"arrays"``, the locally trained state_dict;
-- ``gradient`` (FedSGD): ArrayRecord ``"grads"``, one float array per trainable parameter;
-- ``sign`` (signSGD-MV / -FV): ArrayRecord ``"signs"`` holding one uint8 array ``"packed"``
-  of ceil(N / 8) bytes (fedsim.strategies.signs).
+- ``fedavg``: ``"arrays"``, the locally trained state_dict;
+- ``fedsgd``: ``"grads"``, one float array per trainable parameter;
+- ``sign-mv``, ``llr-vote``: ``"signs"`` holding one uint8 array ``"packed"`` of
+  ceil(N / 8) bytes (fedsim.core.signs);
+- ``ef-sign``: ``"scaled-signs"`` with ``"packed"`` and a float32 ``"scale"``.
 
-With ``gradient`` and ``sign``, a model that has float buffers (BatchNorm's running
-statistics) also sends them as ArrayRecord ``"buffers"``: they are not trained by the
-gradient, and the server takes their example-weighted mean. Models without BatchNorm
-(all the MNIST ones) send nothing more.
+Except with ``fedavg``, a model that has float buffers (BatchNorm's running statistics)
+also sends them as ArrayRecord ``"buffers"``: they are not trained by the gradient, and
+the server takes their example-weighted mean. Models without BatchNorm (all the MNIST
+ones) send nothing more.
 """
 
 from __future__ import annotations
@@ -28,11 +31,6 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim.arrays import decode_exact
 
-TASK_LOCAL_EPOCHS = "local-epochs"
-TASK_GRADIENT = "gradient"
-TASK_SIGN = "sign"
-TASKS = (TASK_LOCAL_EPOCHS, TASK_GRADIENT, TASK_SIGN)
-
 ARRAYS = "arrays"
 GRADS = "grads"
 SIGNS = "signs"
@@ -40,8 +38,6 @@ BUFFERS = "buffers"
 PACKED = "packed"
 CONFIG = "config"
 METRICS = "metrics"
-# task -> the ArrayRecord its reply carries
-PAYLOAD_RECORD = {TASK_LOCAL_EPOCHS: ARRAYS, TASK_GRADIENT: GRADS, TASK_SIGN: SIGNS}
 
 
 class BadReply(ValueError):
@@ -122,6 +118,38 @@ def no_extra_records(msg: Message, expected: Collection[str]) -> None:
 
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the server knows of the model: every state_dict entry's (shape, dtype) and
+    which entries are trainable parameters (in ``model.parameters()`` order)."""
+
+    arrays: dict[str, tuple[tuple[int, ...], np.dtype]]
+    param_keys: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.param_keys if k not in self.arrays]
+        if unknown:
+            raise ValueError(f"param_keys {unknown} are not in the model's state_dict")
+
+    @classmethod
+    def of(cls, arrays: ArraySpec, param_keys: Collection[str]) -> ModelSpec:
+        return cls(dict(arrays), tuple(param_keys))
+
+    @property
+    def param_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {k: self.arrays[k] for k in self.param_keys}
+
+    @property
+    def buffer_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Float entries that are not trainable parameters (BatchNorm running statistics)."""
+        return {k: v for k, v in self.arrays.items() if k not in self.param_keys and np.issubdtype(v[1], np.floating)}
+
+    @property
+    def num_params(self) -> int:
+        """N: the number of trainable coordinates."""
+        return int(sum(int(np.prod(self.arrays[k][0])) for k in self.param_keys))
 
 
 def array_spec(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -15,8 +15,8 @@ from fedsim.config import ConfigError, RunConfig
 def check_experiment(cfg: RunConfig, num_nodes: int | None = None) -> None:
     """Raise ConfigError naming the key and what to do if ``cfg`` cannot run on its data
     with ``num_nodes`` clients (default: the config's ``num-nodes``)."""
-    from fedsim.clients.batch_sizes import client_batch_sizes
-    from fedsim.clients.setup import input_transforms
+    from fedsim.partitions.batch_sizes import client_batch_sizes
+    from fedsim.runtime import input_transforms
     from fedsim.data import DataError, load_dataset
     from fedsim.data.paths import given_dir
     from fedsim.device import resolve_device

@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 
 from fedsim.arrays import decode_exact, from_flwr_array, to_flwr_array
 from fedsim.models import build_model
-from fedsim.strategies.model_vector import load_into
+from fedsim.arrays import load_into
 
 dtypes = st.sampled_from([np.float32, np.float64, np.int64, np.int8, np.uint8, np.float16, ">f4"])
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.clients.batch_sizes import batch_mode_sizes, client_batch_sizes, num_small_clients, parse_batch_sizes
+from fedsim.partitions.batch_sizes import batch_mode_sizes, client_batch_sizes, num_small_clients, parse_batch_sizes
 from fedsim.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_explicit_batch_sizes():
 
 
 def test_input_transforms_by_model_and_dataset():
-    from fedsim.clients.setup import input_transforms
+    from fedsim.runtime import input_transforms
 
     train, evaluate = input_transforms("cifar10", (3, 32, 32), "cifar-cnn")
     import torch

@@ -19,7 +19,7 @@ from fedsim.config import ConfigError, RunConfig
 from fedsim.device import ClientDeviceError, client_device, default_gpu_share, device_code, device_label, resolve_device
 from fedsim.engine.inprocess import InProcessGrid
 from fedsim.errors import RunFailed
-from fedsim.server_app import app as server_app
+from fedsim.server_app import run_experiment
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
 
@@ -76,7 +76,7 @@ def _run(tmp_path, name: str, **extra):
     cfg = RunConfig.from_mapping(
         {"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 2, "num-nodes": 3, "results-dir": str(tmp_path / name), **extra}
     ).to_mapping()
-    server_app(InProcessGrid(client_app, 3, cfg), Context(1, 1, {}, RecordDict(), cfg))
+    run_experiment(InProcessGrid(client_app, 3, cfg), RunConfig.from_mapping(cfg), engine="inprocess")
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 

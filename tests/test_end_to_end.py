@@ -15,7 +15,7 @@ from fedsim import protocol
 from fedsim.client_app import app as fedsim_client
 from fedsim.config import RunConfig
 from fedsim.engine.inprocess import InProcessGrid
-from fedsim.server_app import app as server_app
+from fedsim.server_app import run_experiment
 
 BAD_PARTITION = 2
 faulty = ClientApp()
@@ -42,7 +42,7 @@ def test_truncated_reply_is_rejected_logged_and_round_goes_on(tmp_path, caplog):
     ).to_mapping()
     grid = InProcessGrid(faulty, 5, cfg)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        server_app(grid, Context(1, 1, {}, RecordDict(), cfg))
+        run_experiment(grid, RunConfig.from_mapping(cfg), engine="inprocess")
     rows = _rows(tmp_path)
     assert [int(r["clients"]) for r in rows[1:]] == [4, 4, 4]
     assert [int(r["rejected"]) for r in rows[1:]] == [1, 1, 1]
@@ -71,7 +71,7 @@ def _run_broken(tmp_path, min_replies: int, name: str):
          "results-dir": str(tmp_path / name)}
     ).to_mapping()
     grid = InProcessGrid(broken, 4, cfg)
-    server_app(grid, Context(1, 1, {}, RecordDict(), cfg))
+    run_experiment(grid, RunConfig.from_mapping(cfg), engine="inprocess")
     return tmp_path / name
 
 
@@ -122,18 +122,16 @@ def test_cli_exits_1_when_no_round_met_min_replies(tmp_path, monkeypatch, capsys
 def test_a_sweep_reports_a_failed_run_goes_on_and_exits_1(tmp_path, monkeypatch, capsys):
     """Two points: the one whose clients are all broken fails, the other still runs."""
     from fedsim import cli
-    from fedsim.clients import setup
+    from fedsim.runtime import Runtime
 
-    real_setup = setup.client_setup
+    real_client = Runtime.client
 
-    def setup_failing_for_lr_0_5(cfg, *args):
+    def client_failing_for_lr_0_5(self, cfg, *args):
         if cfg.lr == 0.5:
             raise RuntimeError("this client is broken")
-        return real_setup(cfg, *args)
+        return real_client(self, cfg, *args)
 
-    import fedsim.client_app
-
-    monkeypatch.setattr(fedsim.client_app, "client_setup", setup_failing_for_lr_0_5)
+    monkeypatch.setattr(Runtime, "client", client_failing_for_lr_0_5)
     sweep = tmp_path / "s.toml"
     sweep.write_text(
         f'base = "{Path("experiments/quick.toml").resolve()}"\nresults-dir = "{tmp_path / "out"}"\n'
@@ -228,7 +226,7 @@ def test_cifar_models_run_end_to_end_with_crops_and_batchnorm_buffers(tmp_path):
     # BatchNorm running statistics were averaged from the clients, not left at their init
     assert not torch.allclose(state["bn1.running_mean"], torch.zeros_like(state["bn1.running_mean"]))
     from fedsim.models import build_model
-    from fedsim.strategies.signs import packed_size
+    from fedsim.core.signs import packed_size
 
     model = build_model("resnet20")
     params = {n for n, _ in model.named_parameters()}

@@ -15,7 +15,7 @@ import pytest
 
 from fedsim.engine.flower_runtime import PROJECT_ROOT, flower_env, free_port, run_flower, stop_stragglers
 from fedsim.engine.runner import run_inprocess
-from fedsim.strategies.signs import packed_size
+from fedsim.core.signs import packed_size
 
 pytestmark = pytest.mark.flower
 

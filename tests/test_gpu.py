@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fedsim.engine.runner import run_inprocess
-from fedsim.strategies.signs import pack_on_device, pack_signs
-from fedsim.strategies.votes import CrossProbabilityEstimator
+from fedsim.core.signs import pack_on_device, pack_signs
+from fedsim.core.votes import CrossProbabilityEstimator
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

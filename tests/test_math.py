@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedsim.strategies.aggregate import weighted_mean
-from fedsim.strategies.signs import pack_on_device, pack_signs, packed_size, unpack_signs
-from fedsim.strategies.votes import CrossProbabilityEstimator, llr_weighted_vote, majority_vote
+from fedsim.core.aggregate import weighted_mean
+from fedsim.core.signs import pack_on_device, pack_signs, packed_size, unpack_signs
+from fedsim.core.votes import CrossProbabilityEstimator, llr_weighted_vote, majority_vote
 
 S = lambda rows: torch.tensor(rows, dtype=torch.int8)  # noqa: E731
 
@@ -175,7 +175,7 @@ def test_estimator_memory_is_four_bytes_per_client_coordinate():
 def test_blocked_vote_equals_the_definition_across_blocks_and_partial_participation():
     """vote() works on blocks of coordinates and on row views; it must equal the plain
     definition: U = sign(sum_m w_m Y_m) with w from weights(), then counts += (1 + Y U) / 2."""
-    from fedsim.strategies import votes
+    from fedsim.core import votes
 
     n = 2 * votes._BLOCK + 123
     est = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=2, forgetting=0.9)

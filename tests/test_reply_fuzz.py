@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from fedsim import protocol
 from fedsim.arrays import NUMPY_STYPE
 from fedsim.engine.flower_internals import assign_message_id, set_server_identity
-from fedsim.strategies import STRATEGY_CLASSES, FedsimStrategy, LLRWeightedVote
+from fedsim.strategies import FedsimStrategy
+from strategy_kit import make
 
 set_server_identity(run_id=11)
 
@@ -43,10 +44,8 @@ class FakeGrid:
 
 
 def make_strategy(name: str) -> FedsimStrategy:
-    common = dict(lr=0.1, seed=3, num_partitions=NUM_PARTITIONS, max_examples=MAX_EXAMPLES)
-    if name == "llr-vote":
-        return LLRWeightedVote(SPEC, PARAMS, warmup_rounds=1, **common)
-    return STRATEGY_CLASSES[name](SPEC, PARAMS, **common)
+    options = {"llr_warmup": 1} if name == "llr-vote" else {}
+    return make(name, SPEC, PARAMS, lr=0.1, seed=3, num_partitions=NUM_PARTITIONS, max_examples=MAX_EXAMPLES, **options)
 
 
 def valid_parts(s: FedsimStrategy, pid: int, n: int, rng: np.random.Generator) -> Parts:
@@ -54,10 +53,10 @@ def valid_parts(s: FedsimStrategy, pid: int, n: int, rng: np.random.Generator) -
     floats = {k: rng.standard_normal(shape).astype(dtype) for k, (shape, dtype) in SPEC.items() if dtype.kind == "f"}
     buffers = {"bn.running_mean": floats["bn.running_mean"]}
     records: dict[str, dict] = {
-        protocol.TASK_LOCAL_EPOCHS: lambda: {protocol.ARRAYS: {**floats, "bn.num_batches_tracked": np.array(rng.integers(0, 50), np.int64)}},
-        protocol.TASK_GRADIENT: lambda: {protocol.GRADS: {k: floats[k] for k in PARAMS}, protocol.BUFFERS: buffers},
-        protocol.TASK_SIGN: lambda: {protocol.SIGNS: {protocol.PACKED: rng.integers(0, 256, 1).astype(np.uint8)}, protocol.BUFFERS: buffers},
-    }[s.task]()
+        protocol.ARRAYS: lambda: {protocol.ARRAYS: {**floats, "bn.num_batches_tracked": np.array(rng.integers(0, 50), np.int64)}},
+        protocol.GRADS: lambda: {protocol.GRADS: {k: floats[k] for k in PARAMS}, protocol.BUFFERS: buffers},
+        protocol.SIGNS: lambda: {protocol.SIGNS: {protocol.PACKED: rng.integers(0, 256, 1).astype(np.uint8)}, protocol.BUFFERS: buffers},
+    }[s.algorithm.record]()
     metrics = {"num-examples": n, "train-loss": float(rng.uniform(0, 3)), "partition-id": pid, "batch-size": int(rng.integers(0, 65))}
     return {"records": records, "metrics": metrics}
 
@@ -280,6 +279,6 @@ def test_malformed_replies_change_nothing_but_the_rejected_count(name, n_by_pid,
         pinned |= valid_pids
         assert fuzzed.pinned_num_examples == reference.pinned_num_examples
     if name == "llr-vote":
-        ef, er = fuzzed.estimator.state_dict(), reference.estimator.state_dict()
+        ef, er = fuzzed.algorithm.estimator.state_dict(), reference.algorithm.estimator.state_dict()
         assert ef["clients"] == er["clients"] and ef["rounds_seen"] == er["rounds_seen"]
         assert torch.equal(ef["agree"], er["agree"]) and torch.equal(ef["total"], er["total"])

@@ -376,7 +376,7 @@ def test_a_run_that_raises_releases_its_folders_lock(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise Crash("round loop died")
 
-    monkeypatch.setattr(FedsimStrategy, "start", crash)
+    monkeypatch.setattr(FedsimStrategy, "run", crash)
     folder = tmp_path / "run"
     cfg = RunConfig.from_mapping({**SMALL, "results-dir": str(folder)}).to_mapping()
     try:

@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedsim import protocol
 from fedsim.engine.flower_internals import assign_message_id, set_server_identity
-from fedsim.strategies import FedAvg, FedSGD, LLRWeightedVote, SignMajorityVote
-from fedsim.strategies.signs import pack_signs
+from strategy_kit import make
+from fedsim.core.signs import pack_signs
 
 set_server_identity(run_id=7)
 
@@ -48,7 +48,7 @@ def as_np(arrays: ArrayRecord) -> dict:
 
 
 def test_fedavg_is_example_weighted_mean_and_rounds_int_buffers():
-    s = FedAvg(SPEC, PARAMS, lr=0.1)
+    s = make("fedavg", SPEC, PARAMS, lr=0.1)
     msgs = sent(s, 2)
     r1 = reply(msgs[0], {protocol.ARRAYS: ArrayRecord({"w": Array(W0 * 0), "b": Array(B0 * 0), "steps": Array(np.array(5))})}, n=30, pid=0)
     r2 = reply(msgs[1], {protocol.ARRAYS: ArrayRecord({"w": Array(W0 * 4), "b": Array(B0 * 4), "steps": Array(np.array(9))})}, n=10, pid=1)
@@ -60,7 +60,7 @@ def test_fedavg_is_example_weighted_mean_and_rounds_int_buffers():
 
 
 def test_fedsgd_step_by_hand():
-    s = FedSGD(SPEC, PARAMS, lr=0.5)
+    s = make("fedsgd", SPEC, PARAMS, lr=0.5)
     msgs = sent(s, 2)
     g1 = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
     g2 = {"w": np.full((2, 2), 3.0, np.float32), "b": np.zeros(2, np.float32)}
@@ -78,7 +78,7 @@ def sign_reply(to, vec, pid):
 
 
 def test_sign_majority_vote_step_and_upload_size():
-    s = SignMajorityVote(SPEC, PARAMS, lr=0.01)
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01)
     msgs = sent(s, 3)
     vecs = [[1, 1, -1, -1, 1, -1], [1, -1, -1, 1, 1, 1], [-1, -1, -1, 1, 1, -1]]
     replies = [sign_reply(m, v, i) for i, (m, v) in enumerate(zip(msgs, vecs))]
@@ -91,16 +91,16 @@ def test_sign_majority_vote_step_and_upload_size():
 
 
 def test_llr_vote_uses_majority_in_warmup_then_weights():
-    s = LLRWeightedVote(SPEC, PARAMS, lr=1.0, warmup_rounds=1)
+    s = make("llr-vote", SPEC, PARAMS, lr=1.0, llr_warmup=1)
     msgs = sent(s, 3)
     vecs = [[1] * 6, [1] * 6, [-1] * 6]
     s.aggregate_train(1, [sign_reply(m, v, i) for i, (m, v) in enumerate(zip(msgs, vecs))])
-    w = s.estimator.weights([0, 1, 2])  # clients are counted by partition id, stable across runs
+    w = s.algorithm.estimator.weights([0, 1, 2])  # clients are counted by partition id, stable across runs
     assert (w[2] < 0).all() and (w[:2] > 0).all()
 
 
 def test_a_second_reply_for_one_partition_and_a_reply_without_partition_are_rejected(caplog):
-    s = SignMajorityVote(SPEC, PARAMS, lr=0.01)
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01)
     msgs = sent(s, 4)
     no_pid = reply(msgs[3], {protocol.SIGNS: ArrayRecord({protocol.PACKED: Array(pack_signs(torch.ones(6)))})})
     no_pid.content[protocol.METRICS] = MetricRecord({"num-examples": 10, "train-loss": 1.0})
@@ -124,7 +124,7 @@ def test_a_second_reply_for_one_partition_and_a_reply_without_partition_are_reje
     ],
 )
 def test_bad_sign_reply_is_rejected_and_logged_round_goes_on(bad, reason, caplog):
-    s = SignMajorityVote(SPEC, PARAMS, lr=0.01)
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01)
     msgs = sent(s, 3)
     good = [sign_reply(msgs[0], [1] * 6, 0), sign_reply(msgs[1], [1] * 6, 1)]
     with caplog.at_level(logging.WARNING, logger="flwr"):
@@ -144,7 +144,7 @@ def test_bad_sign_reply_is_rejected_and_logged_round_goes_on(bad, reason, caplog
     ],
 )
 def test_bad_gradient_reply_is_rejected(grads, reason, caplog):
-    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
     msgs = sent(s, 2)
     ok = reply(msgs[0], {protocol.GRADS: ArrayRecord({"w": Array(np.ones((2, 2), np.float32)), "b": Array(np.ones(2, np.float32))})}, pid=0)
     bad = reply(msgs[1], {protocol.GRADS: ArrayRecord({k: Array(v) for k, v in grads.items()})}, pid=1)
@@ -156,7 +156,7 @@ def test_bad_gradient_reply_is_rejected(grads, reason, caplog):
 
 
 def test_bad_metrics_and_error_replies_are_rejected(caplog):
-    s = FedAvg(SPEC, PARAMS, lr=0.1)
+    s = make("fedavg", SPEC, PARAMS, lr=0.1)
     msgs = sent(s, 3)
     payload = {protocol.ARRAYS: GLOBAL}
     no_n = Message(RecordDict({**payload, protocol.METRICS: MetricRecord({"train-loss": 1.0})}), reply_to=msgs[0])
@@ -170,13 +170,13 @@ def test_bad_metrics_and_error_replies_are_rejected(caplog):
 
 
 def test_fraction_sampling_is_seeded_and_sized():
-    picks = [[m.metadata.dst_node_id for m in sent(FedAvg(SPEC, PARAMS, lr=0.1, fraction_train=0.1, seed=s), 100)] for s in (1, 1, 2)]
+    picks = [[m.metadata.dst_node_id for m in sent(make("fedavg", SPEC, PARAMS, lr=0.1, fraction_train=0.1, seed=s), 100)] for s in (1, 1, 2)]
     assert len(picks[0]) == 10 and picks[0] == picks[1] and picks[0] != picks[2]
 
 
 def test_gradient_strategies_average_float_buffers_and_reject_replies_without_them(caplog):
     arrays = ArrayRecord({"w": Array(W0), "running_mean": Array(np.zeros(2, np.float32))})
-    s = SignMajorityVote(protocol.array_spec(arrays), ["w"], lr=0.1)
+    s = make("sign-mv", protocol.array_spec(arrays), ["w"], lr=0.1)
     msgs = list(s.configure_train(1, arrays, ConfigRecord(), FakeGrid(3)))
     packed = Array(pack_signs(torch.ones(4)))
 
@@ -233,7 +233,7 @@ GOOD_METRICS = {"num-examples": 10, "train-loss": 1.0, "partition-id": 1, "batch
     ],
 )
 def test_metrics_out_of_type_or_range_are_rejected_naming_metric_value_and_bound(key, value, reason, caplog):
-    s = FedSGD(SPEC, PARAMS, lr=1.0, num_partitions=4, max_examples=100)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0, num_partitions=4, max_examples=100)
     msgs = sent(s, 2)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = s.aggregate_train(1, [grads_reply(msgs[0]), grads_reply(msgs[1], metrics={**GOOD_METRICS, key: value})])
@@ -245,7 +245,7 @@ def test_metrics_out_of_type_or_range_are_rejected_naming_metric_value_and_bound
 
 def test_integral_float_metrics_are_accepted():
     got = protocol.reply_metrics(
-        grads_reply(sent(FedSGD(SPEC, PARAMS, lr=1.0), 1)[0], metrics={**GOOD_METRICS, "num-examples": 10.0, "partition-id": 3.0}),
+        grads_reply(sent(make("fedsgd", SPEC, PARAMS, lr=1.0), 1)[0], metrics={**GOOD_METRICS, "num-examples": 10.0, "partition-id": 3.0}),
         num_partitions=4, max_examples=10,
     )
     assert (got.num_examples, got.partition_id, got.batch_size) == (10, 3, 4)
@@ -253,7 +253,7 @@ def test_integral_float_metrics_are_accepted():
 
 
 def test_float64_payload_that_overflows_float32_is_rejected_and_others_are_cast():
-    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
     msgs = sent(s, 2)
     arrays, metrics = s.aggregate_train(1, [grads_reply(msgs[0], pid=0, dtype=np.float64), grads_reply(msgs[1], pid=1, value=1e300, dtype=np.float64)])
     assert metrics["rejected"] == 1
@@ -262,7 +262,7 @@ def test_float64_payload_that_overflows_float32_is_rejected_and_others_are_cast(
 
 
 def test_num_examples_is_pinned_per_partition_across_rounds_and_checkpoints(caplog):
-    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
     s.aggregate_train(1, [grads_reply(m, n=10 + i, pid=i) for i, m in enumerate(sent(s, 2))])
     assert s.pinned_num_examples == {0: 10, 1: 11}
     msgs = sent(s, 3, rnd=2)
@@ -277,7 +277,7 @@ def test_num_examples_is_pinned_per_partition_across_rounds_and_checkpoints(capl
     buf = io.BytesIO()
     torch.save(s.state_dict(), buf)
     buf.seek(0)
-    restored = FedSGD(SPEC, PARAMS, lr=1.0)
+    restored = make("fedsgd", SPEC, PARAMS, lr=1.0)
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.pinned_num_examples == {0: 10, 1: 11, 2: 5}
     old = {k: v for k, v in s.state_dict().items() if k != "num_examples"}  # a checkpoint from before pinning
@@ -286,7 +286,7 @@ def test_num_examples_is_pinned_per_partition_across_rounds_and_checkpoints(capl
 
 
 def test_a_rejected_reply_pins_nothing():
-    s = FedSGD(SPEC, PARAMS, lr=1.0, min_replies=1)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0, min_replies=1)
     msgs = sent(s, 3)
     dup = grads_reply(msgs[2], n=50, pid=0)  # loses to node 100 under the one-per-partition rule
     nan = grads_reply(msgs[1], n=60, pid=1, value=float("nan"))
@@ -295,10 +295,10 @@ def test_a_rejected_reply_pins_nothing():
 
 
 def test_fewer_valid_replies_than_min_replies_keep_the_model_and_the_llr_counts(caplog):
-    s = LLRWeightedVote(SPEC, PARAMS, lr=1.0, warmup_rounds=0, min_replies=3, num_partitions=4)
+    s = make("llr-vote", SPEC, PARAMS, lr=1.0, llr_warmup=0, min_replies=3, num_partitions=4)
     msgs = sent(s, 3)
     s.aggregate_train(1, [sign_reply(m, [1] * 6, i) for i, m in enumerate(msgs)])
-    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in s.estimator.state_dict().items()}
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in s.algorithm.estimator.state_dict().items()}
     msgs = sent(s, 3, rnd=2)
     bad = sign_reply(msgs[2], [1] * 6, 2)
     bad.content[protocol.METRICS]["train-loss"] = float("nan")
@@ -308,25 +308,27 @@ def test_fewer_valid_replies_than_min_replies_keep_the_model_and_the_llr_counts(
     assert dict(metrics) == {"clients": 2, "rejected": 1, "bytes-up": metrics["bytes-up"], "bytes-down": metrics["bytes-down"],
                              "updated": 0, "train-loss": 1.0}
     assert "round 2: 2 valid replies, fewer than min-replies=3; the global model is unchanged" in caplog.text
-    after = s.estimator.state_dict()
+    after = s.algorithm.estimator.state_dict()
     assert after["clients"] == before["clients"] and after["rounds_seen"] == before["rounds_seen"]
     assert torch.equal(after["agree"], before["agree"]) and torch.equal(after["total"], before["total"])
 
 
 def test_no_valid_reply_gives_no_train_loss_and_updated_zero():
-    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
     arrays, metrics = s.aggregate_train(1, [grads_reply(sent(s, 1)[0], value=float("inf"))])
     assert arrays is None and metrics["updated"] == 0 and metrics["clients"] == 0 and "train-loss" not in metrics
 
 
 def test_an_unexpected_exception_while_checking_rejects_only_that_reply(caplog):
-    class Buggy(FedSGD):
-        def parse(self, msg):
-            if msg.metadata.src_node_id == 101:
-                raise ZeroDivisionError("division by zero")
-            return super().parse(msg)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
+    parse = s.algorithm.parse
 
-    s = Buggy(SPEC, PARAMS, lr=1.0)
+    def buggy_parse(msg):
+        if msg.metadata.src_node_id == 101:
+            raise ZeroDivisionError("division by zero")
+        return parse(msg)
+
+    s.algorithm.parse = buggy_parse
     msgs = sent(s, 2)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = s.aggregate_train(4, [grads_reply(msgs[0], pid=0), grads_reply(msgs[1], pid=1)])
@@ -335,7 +337,7 @@ def test_an_unexpected_exception_while_checking_rejects_only_that_reply(caplog):
 
 
 def test_a_reply_with_a_record_the_task_does_not_use_is_rejected(caplog):
-    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
     msgs = sent(s, 2)
     extra = grads_reply(msgs[1], pid=1)
     extra.content[protocol.SIGNS] = ArrayRecord({protocol.PACKED: Array(np.zeros(1, np.uint8))})
@@ -346,7 +348,7 @@ def test_a_reply_with_a_record_the_task_does_not_use_is_rejected(caplog):
 
 @pytest.mark.parametrize("mutate", ["short", "long", "header-dtype", "header-shape"])
 def test_gradient_bytes_that_do_not_match_the_declared_array_are_rejected(mutate, caplog):
-    s = FedSGD(SPEC, PARAMS, lr=1.0)
+    s = make("fedsgd", SPEC, PARAMS, lr=1.0)
     msgs = sent(s, 2)
     good_w = Array(np.ones((2, 2), np.float32))
     bad_w = {
@@ -386,7 +388,7 @@ def test_a_node_claiming_a_bound_partition_is_rejected_and_the_honest_llr_row_is
     """Node 100 (the lowest id, which won duplicate claims before binding) claims node
     101's partition; node 102 switches to partition 0 later. Both are rejected with one
     line naming both nodes; counts and model equal those of the honest replies alone."""
-    attacked, honest = (LLRWeightedVote(SPEC, PARAMS, lr=1.0, warmup_rounds=1, num_partitions=3) for _ in range(2))
+    attacked, honest = (make("llr-vote", SPEC, PARAMS, lr=1.0, llr_warmup=1, num_partitions=3) for _ in range(2))
     grid = Nodes(100, 101, 102)
     plan = {  # round -> (node, partition, signs) replies; node 100 first replies in round 2
         1: [(101, 0, [1] * 6), (102, 1, [1, -1] * 3)],
@@ -414,13 +416,13 @@ def test_a_node_claiming_a_bound_partition_is_rejected_and_the_honest_llr_row_is
                 "round 3: rejected the reply of node 102: claims partition-id 0, but node 102 is bound to partition-id 1 "
                 "by its first used reply; partition-id 0 is bound to node 101"
             ]
-    ea, eh = attacked.estimator.state_dict(), honest.estimator.state_dict()
+    ea, eh = attacked.algorithm.estimator.state_dict(), honest.algorithm.estimator.state_dict()
     assert torch.equal(ea["agree"], eh["agree"]) and torch.equal(ea["total"], eh["total"])
     assert attacked.node_partitions == {101: 0, 102: 1, 100: 2}
 
 
 def test_first_round_duplicates_bind_the_lowest_node_and_rejected_replies_bind_nothing(caplog):
-    s = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=3)
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=3)
     msgs = to_nodes(s, Nodes(100, 101, 102), 1)
     truncated = reply(msgs[100], {protocol.SIGNS: ArrayRecord({protocol.PACKED: Array(np.zeros(3, np.uint8))})}, pid=2)
     s.aggregate_train(1, [sign_reply(msgs[102], [1] * 6, 0), sign_reply(msgs[101], [1] * 6, 0), truncated])
@@ -433,20 +435,20 @@ def test_first_round_duplicates_bind_the_lowest_node_and_rejected_replies_bind_n
 
 
 def test_bindings_survive_a_checkpoint_for_connected_nodes_and_rebind_when_node_ids_change(caplog):
-    s = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=2)
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2)
     msgs = to_nodes(s, Nodes(100, 101), 1)
     s.aggregate_train(1, [sign_reply(msgs[100], [1] * 6, 0), sign_reply(msgs[101], [1] * 6, 1)])
     buf = io.BytesIO()
     torch.save(s.state_dict(), buf)
 
-    same = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=2)  # resumed in-process: same node ids
+    same = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2)  # resumed in-process: same node ids
     buf.seek(0)
     same.load_state_dict(torch.load(buf, weights_only=True))
     msgs = to_nodes(same, Nodes(100, 101), 2)
     _, metrics = same.aggregate_train(2, [sign_reply(msgs[100], [1] * 6, 1), sign_reply(msgs[101], [1] * 6, 1)])
     assert (metrics["clients"], metrics["rejected"]) == (1, 1) and same.node_partitions == {100: 0, 101: 1}
 
-    fresh = SignMajorityVote(SPEC, PARAMS, lr=0.01, num_partitions=2)  # Flower's runtime: new node ids
+    fresh = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2)  # Flower's runtime: new node ids
     buf.seek(0)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     with caplog.at_level(logging.INFO, logger="flwr"):

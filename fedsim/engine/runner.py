@@ -1,4 +1,4 @@
-"""Run an experiment on the in-process engine: the project's ServerApp and ClientApp,
+"""Run an experiment on the in-process engine: the ServerApp's run_experiment and the ClientApp,
 one process, ``num-nodes`` simulated nodes."""
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, RecordDict
-
 from fedsim.config import ConfigError, RunConfig
-from fedsim.engine.flower_internals import SUPERLINK_NODE_ID
 from fedsim.engine.inprocess import InProcessGrid
 
 
@@ -36,7 +33,8 @@ def run_inprocess(
     import torch
 
     from fedsim.client_app import app as client_app
-    from fedsim.server_app import app as server_app
+    from fedsim.runtime import release_runtimes
+    from fedsim.server_app import run_experiment
 
     cfg = RunConfig.from_mapping(run_config)
     if not cfg.results_dir:
@@ -44,18 +42,22 @@ def run_inprocess(
     torch.set_num_threads(threads or int(os.environ.get("FEDSIM_THREADS", "1")))
     keep_freed_memory()
     mapping = cfg.to_mapping()
-    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=parse_workers(workers or os.environ.get("FEDSIM_WORKERS") or "auto"))
-    grid.on_round = on_round  # the ServerApp reports each round to this hook when present
-    context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
+    worker_setting = parse_workers(workers or os.environ.get("FEDSIM_WORKERS") or "auto")
+    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=worker_setting)
+    hooks = [] if on_round is None else [lambda end: on_round(end.row)]  # type: ignore[misc]
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if quiet:
         flwr_logger.setLevel(logging.WARNING)
     try:
-        server_app(grid, context)
+        run_experiment(
+            grid, cfg, engine=InProcessGrid.engine_name, hooks=hooks,
+            engine_settings={"threads": torch.get_num_threads(), "workers": worker_setting},
+        )
     finally:
         flwr_logger.setLevel(level)
         grid.close()
+        release_runtimes()  # the run's datasets and models go with it (fedsim.runtime)
     return Path(cfg.results_dir)
 
 

@@ -1,47 +1,36 @@
-"""fedsim's strategies (Flower ``Strategy`` subclasses) and the math they call."""
+"""fedsim's Flower strategy: ``FedsimStrategy`` drives any registered algorithm
+(fedsim.algorithms); ``build_strategy`` makes the one a run config names."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from fedsim.algorithms import REGISTRY, Algorithm
 from fedsim.config import RunConfig
-from fedsim.protocol import ArraySpec
-from fedsim.strategies.base import FedsimStrategy
-from fedsim.strategies.fedavg import FedAvg
-from fedsim.strategies.fedsgd import FedSGD
-from fedsim.strategies.sign_vote import LLRWeightedVote, SignMajorityVote
+from fedsim.protocol import ModelSpec
+from fedsim.strategies.base import FedsimStrategy, Reply, RoundEndHook
 
-STRATEGY_CLASSES: dict[str, type[FedsimStrategy]] = {
-    "fedsgd": FedSGD,
-    "fedavg": FedAvg,
-    "sign-mv": SignMajorityVote,
-    "llr-vote": LLRWeightedVote,
-}
+
+def build_algorithm(cfg: RunConfig, model: ModelSpec, max_clients: int | None = None, device: torch.device | str = "cpu") -> Algorithm:
+    """The server half of the algorithm named by the run config's ``strategy`` key."""
+    cls = REGISTRY[cfg.strategy]
+    return cls(cls.hyperparams(cfg), model, device, max_clients)
 
 
 def build_strategy(
     cfg: RunConfig,
-    model_spec: ArraySpec,
-    param_keys: Sequence[str],
+    model: ModelSpec,
     num_partitions: int | None = None,
     max_examples: int | None = None,
     device: torch.device | str = "cpu",
 ) -> FedsimStrategy:
-    """The strategy named by the run config's ``strategy`` key. ``num_partitions`` and
-    ``max_examples`` bound what replies may claim (see FedsimStrategy); ``device`` is
-    where the LLR vote keeps its counts and votes."""
-    common = dict(
-        lr=cfg.lr, fraction_train=cfg.fraction_train, local_epochs=cfg.local_epochs, seed=cfg.seed,
+    """The strategy for ``cfg``. ``num_partitions`` and ``max_examples`` bound what replies
+    may claim (see FedsimStrategy); ``device`` is where the algorithm keeps server-side
+    state (the LLR vote's counts)."""
+    return FedsimStrategy(
+        build_algorithm(cfg, model, num_partitions, device), fraction_train=cfg.fraction_train, seed=cfg.seed,
         num_partitions=num_partitions, max_examples=max_examples, min_replies=cfg.min_replies,
     )
-    if cfg.strategy == "llr-vote":
-        return LLRWeightedVote(
-            model_spec, param_keys, eps=cfg.llr_eps, max_llr=cfg.llr_max,
-            warmup_rounds=cfg.llr_warmup, forgetting=cfg.llr_forgetting, device=device, **common,
-        )
-    return STRATEGY_CLASSES[cfg.strategy](model_spec, param_keys, **common)
 
 
-__all__ = ["FedAvg", "FedSGD", "FedsimStrategy", "LLRWeightedVote", "SignMajorityVote", "STRATEGY_CLASSES", "build_strategy"]
+__all__ = ["FedsimStrategy", "Reply", "RoundEndHook", "build_algorithm", "build_strategy"]

@@ -1,14 +1,14 @@
-"""What the four fedsim strategies share: sampling, reply checks, round metrics.
+"""The Flower strategy that drives any registered algorithm (fedsim.algorithms).
 
-A subclass sets ``task`` (what clients compute) and implements ``parse`` (one reply ->
-its payload, or BadReply) and ``apply`` (the payloads of a round -> the new global
-model). Replies are untrusted and checked one by one (metrics in range, payload decoded
-byte-exactly, no extra records, one reply per partition, a partition's num-examples the
-same as in its first used reply, the node's partition the one it was bound to): a bad
-one, or one whose check raises anything, is logged in one line with its node id and
-reason and left out; the round goes on with the rest. Fewer than ``min_replies`` valid
-replies leave the global model unchanged. Replies are used in partition-id order so
-that results do not depend on arrival order.
+It samples a fraction C of the nodes, sends each the global model and the algorithm's
+name, checks every reply and hands the good ones to the algorithm's ``server_rule``.
+Replies are untrusted and checked one by one (metrics in range, the algorithm's payload
+decoded byte-exactly by its ``parse``, no extra records, one reply per partition, a
+partition's num-examples the same as in its first used reply, the node's partition the
+one it was bound to): a bad one, or one whose check raises anything, is logged in one
+line with its node id and reason and left out; the round goes on with the rest. Fewer
+than ``min_replies`` valid replies leave the global model unchanged. Replies are used in
+partition-id order so that results do not depend on arrival order.
 
 Identity: a node's first used reply binds that node to the partition it claims (node id
 -> partition id, one node per partition). Later a reply claiming another partition, or
@@ -17,33 +17,33 @@ nodes not bound yet, the lowest node id per partition wins (replies sorted by pa
 id, then node id). The binding is part of ``state_dict``; after a restore, bindings of
 nodes that are not connected any more are dropped at the next round (Flower's simulation
 runtime gives nodes new ids in every run), so their partitions bind afresh.
+
+``run`` is fedsim's round loop with an explicit hook after each round
+(``on_round_end(round, arrays, metrics) -> stop?``); Flower's own ``Strategy.start``
+(inherited) also works, with client evaluation skipped.
 """
 
 from __future__ import annotations
 
 import random
-from abc import abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.serverapp.strategy import Strategy
 
+from fedsim.algorithms.base import Algorithm
 from fedsim.protocol import (
     ARRAYS,
     BUFFERS,
     CONFIG,
     METRICS,
-    PAYLOAD_RECORD,
-    TASK_LOCAL_EPOCHS,
-    ArraySpec,
     BadReply,
     ReplyMetrics,
     checked_arrays,
@@ -51,7 +51,7 @@ from fedsim.protocol import (
     no_extra_records,
     reply_metrics,
 )
-from fedsim.strategies.aggregate import weighted_mean
+from fedsim.core.aggregate import weighted_mean
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,16 @@ class Reply:
     buffers: dict[str, np.ndarray] | None = None
 
 
-class FedsimStrategy(Strategy):
-    """Base class: sample a fraction C of nodes, send the task, check replies, apply."""
+RoundEndHook = Callable[[int, ArrayRecord, MetricRecord | None], bool]
 
-    task: ClassVar[str]
+
+class FedsimStrategy(Strategy):
+    """Sample a fraction C of nodes, send the algorithm's task, check replies, apply."""
 
     def __init__(
         self,
-        model_spec: ArraySpec,
-        param_keys: Sequence[str],
-        lr: float,
+        algorithm: Algorithm,
         fraction_train: float = 1.0,
-        local_epochs: int = 1,
         seed: int = 0,
         num_partitions: int | None = None,
         max_examples: int | None = None,
@@ -89,26 +87,16 @@ class FedsimStrategy(Strategy):
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
-        self.model_spec = dict(model_spec)
-        self.param_keys = list(param_keys)
-        unknown = [k for k in self.param_keys if k not in self.model_spec]
-        if unknown:
-            raise ValueError(f"param_keys {unknown} are not in the model's state_dict")
-        self.lr = lr
+        self.algorithm = algorithm
+        self.model = algorithm.model
         self.fraction_train = fraction_train
-        self.local_epochs = local_epochs
         self.num_partitions = num_partitions
         self.max_examples = max_examples
         self.min_replies = min_replies
-        # Float state that is not a trainable parameter (BatchNorm running statistics).
-        self.buffer_spec = {
-            k: v for k, v in self.model_spec.items() if k not in self.param_keys and np.issubdtype(v[1], np.floating)
-        }
-        self.num_params = int(sum(int(np.prod(self.model_spec[k][0])) for k in self.param_keys))
+        self.buffer_spec = self.model.buffer_spec if algorithm.sends_buffers else {}
         self._rng = random.Random(seed)
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
-        self.last_metrics: MetricRecord | None = None
         # partition id -> batch size its replies report (a deployed node's own config may set it)
         self.reported_batch_sizes: dict[int, int] = {}
         # partition id -> the device its replies trained on (cuda-device: CUDA index, -1 = CPU)
@@ -119,47 +107,41 @@ class FedsimStrategy(Strategy):
         self.node_partitions: dict[int, int] = {}
         self._prune_bindings = False  # set by load_state_dict: drop bindings of nodes gone since
 
-    # --- Flower Strategy interface ------------------------------------------------------
+    # --- fedsim's round loop -------------------------------------------------------------
 
-    def start(
+    def run(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
+        num_rounds: int,
+        on_round_end: RoundEndHook,
+        *,
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         first_round: int = 1,
-    ) -> Result:
-        """Flower's round loop (``Strategy.start``) with a ``first_round`` for resuming a run
-        from a checkpoint; rounds before it are not run and round 0 is evaluated only when
-        starting from round 1. fedsim evaluates on the server only (``evaluate_fn``), so the
-        loop has no client-side evaluation step."""
-        log(INFO, "Starting %s strategy:", type(self).__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        result = Result(arrays=initial_arrays)
+    ) -> ArrayRecord:
+        """Rounds ``first_round``..``num_rounds`` (a resumed run starts after its checkpoint);
+        ``on_round_end(round, arrays, metrics)`` after each, and for round 0 (the initial
+        model, metrics None) when starting from round 1. It returns True to stop after that
+        round. Returns the final global model."""
+        log(INFO, "fedsim %s: %d trainable parameters in %d tensors, fraction-train %g, rounds %d..%d",
+            self.algorithm.name, self.model.num_params, len(self.model.param_keys), self.fraction_train, first_round, num_rounds)
+        if self.algorithm.describe():
+            log(INFO, "fedsim %s: %s", self.algorithm.name, self.algorithm.describe())
         arrays = initial_arrays
-        if evaluate_fn is not None and first_round == 1:
-            res = evaluate_fn(0, arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+        if first_round == 1 and on_round_end(0, arrays, None):
+            return arrays
+        config = ConfigRecord() if train_config is None else train_config
         for rnd in range(first_round, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, config, grid), timeout=timeout)
             new, metrics = self.aggregate_train(rnd, replies)
             if new is not None:
-                arrays = result.arrays = new
-            if metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
-                result.train_metrics_clientapp[rnd] = metrics
-            if evaluate_fn is not None:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
-        return result
+                arrays = new
+            if on_round_end(rnd, arrays, metrics):
+                break
+        return arrays
+
+    # --- Flower Strategy interface ------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue this strategy exactly: the node-sampling RNG
@@ -171,6 +153,7 @@ class FedsimStrategy(Strategy):
             "reported_devices": dict(self.reported_devices),
             "num_examples": dict(self.pinned_num_examples),
             "node_partitions": dict(self.node_partitions),
+            **self.algorithm.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -181,11 +164,11 @@ class FedsimStrategy(Strategy):
         # checkpoints written before num-examples was pinned lack the key: pins start afresh
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
+        self.algorithm.load_state_dict(state)
         self._prune_bindings = True
 
     def summary(self) -> None:
-        log(INFO, "\t├──> fedsim %s: task %r, lr %g, fraction-train %g", type(self).__name__, self.task, self.lr, self.fraction_train)
-        log(INFO, "\t└──> model: %d trainable parameters in %d tensors", self.num_params, len(self.param_keys))
+        log(INFO, "\t└──> fedsim %s, fraction-train %g, %d trainable parameters", self.algorithm.name, self.fraction_train, self.model.num_params)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -201,9 +184,7 @@ class FedsimStrategy(Strategy):
         chosen = sorted(self._rng.sample(nodes, k)) if k < len(nodes) else nodes
         self._global = arrays
         cfg = ConfigRecord(dict(config))
-        cfg.update(
-            {"task": self.task, "lr": float(self.lr), "local-epochs": int(self.local_epochs), "server-round": server_round}
-        )
+        cfg.update({"algorithm": self.algorithm.name, "server-round": server_round})
         record = RecordDict({ARRAYS: arrays, CONFIG: cfg})
         self._bytes_down = content_bytes(record) * len(chosen)
         return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
@@ -245,7 +226,6 @@ class FedsimStrategy(Strategy):
                 "updated": 0,
             }
         )
-        self.last_metrics = metrics
         weights = [r.metrics.num_examples for r in good]
         if good:
             metrics["train-loss"] = float(np.average([r.metrics.train_loss for r in good], weights=weights))
@@ -256,7 +236,7 @@ class FedsimStrategy(Strategy):
             )
             return None, metrics
         assert self._global is not None
-        new = self.apply(server_round, self._global, good)
+        new = self.algorithm.server_rule(server_round, self._global, good)
         if self._sends_buffers:
             for key in self.buffer_spec:
                 mean = weighted_mean([torch.from_numpy(r.buffers[key].copy()) for r in good], weights)
@@ -267,9 +247,9 @@ class FedsimStrategy(Strategy):
     def _check(self, msg: Message, node: int) -> Reply:
         """One reply's metrics and payload, checked (BadReply if unusable)."""
         metrics = reply_metrics(msg, num_partitions=self.num_partitions, max_examples=self.max_examples)
-        payload = self.parse(msg)
+        payload = self.algorithm.parse(msg)
         buffers = checked_arrays(msg, BUFFERS, self.buffer_spec) if self._sends_buffers else None
-        no_extra_records(msg, (METRICS, PAYLOAD_RECORD[self.task], *([BUFFERS] if self._sends_buffers else [])))
+        no_extra_records(msg, (METRICS, self.algorithm.record, *([BUFFERS] if self._sends_buffers else [])))
         return Reply(node, metrics, payload, buffers)
 
     @staticmethod
@@ -346,7 +326,7 @@ class FedsimStrategy(Strategy):
 
     @property
     def _sends_buffers(self) -> bool:
-        return bool(self.buffer_spec) and self.task != TASK_LOCAL_EPOCHS
+        return bool(self.buffer_spec)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -356,13 +336,3 @@ class FedsimStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
-
-    # --- what each strategy defines -------------------------------------------------------
-
-    @abstractmethod
-    def parse(self, msg: Message) -> Any:
-        """Decode and check the payload of one reply; raise BadReply if unusable."""
-
-    @abstractmethod
-    def apply(self, server_round: int, current: ArrayRecord, replies: list[Reply]) -> ArrayRecord:
-        """The new global model from the current one and this round's checked replies."""

@@ -1,0 +1,62 @@
+"""FedAvg (McMahan et al. 2017): x^{t+1} = sum_{k in S_t} (n_k / m_t) x_k^{t+1}.
+
+Client: E local epochs of minibatch SGD (batch B, rate eta) from x^t; uploads its whole
+state_dict. Server: the example-weighted mean; integer entries (e.g. BatchNorm's batch
+counter) are averaged in float64 and rounded back to their dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message
+
+from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload
+from fedsim.arrays import to_array_record
+from fedsim.clients.tasks import local_epochs
+from fedsim.config import RunConfig
+from fedsim.core.aggregate import weighted_mean
+from fedsim.protocol import ARRAYS, checked_arrays
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    """eta (the run config's ``lr``) and E (``local-epochs``)."""
+
+    lr: float
+    local_epochs: int
+
+
+class FedAvg(Algorithm[LocalSGD]):
+    """Example-weighted mean of the clients' locally trained models."""
+
+    name = "fedavg"
+    record = ARRAYS
+    sends_buffers = False  # the whole state_dict travels in ARRAYS
+    options = (
+        Option("local-epochs", 1, lambda v: v >= 1, "must be >= 1", "E: local epochs per round (FedAvg)"),
+    )
+
+    @classmethod
+    def hyperparams(cls, cfg: RunConfig) -> LocalSGD:
+        return LocalSGD(cfg.lr, int(cfg.option("local-epochs")))
+
+    @classmethod
+    def client_step(cls, hp: LocalSGD, step: ClientStep) -> Upload:
+        loss, _ = local_epochs(step.model, step.data, hp.local_epochs, step.batch_size, hp.lr, step.generator)
+        return Upload({k: v.detach().cpu().numpy() for k, v in step.model.state_dict().items()}, loss)
+
+    def parse(self, msg: Message) -> dict[str, np.ndarray]:
+        return checked_arrays(msg, ARRAYS, self.model.arrays)
+
+    def server_rule(self, server_round: int, current: ArrayRecord, replies: list) -> ArrayRecord:
+        weights = [r.metrics.num_examples for r in replies]
+        out: dict[str, np.ndarray] = {}
+        for key, (_, dtype) in self.model.arrays.items():
+            mean = weighted_mean([torch.from_numpy(r.payload[key].astype(np.float64)) for r in replies], weights)
+            if not np.issubdtype(dtype, np.floating):
+                mean = mean.round()
+            out[key] = mean.numpy().astype(dtype)
+        return to_array_record(out)

@@ -1,0 +1,58 @@
+"""FedSGD (McMahan et al. 2017): x^{t+1} = x^t - eta * sum_{k in S_t} (n_k / m_t) g_k.
+
+Client: the gradient g_k at x^t over a minibatch of B examples, or over the whole local
+set (B = 0, the paper's B = inf). Server: one SGD step with the example-weighted mean.
+Flower ships no FedSGD (flower #1158).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message
+
+from fedsim.algorithms.base import Algorithm, ClientStep, Upload
+from fedsim.arrays import to_array_record, to_state
+from fedsim.clients.tasks import minibatch_gradient
+from fedsim.config import RunConfig
+from fedsim.core.aggregate import weighted_mean
+from fedsim.core.model_vector import flatten, unflatten_into
+from fedsim.protocol import GRADS, checked_arrays
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """eta: the server's step size (the run config's ``lr``)."""
+
+    lr: float
+
+
+class FedSGD(Algorithm[StepSize]):
+    """One server SGD step on the example-weighted mean of the clients' gradients."""
+
+    name = "fedsgd"
+    record = GRADS
+
+    @classmethod
+    def hyperparams(cls, cfg: RunConfig) -> StepSize:
+        return StepSize(cfg.lr)
+
+    @classmethod
+    def client_step(cls, hp: StepSize, step: ClientStep) -> Upload:
+        grads, loss, _ = minibatch_gradient(step.model, step.data, step.batch_size, step.generator)
+        return Upload({k: g.detach().cpu().numpy() for k, g in zip(step.param_names, grads, strict=True)}, loss)
+
+    def parse(self, msg: Message) -> dict[str, np.ndarray]:
+        return checked_arrays(msg, GRADS, self.model.param_spec)
+
+    def server_rule(self, server_round: int, current: ArrayRecord, replies: list) -> ArrayRecord:
+        keys = self.model.param_keys
+        # np.concatenate copies the read-only message views into one writable vector per client
+        grads = [torch.from_numpy(np.concatenate([r.payload[k].reshape(-1) for k in keys])) for r in replies]
+        g = weighted_mean(grads, [r.metrics.num_examples for r in replies])
+        state = to_state(current)
+        x = flatten(state, keys)
+        unflatten_into(state, keys, x - self.hp.lr * g.to(x.dtype))
+        return to_array_record({k: v.numpy() for k, v in state.items()})

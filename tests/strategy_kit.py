@@ -1,0 +1,24 @@
+"""Building a fedsim strategy in tests without a whole run config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedsim.config import RunConfig
+from fedsim.protocol import ArraySpec, ModelSpec
+from fedsim.strategies import FedsimStrategy, build_strategy
+
+
+def make(
+    name: str, spec: ArraySpec, params: Sequence[str], lr: float, *, fraction_train: float = 1.0, seed: int = 0,
+    num_partitions: int | None = None, max_examples: int | None = None, min_replies: int = 1, device: str = "cpu",
+    **options: Any,
+) -> FedsimStrategy:
+    """The strategy of algorithm ``name`` over a model with state ``spec`` and trainable
+    ``params``; ``options`` are the algorithm's own keys in snake case (llr_warmup=1)."""
+    cfg = RunConfig(
+        strategy=name, lr=lr, fraction_train=fraction_train, seed=seed, min_replies=min_replies,
+        options=tuple(sorted((k.replace("_", "-"), v) for k, v in options.items())),
+    )
+    return build_strategy(cfg, ModelSpec.of(spec, params), num_partitions=num_partitions, max_examples=max_examples, device=device)
