@@ -217,14 +217,14 @@ def bare_loop(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     serialisation, no sign packing, no per-client model copy."""
     import torch
 
-    from fedsim.clients.batch_sizes import client_batch_sizes
+    from fedsim.partitions.batch_sizes import client_batch_sizes
     from fedsim.clients.tasks import LocalData, flat_gradient
     from fedsim.data import load_dataset
     from fedsim.models import build_model
     from fedsim.partitions import partition_indices
     from fedsim.seeding import generator
     from fedsim.engine.runner import keep_freed_memory
-    from fedsim.strategies.votes import CrossProbabilityEstimator
+    from fedsim.core.votes import CrossProbabilityEstimator
 
     torch.set_num_threads(1)
     keep_freed_memory()  # the same malloc settings as run_inprocess: a difference in allocators is not the framework's
