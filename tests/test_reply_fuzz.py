@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from fedsim import protocol
 from fedsim.arrays import NUMPY_STYPE
 from fedsim.engine.flower_internals import assign_message_id, set_server_identity
+from fedsim.algorithms import REGISTRY, ef_sign
 from fedsim.strategies import FedsimStrategy
 from strategy_kit import make
 
@@ -56,6 +57,10 @@ def valid_parts(s: FedsimStrategy, pid: int, n: int, rng: np.random.Generator) -
         protocol.ARRAYS: lambda: {protocol.ARRAYS: {**floats, "bn.num_batches_tracked": np.array(rng.integers(0, 50), np.int64)}},
         protocol.GRADS: lambda: {protocol.GRADS: {k: floats[k] for k in PARAMS}, protocol.BUFFERS: buffers},
         protocol.SIGNS: lambda: {protocol.SIGNS: {protocol.PACKED: rng.integers(0, 256, 1).astype(np.uint8)}, protocol.BUFFERS: buffers},
+        ef_sign.RECORD: lambda: {
+            ef_sign.RECORD: {protocol.PACKED: rng.integers(0, 256, 1).astype(np.uint8), ef_sign.SCALE: np.array([rng.uniform(0, 1)], np.float32)},
+            protocol.BUFFERS: buffers,
+        },
     }[s.algorithm.record]()
     metrics = {"num-examples": n, "train-loss": float(rng.uniform(0, 3)), "partition-id": pid, "batch-size": int(rng.integers(0, 65))}
     return {"records": records, "metrics": metrics}
@@ -111,7 +116,7 @@ def drop_record(parts: Parts, r: random.Random, ctx: dict) -> None:
 
 
 def extra_record(parts: Parts, r: random.Random, ctx: dict) -> None:
-    name = r.choice([protocol.ARRAYS, protocol.GRADS, protocol.SIGNS, protocol.BUFFERS, "extra"])
+    name = r.choice([protocol.ARRAYS, protocol.GRADS, protocol.SIGNS, ef_sign.RECORD, protocol.BUFFERS, "extra"])
     if name in parts["records"]:
         name = "extra"
     parts["records"][name] = {"x": np.zeros(2, np.float32)}
@@ -234,7 +239,7 @@ round_plan = st.tuples(
 )
 
 
-@pytest.mark.parametrize("name", ["fedsgd", "fedavg", "sign-mv", "llr-vote"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n_by_pid=st.lists(st.integers(1, MAX_EXAMPLES), min_size=NUM_PARTITIONS, max_size=NUM_PARTITIONS),

@@ -9,6 +9,7 @@ one line below.
 from __future__ import annotations
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload
+from fedsim.algorithms.ef_sign import EFSignSGD
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedsgd import FedSGD
 from fedsim.algorithms.llr_vote import LLRWeightedVote
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
         FedAvg,
         SignMajorityVote,
         LLRWeightedVote,
+        EFSignSGD,
     )
 }
 
@@ -36,4 +38,4 @@ def options() -> dict[str, Option]:
     return out
 
 
-__all__ = ["REGISTRY", "Algorithm", "ClientStep", "FedAvg", "FedSGD", "LLRWeightedVote", "Option", "SignMajorityVote", "Upload", "options"]
+__all__ = ["REGISTRY", "Algorithm", "ClientStep", "EFSignSGD", "FedAvg", "FedSGD", "LLRWeightedVote", "Option", "SignMajorityVote", "Upload", "options"]
