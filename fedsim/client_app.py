@@ -9,7 +9,9 @@ node config's ``batch-size`` if given, else from the run config (``batch-size``,
 else from the run config's, never silently the CPU where the server trains on CUDA
 (fedsim.device). Each reply reports the device it trained on (``cuda-device``). Data and
 models come from this process's runtime (fedsim.runtime); the node's ``context.state``
-carries what an algorithm keeps between its rounds (EF-signSGD's residual).
+carries what an algorithm keeps between its rounds (EF-signSGD's residual). A client
+whose partition is among the run's ``attackers`` (fedsim.attacks) applies ``attack`` to
+its upload.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim import protocol
 from fedsim.algorithms import REGISTRY, ClientStep
+from fedsim.attacks import HONEST, Attack, attacker_ids
 from fedsim.arrays import load_into, to_array_record
 from fedsim.config import RunConfig
 from fedsim.device import client_device, device_code
@@ -53,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     step = ClientStep(
         model=setup.model, data=setup.data, batch_size=setup.batch_size,
         generator=generator(cfg.seed, pid, rnd, device=setup.device),
-        param_names=setup.param_names, state=context.state, server_round=rnd,
+        param_names=setup.param_names, state=context.state, server_round=rnd, attack=_attack(cfg, pid, num),
     )
     upload = algorithm.client_step(algorithm.hyperparams(cfg), step)
     payload = {algorithm.record: to_array_record(upload.arrays)}
@@ -66,3 +69,10 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({**payload, protocol.METRICS: metrics}), reply_to=msg)
+
+
+def _attack(cfg: RunConfig, partition_id: int, num_partitions: int) -> Attack:
+    """This client's attack if its partition is one of the run's attackers, else HONEST."""
+    if cfg.attackers == 0 or partition_id not in attacker_ids(cfg.seed, num_partitions, min(cfg.attackers, num_partitions)):
+        return HONEST
+    return Attack(cfg.attack, cfg.attack_scale, cfg.attack_noise)

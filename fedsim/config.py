@@ -56,6 +56,10 @@ class RunConfig:
     min_replies: int = 1
     round_timeout: float = 3600.0
     device: str = "auto"
+    attackers: int = 0
+    attack: str = "sign-flip"
+    attack_scale: float = 10.0
+    attack_noise: float = 1.0
     results_dir: str = ""
     # the algorithms' own keys that differ from their defaults, sorted: (key, value) pairs
     options: tuple[tuple[str, Any], ...] = ()
@@ -111,6 +115,7 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value. Checks that need no data; the
         ones against the dataset (sizes, classes, files) are fedsim.validation's."""
+        from fedsim.attacks import ATTACKS
         from fedsim.data.load import DATASETS
         from fedsim.device import DEVICE_FORMS, valid_device_name
         from fedsim.models import MODELS
@@ -138,6 +143,12 @@ class RunConfig:
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
             (valid_device_name(self.device), f"device={self.device!r}: choose {DEVICE_FORMS}"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
+            (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
+            (self.attack in ATTACKS, f"attack={self.attack!r}: choose one of {list(ATTACKS)}"),
+            (self.attackers == 0 or not _attacks_of(self.strategy) or self.attack in _attacks_of(self.strategy),
+             f"attack={self.attack!r} does not apply to strategy={self.strategy!r}: choose one of {list(_attacks_of(self.strategy))}"),
+            (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
+            (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
             *((option.valid(self.option(key)), f"{key}={self.option(key)!r}: {option.rule}") for key, option in _declared_options().items()),
         ]
         for ok, message in checks:
@@ -158,6 +169,12 @@ def strategy_names() -> tuple[str, ...]:
     from fedsim.algorithms import REGISTRY
 
     return tuple(REGISTRY)
+
+
+def _attacks_of(strategy: str) -> tuple[str, ...]:
+    from fedsim.algorithms import REGISTRY
+
+    return REGISTRY[strategy].attacks if strategy in REGISTRY else ()
 
 
 def _declared_options() -> dict[str, Any]:

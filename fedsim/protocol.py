@@ -11,7 +11,8 @@ CPU) and the algorithm's own ArrayRecord (``Algorithm.record``):
 - ``fedavg``: ``"arrays"``, the locally trained state_dict;
 - ``fedsgd``: ``"grads"``, one float array per trainable parameter;
 - ``sign-mv``, ``llr-vote``: ``"signs"`` holding one uint8 array ``"packed"`` of
-  ceil(N / 8) bytes (fedsim.core.signs);
+  ceil(N / 8) bytes (fedsim.core.signs); with ``zero-sign = "abstain"`` also either
+  ``"nonzero"`` (ceil(N / 8) bytes) or ``"zeros"`` (uint32 indices), whichever is smaller;
 - ``ef-sign``: ``"scaled-signs"`` with ``"packed"`` and a float32 ``"scale"``.
 
 Except with ``fedavg``, a model that has float buffers (BatchNorm's running statistics)
@@ -30,12 +31,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim.arrays import decode_exact
+from fedsim.core.signs import NONZERO, PACKED, ZEROS  # the sign codes' array names
 
 ARRAYS = "arrays"
 GRADS = "grads"
 SIGNS = "signs"
 BUFFERS = "buffers"
-PACKED = "packed"
 CONFIG = "config"
 METRICS = "metrics"
 
@@ -200,6 +201,30 @@ def packed_signs(msg: Message, num_bytes: int) -> np.ndarray:
     if arr.shape != (num_bytes,):
         raise BadReply(f"packed signs have shape {arr.shape}, expected ({num_bytes},) for this model")
     return arr
+
+
+def ternary_signs(msg: Message, n: int) -> dict[str, np.ndarray]:
+    """ArrayRecord ``signs`` in the ternary code (fedsim.core.signs.encode_ternary) for n
+    coordinates: ``packed`` (ceil(n / 8) uint8) and either ``nonzero`` (ceil(n / 8) uint8)
+    or ``zeros`` (1-D uint32, at most n entries; order and range are checked on decode)."""
+    record = _array_record(msg, SIGNS)
+    if record is None:
+        raise BadReply(f"missing ArrayRecord {SIGNS!r} (has {sorted(msg.content.keys())})")
+    keys = sorted(record.keys())
+    if keys not in ([NONZERO, PACKED], [PACKED, ZEROS]):
+        raise BadReply(f"ArrayRecord {SIGNS!r} must hold {PACKED!r} and one of {NONZERO!r}, {ZEROS!r} (zero-sign='abstain'), has {keys}")
+    num_bytes = (n + 7) // 8
+    out = {}
+    for key in keys:
+        arr = _to_numpy(record[key], f"{SIGNS}[{key!r}]")
+        dtype, fits = (np.uint32, arr.ndim == 1 and arr.size <= n) if key == ZEROS else (np.uint8, arr.shape == (num_bytes,))
+        if arr.dtype != dtype:
+            raise BadReply(f"{SIGNS}[{key!r}] has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        if not fits:
+            expected = f"1-D with at most {n} entries" if key == ZEROS else f"shape ({num_bytes},)"
+            raise BadReply(f"{SIGNS}[{key!r}] has shape {arr.shape}, expected {expected} for this model")
+        out[key] = arr
+    return out
 
 
 def _array_record(msg: Message, name: str) -> ArrayRecord | None:

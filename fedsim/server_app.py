@@ -25,6 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.arrays import load_into
+from fedsim.attacks import attacker_ids
 from fedsim.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data.errors import DataError
@@ -158,6 +159,9 @@ def run_experiment(
     sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
     log(INFO, "fedsim: %s on %s (%s), %d nodes, batch sizes by partition %s", cfg.strategy, cfg.dataset, cfg.model_name, len(nodes), sizes)
 
+    attackers = attacker_ids(cfg.seed, max(len(nodes), 1), min(cfg.attackers, max(len(nodes), 1)))
+    if attackers:
+        log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(attackers), cfg.attack, attackers)
     counts = _label_counts(cfg, rt, max(len(nodes), 1))
     log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
     # The folder's lock is held from here until writer.finish has written the summary
@@ -223,6 +227,7 @@ def run_experiment(
                     "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
                     "resumed_after_round": checkpoint.round if checkpoint is not None else None,
                     "rounds_below_min_replies": len(short), "failed": failed,
+                    "attackers": attackers, "attack": cfg.attack if attackers else None, "algorithm": strategy.algorithm.report(),
                     "wall_seconds": wall, **environment,
                 },
             )

@@ -25,5 +25,5 @@ def test_fab_builds_installs_and_leaves_out_results_notebooks_and_tests(tmp_path
     assert not [n for n in names if n.startswith(("docs/", "notebooks/", "tests/", "experiments/", "runs/"))]
 
     installed = install_from_fab(fab, install_dir=tmp_path / "apps", skip_prompt=True)
-    assert (installed / "fedsim" / "strategies" / "votes.py").is_file()
+    assert (installed / "fedsim" / "core" / "votes.py").is_file() and (installed / "fedsim" / "algorithms" / "llr_vote.py").is_file()
     assert (installed / "pyproject.toml").is_file()

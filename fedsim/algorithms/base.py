@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
+from fedsim.attacks import HONEST, Attack
 from fedsim.clients.tasks import LocalData
 from fedsim.protocol import ModelSpec
 
@@ -55,6 +56,7 @@ class ClientStep:
     param_names: list[str]  # trainable parameters, in model.parameters() order
     state: RecordDict  # the node's own state: kept across its rounds (Flower's context.state)
     server_round: int
+    attack: Attack = HONEST  # what this client does to its upload if it is an attacker (fedsim.attacks)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Algorithm(ABC, Generic[H]):
     record: ClassVar[str]  # the ArrayRecord its replies carry (fedsim.protocol)
     options: ClassVar[tuple[Option, ...]] = ()
     sends_buffers: ClassVar[bool] = True  # float buffers (BatchNorm statistics) travel beside the payload
+    attacks: ClassVar[tuple[str, ...]] = ()  # the fedsim.attacks kinds its client step applies
 
     def __init__(self, hp: H, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None) -> None:
         self.hp = hp
@@ -112,6 +115,10 @@ class Algorithm(ABC, Generic[H]):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict``'s result."""
+
+    def report(self) -> dict[str, Any]:
+        """What summary.json records of the server-side state at the end of a run."""
+        return {}
 
     def describe(self) -> str:
         """One log line of settings beyond the common ones."""

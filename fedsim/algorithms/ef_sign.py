@@ -28,6 +28,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Upload
+from fedsim.attacks import SIGN_ATTACKS
 from fedsim.arrays import to_array_record, to_state
 from fedsim.clients.tasks import flat_gradient
 from fedsim.config import RunConfig
@@ -66,6 +67,7 @@ class EFSignSGD(Algorithm[EFParams]):
 
     name = "ef-sign"
     record = RECORD
+    attacks = SIGN_ATTACKS
 
     @classmethod
     def hyperparams(cls, cfg: RunConfig) -> EFParams:
@@ -74,13 +76,15 @@ class EFSignSGD(Algorithm[EFParams]):
     @classmethod
     def client_step(cls, hp: EFParams, step: ClientStep) -> Upload:
         g, loss, _ = flat_gradient(step.model, step.data, step.batch_size, step.generator)
+        g = step.attack.gradient(g)
         kept = step.state.get(RESIDUAL)
         residual = torch.zeros_like(g)
         if isinstance(kept, ArrayRecord) and "e" in kept:
             residual = torch.from_numpy(kept["e"].numpy()).to(g.device, g.dtype).reshape(g.shape)
         signs, scale, residual = error_feedback_step(g, residual, hp.lr)
         step.state[RESIDUAL] = to_array_record({"e": residual.detach().cpu().numpy()})
-        return Upload({PACKED: pack_signs(signs), SCALE: np.array([scale], np.float32)}, loss)
+        arrays = step.attack.signs({PACKED: pack_signs(signs)}, g.numel(), step.generator)
+        return Upload({**arrays, SCALE: np.array([scale], np.float32)}, loss)
 
     def parse(self, msg: Message) -> tuple[np.ndarray, float]:
         spec = {PACKED: ((packed_size(self.model.num_params),), np.dtype(np.uint8)), SCALE: ((1,), np.dtype(np.float32))}

@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload
+from fedsim.attacks import UPDATE_ATTACKS
 from fedsim.arrays import to_array_record
 from fedsim.clients.tasks import local_epochs
 from fedsim.config import RunConfig
@@ -35,6 +36,7 @@ class FedAvg(Algorithm[LocalSGD]):
     name = "fedavg"
     record = ARRAYS
     sends_buffers = False  # the whole state_dict travels in ARRAYS
+    attacks = UPDATE_ATTACKS
     options = (
         Option("local-epochs", 1, lambda v: v >= 1, "must be >= 1", "E: local epochs per round (FedAvg)"),
     )
@@ -45,8 +47,12 @@ class FedAvg(Algorithm[LocalSGD]):
 
     @classmethod
     def client_step(cls, hp: LocalSGD, step: ClientStep) -> Upload:
+        start = {k: v.detach().clone() for k, v in step.model.state_dict().items()} if step.attack.kind != "none" else None
         loss, _ = local_epochs(step.model, step.data, hp.local_epochs, step.batch_size, hp.lr, step.generator)
-        return Upload({k: v.detach().cpu().numpy() for k, v in step.model.state_dict().items()}, loss)
+        state = step.model.state_dict()
+        if start is not None:  # an attacker sends x + attack(x_k - x) for its float entries
+            state = {k: start[k] + step.attack.update(v - start[k], step.generator) if v.is_floating_point() else v for k, v in state.items()}
+        return Upload({k: v.detach().cpu().numpy() for k, v in state.items()}, loss)
 
     def parse(self, msg: Message) -> dict[str, np.ndarray]:
         return checked_arrays(msg, ARRAYS, self.model.arrays)

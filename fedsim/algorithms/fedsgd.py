@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Upload
+from fedsim.attacks import UPDATE_ATTACKS
 from fedsim.arrays import to_array_record, to_state
 from fedsim.clients.tasks import minibatch_gradient
 from fedsim.config import RunConfig
@@ -34,6 +35,7 @@ class FedSGD(Algorithm[StepSize]):
 
     name = "fedsgd"
     record = GRADS
+    attacks = UPDATE_ATTACKS
 
     @classmethod
     def hyperparams(cls, cfg: RunConfig) -> StepSize:
@@ -42,6 +44,7 @@ class FedSGD(Algorithm[StepSize]):
     @classmethod
     def client_step(cls, hp: StepSize, step: ClientStep) -> Upload:
         grads, loss, _ = minibatch_gradient(step.model, step.data, step.batch_size, step.generator)
+        grads = [step.attack.update(g, step.generator) for g in grads]
         return Upload({k: g.detach().cpu().numpy() for k, g in zip(step.param_names, grads, strict=True)}, loss)
 
     def parse(self, msg: Message) -> dict[str, np.ndarray]:

@@ -17,17 +17,16 @@ from typing import Any
 import torch
 
 from fedsim.algorithms.base import Option
-from fedsim.algorithms.sign_mv import SignMajorityVote
+from fedsim.algorithms.sign_mv import SignMajorityVote, SignStep
 from fedsim.config import RunConfig
 from fedsim.core.votes import CrossProbabilityEstimator
 from fedsim.protocol import ModelSpec
 
 
 @dataclass(frozen=True)
-class LLRParams:
-    """delta (``lr``) and the estimator's settings (``llr-*``)."""
+class LLRParams(SignStep):
+    """delta (``lr``), ``zero-sign`` and the estimator's settings (``llr-*``)."""
 
-    lr: float
     eps: float
     max_llr: float
     warmup_rounds: int
@@ -38,7 +37,7 @@ class LLRWeightedVote(SignMajorityVote):
     """signSGD-FV: the majority vote with per-client, per-coordinate LLR weights."""
 
     name = "llr-vote"
-    options = (
+    options = SignMajorityVote.options + (
         Option("llr-eps", 1e-5, lambda v: 0.0 < v < 0.5, "must be in (0, 0.5) (it smooths agreement rates in [0, 1])",
                "smoothing of the agreement rates"),
         Option("llr-max", 10.0, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "clip |w| at this"),
@@ -49,7 +48,7 @@ class LLRWeightedVote(SignMajorityVote):
     @classmethod
     def hyperparams(cls, cfg: RunConfig) -> LLRParams:  # type: ignore[override]
         return LLRParams(
-            cfg.lr, float(cfg.option("llr-eps")), float(cfg.option("llr-max")),
+            cfg.lr, str(cfg.option("zero-sign")), float(cfg.option("llr-eps")), float(cfg.option("llr-max")),
             int(cfg.option("llr-warmup")), float(cfg.option("llr-forgetting")),
         )
 
@@ -70,6 +69,15 @@ class LLRWeightedVote(SignMajorityVote):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.estimator.load_state_dict(state["estimator"])
+
+    def report(self) -> dict[str, Any]:
+        """Each client's LLR weight averaged over the coordinates, by partition id: how much
+        the vote trusted it at the end (negative: its signs are flipped)."""
+        clients = self.estimator.state_dict()["clients"]
+        if not clients:
+            return {}
+        w = self.estimator.mean_weights(clients).tolist()
+        return {"mean_llr_weight": {int(c): float(v) for c, v in sorted(zip(clients, w))}}
 
     def describe(self) -> str:
         e = self.estimator

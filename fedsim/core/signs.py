@@ -1,15 +1,24 @@
-"""1-bit sign codec: the upload of signSGD-MV and signSGD-FV.
+"""Sign codecs: the uploads of signSGD-MV and signSGD-FV.
 
-Bit layout: coordinate i of the flattened tensor is bit ``7 - i % 8`` of byte ``i // 8``
-(numpy's big-endian ``packbits`` order); bit 1 means +1, bit 0 means -1. The padding bits
-of the last byte are 0 and ignored on decode. A 1-bit code cannot carry 0, so a zero
-coordinate is sent as +1, the convention of the signSGD-MV authors' code.
+1-bit code (``pack_signs``): coordinate i of the flattened tensor is bit ``7 - i % 8`` of
+byte ``i // 8`` (numpy's big-endian ``packbits`` order); bit 1 means +1, bit 0 means -1.
+The padding bits of the last byte are 0 and ignored on decode. A 1-bit code cannot carry
+0, so what a zero coordinate becomes is the ``zero-sign`` convention (``ZERO_SIGNS``):
+
+- ``plus``: +1, the convention of the signSGD-MV authors' code (fedsim's default so far);
+- ``random``: a fair coin from the client's seeded stream (unbiased, still 1 bit);
+- ``abstain``: 0, the coordinate abstains from the vote (``torch.sign``, as in the
+  signSGD-FV authors' code). That is a ternary code (``encode_ternary``): the 1-bit signs
+  plus either a 1-bit nonzero mask (2 bits per coordinate) or the sorted uint32 indices
+  of the zeros, whichever is smaller for the message.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+ZERO_SIGNS = ("plus", "random", "abstain")
 
 
 def packed_size(n: int) -> int:
@@ -63,3 +72,52 @@ def unpack_signs(packed: np.ndarray, n: int) -> torch.Tensor:
         )
     bits = np.unpackbits(packed, count=n)
     return torch.from_numpy(bits.astype(np.int8) * 2 - 1)
+
+
+def fill_zeros(t: torch.Tensor, zero_sign: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The tensor whose 1-bit code carries sign(t) under ``zero_sign`` "plus" or "random":
+    t itself for "plus" (zero is sent as +1), t with each exact zero replaced by a fair
+    +-1 drawn from ``generator`` for "random" (one draw per zero, in coordinate order)."""
+    if zero_sign == "plus":
+        return t
+    if zero_sign != "random":
+        raise ValueError(f"fill_zeros: zero_sign must be 'plus' or 'random', got {zero_sign!r}")
+    flat = t.detach().reshape(-1)
+    zeros = (flat == 0).nonzero().reshape(-1)
+    if zeros.numel() == 0:
+        return t
+    coins = torch.randint(0, 2, (zeros.numel(),), generator=generator, device=flat.device).to(flat.dtype).mul_(2).sub_(1)
+    out = flat.clone()
+    out[zeros] = coins
+    return out.reshape(t.shape)
+
+
+PACKED = "packed"  # the 1-bit signs
+NONZERO = "nonzero"  # ternary code, dense form: the 1-bit nonzero mask
+ZEROS = "zeros"  # ternary code, sparse form: sorted uint32 indices of the zeros
+
+
+def encode_ternary(t: torch.Tensor) -> dict[str, np.ndarray]:
+    """sign(t) in {-1, 0, +1} as ``{PACKED: 1-bit signs (zero as +1), NONZERO: 1-bit mask}``
+    (2 bits per coordinate) or ``{PACKED: ..., ZEROS: uint32 indices}`` when the zeros'
+    indices take fewer bytes than the mask (4 Z < ceil(N / 8))."""
+    flat = t.detach().reshape(-1)
+    packed = pack_signs(flat)
+    zeros = (flat == 0).nonzero().reshape(-1).cpu().numpy().astype(np.uint32)
+    if 4 * zeros.size < packed_size(flat.numel()):
+        return {PACKED: packed, ZEROS: zeros}
+    return {PACKED: packed, NONZERO: np.packbits((flat != 0).cpu().numpy())}
+
+
+def decode_ternary(arrays: dict[str, np.ndarray], n: int) -> torch.Tensor:
+    """The int8 tensor of n values in {-1, 0, +1} that ``encode_ternary`` encoded. The arrays
+    must already be checked for dtype and size (``packed``/``nonzero`` ceil(n / 8) uint8,
+    ``zeros`` 1-D uint32); ValueError if the zero indices are not strictly increasing and < n."""
+    signs = unpack_signs(arrays[PACKED], n)
+    if NONZERO in arrays:
+        return signs * torch.from_numpy(np.unpackbits(arrays[NONZERO], count=n).astype(np.int8))
+    zeros = np.asarray(arrays[ZEROS])
+    if zeros.size and (zeros[-1] >= n or (zeros.size > 1 and not (np.diff(zeros.astype(np.int64)) > 0).all())):
+        raise ValueError(f"zero indices must be strictly increasing and below {n}")
+    signs[torch.from_numpy(zeros.astype(np.int64))] = 0
+    return signs

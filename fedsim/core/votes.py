@@ -62,10 +62,14 @@ class CrossProbabilityEstimator:
       nor dominant until it has a rate of its own).
     - Forgetting: before a client's counts are updated both are multiplied by
       ``forgetting`` (1.0 = keep all history), so its history decays per participation.
+    - Abstention: a client's 0 on a coordinate (zero-sign "abstain") adds nothing to the
+      vote and neither an agreement nor a round to that coordinate's counts: its rate on
+      n is over the rounds it voted on n.
 
     Memory: one float32 agreement count per (client, coordinate) (4 bytes) and one
-    float64 round count per client; ``max_clients`` (None: unbounded) caps the clients,
-    and a new client beyond it raises ValueError.
+    float64 round count per client, plus, from the first abstention on, one float32
+    abstention count per (client, coordinate) (4 bytes more); ``max_clients`` (None:
+    unbounded) caps the clients, and a new client beyond it raises ValueError.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class CrossProbabilityEstimator:
         self._rows: dict[Hashable, int] = {}
         self._agree = torch.zeros(0, num_coordinates, dtype=torch.float32, device=self.device)
         self._total = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self._abstained: torch.Tensor | None = None  # [clients, N] float32, from the first abstention on
 
     @property
     def in_warmup(self) -> bool:
@@ -108,8 +113,12 @@ class CrossProbabilityEstimator:
     def agreement_rates(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """a_{m,n} for the given clients, [M, N]; NaN for a client with no history."""
         rows = self._selector(client_ids)
-        total = self._total[rows].to(torch.float32)[:, None]
+        total = self._voted(rows, self._total[rows].to(torch.float32)[:, None], slice(None))
         return torch.where(total > 0, self._agree[rows] / total.clamp_min(1e-30), torch.nan)
+
+    def _voted(self, rows: slice | torch.Tensor, total: torch.Tensor, cols: slice) -> torch.Tensor:
+        """Rounds each client voted on each coordinate: its rounds minus its abstentions."""
+        return total if self._abstained is None else total - self._abstained[rows, cols]
 
     def weights(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """LLR weights w_{m,n} for the given clients, [M, N] float32 (see class docstring)."""
@@ -118,9 +127,20 @@ class CrossProbabilityEstimator:
         rows = self._selector(client_ids)
         return self._llr(rows, self._total[rows].to(torch.float32)[:, None], slice(None))
 
+    def mean_weights(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
+        """(1/N) sum_n w_{m,n}: each client's learned LLR weight averaged over the
+        coordinates, [M] (from the counts, also during warm-up), computed block by block."""
+        rows = self._selector(client_ids)
+        total = self._total[rows].to(torch.float32)[:, None]
+        sums = torch.zeros(len(client_ids), dtype=torch.float64, device=self.device)
+        for cols in self._blocks():
+            sums += self._llr(rows, total, cols).sum(dim=1, dtype=torch.float64)
+        return sums / self.num_coordinates
+
     def _llr(self, rows: slice | torch.Tensor, total: torch.Tensor, cols: slice) -> torch.Tensor:
         """w = clip(log((a + eps) / (1 - a + eps))), a = agree / total, for rows x cols;
         ``prior_weight`` where a client has no history (total = 0)."""
+        total = self._voted(rows, total, cols)
         a = self._agree[rows, cols] / total.clamp_min(1e-30)
         den = (1.0 - a).add_(self.eps)
         w = a.add_(self.eps).div_(den).log_().clamp_(-self.max_llr, self.max_llr)
@@ -135,14 +155,23 @@ class CrossProbabilityEstimator:
             )
         if len(set(client_ids)) != len(client_ids):
             raise ValueError("update: client_ids must be distinct")
-        rows = self._selector(client_ids)
         signs, vote = signs.to(self.device), vote.to(self.device)
+        if self._abstained is None and bool((signs == 0).any()):
+            self._abstained = torch.zeros_like(self._agree)
+        rows = self._selector(client_ids)
         if self.forgetting != 1.0:
             self._total[rows] *= self.forgetting
         for cols in self._blocks():
-            agreement = signs[:, cols].to(torch.float32).mul_(vote[cols]).add_(1.0).mul_(0.5)  # (1 + Y U) / 2
+            y = signs[:, cols].to(torch.float32)
+            agreement = y.mul(vote[cols]).add_(1.0).mul_(0.5)  # (1 + Y U) / 2
             if self.forgetting != 1.0:
                 self._agree[rows, cols] *= self.forgetting
+            if self._abstained is not None:
+                abstained = y == 0
+                agreement.masked_fill_(abstained, 0.0)
+                if self.forgetting != 1.0:
+                    self._abstained[rows, cols] *= self.forgetting
+                self._abstained[rows, cols] += abstained.to(torch.float32)
             self._agree[rows, cols] += agreement
         self._total[rows] += 1.0
         self.rounds_seen += 1
@@ -168,7 +197,10 @@ class CrossProbabilityEstimator:
     def state_dict(self) -> dict:
         """The counts and their client order (tensors, lists and ints only: ``torch.load``
         reads it back with ``weights_only=True``)."""
-        return {"clients": list(self._rows), "agree": self._agree, "total": self._total, "rounds_seen": self.rounds_seen}
+        state = {"clients": list(self._rows), "agree": self._agree, "total": self._total, "rounds_seen": self.rounds_seen}
+        if self._abstained is not None:
+            state["abstained"] = self._abstained
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what ``state_dict`` returned (same number of coordinates)."""
@@ -179,6 +211,10 @@ class CrossProbabilityEstimator:
         self._agree = agree.to(self.device, torch.float32).clone()
         self._total = state["total"].to(self.device, torch.float64).clone()
         self.rounds_seen = int(state["rounds_seen"])
+        abstained = state.get("abstained")
+        if abstained is not None and abstained.shape != agree.shape:
+            raise ValueError(f"estimator state has abstentions of shape {tuple(abstained.shape)}, expected {tuple(agree.shape)}")
+        self._abstained = None if abstained is None else abstained.to(self.device, torch.float32).clone()
 
     def _blocks(self) -> Iterator[slice]:
         for start in range(0, self.num_coordinates, _BLOCK):
@@ -209,4 +245,6 @@ class CrossProbabilityEstimator:
             self._total = torch.cat(
                 [self._total, torch.zeros(len(new), dtype=torch.float64, device=self.device)]
             )
+            if self._abstained is not None:
+                self._abstained = torch.cat([self._abstained, zeros])
         return torch.tensor([self._rows[c] for c in client_ids], dtype=torch.long, device=self.device)

@@ -1,0 +1,91 @@
+"""Byzantine clients: which clients attack, and what an attacker does to its upload.
+
+``attackers`` (k) clients, drawn from the run's seed (``attacker_ids``), run the same
+ClientApp as everyone else, on every engine; the algorithm's client step calls the
+attack at two points, before and after encoding:
+
+- ``sign-flip``: the gradient g (or FedAvg's update x_k - x) is negated before encoding,
+  so a sign vote gets sign(-g); under zero-sign "plus" an exactly zero coordinate is still
+  sent as +1, as by an honest client (the convention issue #12 is about).
+- ``bit-flip``: the 1-bit signs are inverted after encoding (every coordinate, zeros too);
+  an abstaining coordinate stays abstaining.
+- ``random``: fair random signs from the client's seeded stream, on every coordinate.
+- ``scale``: the update u (FedSGD's gradient, FedAvg's x_k - x) is sent as -c u
+  (c = ``attack-scale``).
+- ``noise``: u + N(0, sigma^2) per coordinate (sigma = ``attack-noise``).
+
+An algorithm declares which of these apply to its upload (``Algorithm.attacks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsim.core.signs import NONZERO, PACKED, ZEROS
+
+ATTACKS = ("sign-flip", "bit-flip", "random", "scale", "noise")
+SIGN_ATTACKS = ("sign-flip", "bit-flip", "random")  # for uploads of packed signs
+UPDATE_ATTACKS = ("sign-flip", "scale", "noise")  # for uploads of real-valued updates
+
+
+def attacker_ids(seed: int, num_partitions: int, k: int) -> list[int]:
+    """The partition ids of the k attackers: k distinct ids drawn uniformly from the seed."""
+    if not 0 <= k <= num_partitions:
+        raise ValueError(f"attackers={k}: must be in 0..{num_partitions} (the number of clients)")
+    rng = np.random.default_rng([seed, 0xA77AC])
+    return sorted(int(i) for i in rng.choice(num_partitions, size=k, replace=False))
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What one client does to its upload; ``kind`` "none" is an honest client."""
+
+    kind: str = "none"
+    scale: float = 10.0
+    noise: float = 1.0
+
+    def gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """Before a sign code: -g for sign-flip, else g."""
+        return -g if self.kind == "sign-flip" else g
+
+    def update(self, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A real-valued update as sent: -u (sign-flip), -c u (scale), u + sigma z (noise)."""
+        if self.kind == "sign-flip":
+            return -u
+        if self.kind == "scale":
+            return -self.scale * u
+        if self.kind == "noise":
+            z = torch.randn(u.shape, generator=generator, device=u.device, dtype=torch.float32).to(u.dtype)
+            return u + self.noise * z
+        return u
+
+    def signs(self, arrays: Mapping[str, np.ndarray], n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+        """A sign code's arrays as sent (``PACKED`` 1-bit signs of n coordinates, and the
+        ternary code's ``NONZERO`` or ``ZEROS``): inverted bits (bit-flip) or fair random
+        signs on every coordinate (random)."""
+        out = dict(arrays)
+        if self.kind == "bit-flip":
+            out[PACKED] = np.bitwise_not(out[PACKED]) & _valid_bits(n)
+        elif self.kind == "random":
+            bits = torch.randint(0, 2, (n,), generator=generator, device=generator.device).cpu().numpy().astype(np.uint8)
+            out[PACKED] = np.packbits(bits)
+            if NONZERO in out:
+                out[NONZERO] = np.packbits(np.ones(n, np.uint8))
+            if ZEROS in out:
+                out[ZEROS] = np.zeros(0, np.uint32)
+        return out
+
+
+HONEST = Attack()
+
+
+def _valid_bits(n: int) -> np.ndarray:
+    """Byte masks that keep the padding bits of the last byte 0, as pack_signs writes them."""
+    mask = np.full((n + 7) // 8, 0xFF, np.uint8)
+    if n % 8:
+        mask[-1] = (0xFF << (8 - n % 8)) & 0xFF
+    return mask

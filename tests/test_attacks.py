@@ -1,0 +1,106 @@
+"""Byzantine clients (fedsim.attacks): who attacks, what each attack sends, the config
+checks, and attacked runs on the in-process engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+from torch import nn
+
+from fedsim.algorithms import REGISTRY, ClientStep
+from fedsim.attacks import HONEST, Attack, attacker_ids
+from fedsim.clients.tasks import LocalData
+from fedsim.config import ConfigError, RunConfig
+from fedsim.core.signs import PACKED, pack_signs, unpack_signs
+from fedsim.engine.runner import run_inprocess
+
+
+def test_attackers_are_k_distinct_clients_drawn_from_the_seed():
+    a = attacker_ids(0, 15, 5)
+    assert a == attacker_ids(0, 15, 5) and len(set(a)) == 5 and all(0 <= i < 15 for i in a) and a == sorted(a)
+    assert {tuple(attacker_ids(s, 15, 5)) for s in range(10)} != {tuple(a)}
+    assert attacker_ids(0, 15, 0) == [] and attacker_ids(3, 4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="attackers=5"):
+        attacker_ids(0, 4, 5)
+
+
+def test_bit_flip_inverts_every_sent_sign_and_keeps_the_padding_zero():
+    g = torch.tensor([0.5, -1.0, 0.0, 2.0, -3.0, 1.0, 1.0, -1.0, 0.25, -0.5, 0.0])
+    honest = {PACKED: pack_signs(g)}
+    flipped = Attack("bit-flip").signs(honest, g.numel(), torch.Generator())
+    assert torch.equal(unpack_signs(flipped[PACKED], g.numel()), -unpack_signs(honest[PACKED], g.numel()))
+    assert flipped[PACKED][-1] & 0b00011111 == 0  # 11 signs: the last byte's 5 padding bits stay 0
+    assert Attack("sign-flip").gradient(g).tolist() == (-g).tolist() and HONEST.gradient(g) is g
+
+
+def test_random_signs_come_from_the_clients_stream():
+    arrays = {PACKED: pack_signs(torch.ones(4000))}
+    a, b = (Attack("random").signs(arrays, 4000, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert np.array_equal(a[PACKED], b[PACKED])
+    assert abs(float(unpack_signs(a[PACKED], 4000).float().mean())) < 0.07  # 4.4 sigma
+
+
+def test_scale_and_noise_change_the_update_as_stated():
+    u = torch.tensor([1.0, -2.0, 0.5])
+    assert Attack("scale", scale=3.0).update(u, torch.Generator()).tolist() == [-3.0, 6.0, -1.5]
+    noisy = Attack("noise", noise=0.5).update(torch.zeros(20000), torch.Generator().manual_seed(1))
+    assert abs(float(noisy.std()) - 0.5) < 0.02
+
+
+def test_a_fedavg_attacker_sends_the_start_minus_c_times_its_update():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = LocalData(x=x, y=(x[:, 0] > 0).long(), indices=torch.arange(64))
+
+    def upload(attack):
+        model = nn.Linear(4, 2)
+        torch.nn.init.constant_(model.weight, 0.1)
+        torch.nn.init.zeros_(model.bias)
+        step = ClientStep(model, data, 8, torch.Generator().manual_seed(5), ["weight", "bias"], RecordDict(), 1, attack)
+        fedavg = REGISTRY["fedavg"]
+        return fedavg.client_step(fedavg.hyperparams(RunConfig(lr=0.5)), step).arrays
+
+    honest, attacked = upload(HONEST), upload(Attack("scale", scale=4.0))
+    start = {"weight": np.full((2, 4), 0.1, np.float32), "bias": np.zeros(2, np.float32)}
+    for key in start:
+        np.testing.assert_allclose(attacked[key], start[key] - 4.0 * (honest[key] - start[key]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"strategy": "fedavg", "attackers": 2, "attack": "bit-flip"}, "attack='bit-flip' does not apply to strategy='fedavg'"),
+        ({"strategy": "sign-mv", "attackers": 2, "attack": "scale"}, "attack='scale' does not apply to strategy='sign-mv'"),
+        ({"attackers": 11}, "attackers=11: must be in 0..num-nodes (10)"),
+        ({"attack": "flip"}, "attack='flip': choose one of"),
+        ({"attack-scale": 0.0}, "attack-scale=0.0: must be a finite number > 0"),
+        ({"zero-sign": "minus"}, "zero-sign='minus': choose one of ['plus', 'random', 'abstain']"),
+    ],
+)
+def test_bad_attack_settings_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        RunConfig.from_mapping(values)
+
+
+def test_bit_flippers_get_negative_llr_weights_and_the_summary_names_them(tmp_path):
+    out = run_inprocess(
+        {"strategy": "llr-vote", "lr": 0.01, "num-server-rounds": 20, "llr-warmup": 5, "eval-every": 10,
+         "attackers": 3, "attack": "bit-flip", "results-dir": str(tmp_path / "run")},
+        quiet=True,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    attackers = summary["attackers"]
+    assert attackers == attacker_ids(0, 10, 3) and summary["attack"] == "bit-flip"
+    weights = {int(k): v for k, v in summary["algorithm"]["mean_llr_weight"].items()}
+    assert sorted(weights) == list(range(10))
+    assert max(weights[i] for i in attackers) < 0 < min(w for i, w in weights.items() if i not in attackers), weights
+
+
+def test_an_honest_run_records_no_attackers(tmp_path):
+    out = run_inprocess({"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 2, "results-dir": str(tmp_path / "run")}, quiet=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["attackers"] == [] and summary["attack"] is None and summary["algorithm"] == {}
