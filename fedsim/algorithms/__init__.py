@@ -13,6 +13,7 @@ from fedsim.algorithms.ef_sign import EFSignSGD
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedsgd import FedSGD
 from fedsim.algorithms.llr_vote import LLRWeightedVote
+from fedsim.algorithms.sign_fd import SignFederatedDefense
 from fedsim.algorithms.sign_mv import SignMajorityVote
 
 REGISTRY: dict[str, type[Algorithm]] = {
@@ -23,6 +24,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
         SignMajorityVote,
         LLRWeightedVote,
         EFSignSGD,
+        SignFederatedDefense,
     )
 }
 
@@ -38,4 +40,4 @@ def options() -> dict[str, Option]:
     return out
 
 
-__all__ = ["REGISTRY", "Algorithm", "ClientStep", "EFSignSGD", "FedAvg", "FedSGD", "LLRWeightedVote", "Option", "SignMajorityVote", "Upload", "options"]
+__all__ = ["REGISTRY", "Algorithm", "ClientStep", "EFSignSGD", "FedAvg", "FedSGD", "LLRWeightedVote", "Option", "SignFederatedDefense", "SignMajorityVote", "Upload", "options"]

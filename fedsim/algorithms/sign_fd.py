@@ -1,0 +1,72 @@
+"""signSGD with federated defense (signSGD-FD; Park and Lee, "SignSGD with Federated Defense:
+Harnessing Adversarial Attacks through Gradient Sign Decoding", ICML 2024; the authors'
+code: github.com/chanho26/SignSGD_Codec, Algorithms/train_signSGD_FD.py).
+
+Client: as signSGD-MV (one packed sign vector of its minibatch gradient; zero is sent as
++1). Server: U = sign(sum_m w_m Y_m), x^{t+1} = x^t - delta * U, where the weights are
+clipped LLRs of each worker's rate of agreement with past decoded signs
+(fedsim.core.fd.FederatedDefense): 1 in the first round, one weight per worker (its rate
+pooled over all coordinates) until round ``fd-warmup`` (T_in), one per worker and
+coordinate after. A worker that mostly disagrees gets a negative weight, so its votes are
+flipped rather than dropped. A worker is its partition id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsim.algorithms.base import Option
+from fedsim.algorithms.sign_mv import SignMajorityVote
+from fedsim.config import RunConfig
+from fedsim.core.fd import FederatedDefense
+from fedsim.protocol import ModelSpec
+
+
+@dataclass(frozen=True)
+class FDParams:
+    """delta (``lr``), T_in (``fd-warmup``) and the clip C of |w| (``fd-max``)."""
+
+    lr: float
+    warmup_rounds: int
+    max_llr: float
+
+
+class SignFederatedDefense(SignMajorityVote):
+    """signSGD-FD: the sign vote with LLR weights that may flip a worker's votes."""
+
+    name = "sign-fd"
+    options = (
+        Option("fd-warmup", 100, lambda v: v >= 1, "must be >= 1",
+               "T_in: rounds 2..T_in weight each worker by its pooled agreement rate, later rounds per coordinate"),
+        Option("fd-max", 10.0, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "clip |w| at this"),
+    )
+
+    @classmethod
+    def hyperparams(cls, cfg: RunConfig) -> FDParams:  # type: ignore[override]
+        return FDParams(cfg.lr, int(cfg.option("fd-warmup")), float(cfg.option("fd-max")))
+
+    def __init__(self, hp: FDParams, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None) -> None:
+        """``device``: where the M x N match counts live and the vote runs; ``max_clients``:
+        the most partitions that may hold counts."""
+        super().__init__(hp, model, device, max_clients)  # type: ignore[arg-type]
+        self.defense = FederatedDefense(
+            model.num_params, warmup_rounds=hp.warmup_rounds, max_llr=hp.max_llr, device=device, max_clients=max_clients,
+        )
+
+    def vote(self, client_ids: list[int], signs: torch.Tensor) -> torch.Tensor:
+        return self.defense.vote(client_ids, signs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"defense": self.defense.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.defense.load_state_dict(state["defense"])
+
+    def describe(self) -> str:
+        d = self.defense
+        return f"federated defense: T_in {d.warmup_rounds} rounds, max |w| {d.max_llr:g}, eps {d.eps:g}"
