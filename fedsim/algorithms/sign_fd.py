@@ -2,8 +2,9 @@
 Harnessing Adversarial Attacks through Gradient Sign Decoding", ICML 2024; the authors'
 code: github.com/chanho26/SignSGD_Codec, Algorithms/train_signSGD_FD.py).
 
-Client: as signSGD-MV (one packed sign vector of its minibatch gradient; zero is sent as
-+1). Server: U = sign(sum_m w_m Y_m), x^{t+1} = x^t - delta * U, where the weights are
+Client: as signSGD-MV (one packed sign vector of its minibatch gradient; a zero
+coordinate as ``zero-sign`` says: ``abstain`` is the authors' sign(0) = 0, which adds
+nothing to the vote and matches only a tied decision). Server: U = sign(sum_m w_m Y_m), x^{t+1} = x^t - delta * U, where the weights are
 clipped LLRs of each worker's rate of agreement with past decoded signs
 (fedsim.core.fd.FederatedDefense): 1 in the first round, one weight per worker (its rate
 pooled over all coordinates) until round ``fd-warmup`` (T_in), one per worker and
@@ -21,17 +22,16 @@ from typing import Any
 import torch
 
 from fedsim.algorithms.base import Option
-from fedsim.algorithms.sign_mv import SignMajorityVote
+from fedsim.algorithms.sign_mv import SignMajorityVote, SignStep
 from fedsim.config import RunConfig
 from fedsim.core.fd import FederatedDefense
 from fedsim.protocol import ModelSpec
 
 
 @dataclass(frozen=True)
-class FDParams:
-    """delta (``lr``), T_in (``fd-warmup``) and the clip C of |w| (``fd-max``)."""
+class FDParams(SignStep):
+    """delta (``lr``), ``zero-sign``, T_in (``fd-warmup``) and the clip C of |w| (``fd-max``)."""
 
-    lr: float
     warmup_rounds: int
     max_llr: float
 
@@ -40,7 +40,7 @@ class SignFederatedDefense(SignMajorityVote):
     """signSGD-FD: the sign vote with LLR weights that may flip a worker's votes."""
 
     name = "sign-fd"
-    options = (
+    options = SignMajorityVote.options + (
         Option("fd-warmup", 100, lambda v: v >= 1, "must be >= 1",
                "T_in: rounds 2..T_in weight each worker by its pooled agreement rate, later rounds per coordinate"),
         Option("fd-max", 10.0, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "clip |w| at this"),
@@ -48,7 +48,7 @@ class SignFederatedDefense(SignMajorityVote):
 
     @classmethod
     def hyperparams(cls, cfg: RunConfig) -> FDParams:  # type: ignore[override]
-        return FDParams(cfg.lr, int(cfg.option("fd-warmup")), float(cfg.option("fd-max")))
+        return FDParams(cfg.lr, str(cfg.option("zero-sign")), int(cfg.option("fd-warmup")), float(cfg.option("fd-max")))
 
     def __init__(self, hp: FDParams, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None) -> None:
         """``device``: where the M x N match counts live and the vote runs; ``max_clients``:
