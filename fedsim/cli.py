@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ from typing import Any, NoReturn
 from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
 from fedsim.data.errors import DataError
 from fedsim.errors import RunFailed
-from fedsim.run_folder import claim_run_folder
+from fedsim.run_folder import RunFolder, claim_run_folder
 from fedsim.validation import check_experiment
 
 
@@ -64,7 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with claim_run_folder(results, cfg, overwrite=args.overwrite):
         t0 = time.perf_counter()
         out = _execute(cfg, args)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).read_summary()
+    if summary is None:
+        raise RunFailed(f"the run ended without a readable {RunFolder(out).summary}")
     print(
         f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
         f"after {summary['rounds']} rounds ({time.perf_counter() - t0:.1f} s); results in {out}"
@@ -81,7 +82,7 @@ def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
         out = run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     else:
         out = _run_inprocess_with_progress(cfg, args.workers)
-    failed = json.loads((out / "summary.json").read_text()).get("failed")
+    failed = (RunFolder(out).read_summary() or {}).get("failed")
     if failed:  # the in-process engine raises this itself; Flower's runtime only logs it
         raise RunFailed(f"{failed}; results in {out}")
     return out

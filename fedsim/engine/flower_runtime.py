@@ -26,6 +26,7 @@ from typing import Any
 
 from fedsim.config import RunConfig
 from fedsim.device import cuda_count, default_gpu_share
+from fedsim.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -328,7 +329,7 @@ def run_flower(
         if proc.returncode != 0:
             detail = "" if echo else (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:]
             raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}\n{detail}")
-    results = Path(mapping["results-dir"])
-    if not (results / "summary.json").exists():
-        raise RuntimeError(f"the Flower run ended without writing {results / 'summary.json'}; see {home}/superlink.out")
-    return results
+    results = RunFolder(Path(mapping["results-dir"]))
+    if not results.finished:
+        raise RuntimeError(f"the Flower run ended without writing {results.summary}; see {home}/superlink.out")
+    return results.path
