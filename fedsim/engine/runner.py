@@ -13,37 +13,39 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import RunConfig
+from fedsim.engine import parse_workers
 from fedsim.engine.flower_internals import SUPERLINK_NODE_ID
 from fedsim.engine.inprocess import InProcessGrid
 
 
 def run_inprocess(
-    run_config: Mapping[str, Any],
+    run_config: RunConfig | Mapping[str, Any],
     node_configs: list[dict[str, Any]] | None = None,
     threads: int | None = None,
     on_round: Callable[[Any], None] | None = None,
     quiet: bool = False,
     workers: int | str | None = None,
 ) -> Path:
-    """Run ``run_config`` (validated by RunConfig; must set ``results-dir``) to the end and
-    return the results folder. ``threads``: torch intra-op threads per worker (default 1;
-    ``FEDSIM_THREADS`` overrides; more than 1 lets torch split its sums, so results then
-    depend on it). ``quiet``: hide Flower's per-round INFO log lines (warnings, e.g.
-    rejected replies, still show). ``workers``: "auto" (default; ``FEDSIM_WORKERS``
-    overrides) plans each round on the available cores (``fedsim.engine.inprocess.plan_round``),
-    a number runs clients on that many threads; results are the same bits for any value."""
+    """Run ``run_config`` (a RunConfig, or a run-config mapping that RunConfig validates;
+    must set ``results-dir``) to the end and return the results folder. ``threads``: torch
+    intra-op threads per worker (default 1; ``FEDSIM_THREADS`` overrides; more than 1 lets
+    torch split its sums, so results then depend on it). ``quiet``: hide Flower's
+    per-round INFO log lines (warnings, e.g. rejected replies, still show). ``workers``:
+    "auto" (default; ``FEDSIM_WORKERS`` overrides) plans each round on the available cores
+    (``fedsim.engine.inprocess.plan_round``), a number runs clients on that many threads;
+    results are the same bits for any value. ``fedsim.engine.run_engine`` calls this."""
     import torch
 
     from fedsim.client_app import app as client_app
     from fedsim.server_app import app as server_app
 
-    cfg = RunConfig.from_mapping(run_config)
+    cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
     if not cfg.results_dir:
         raise ValueError("run_inprocess needs results-dir: the folder the run's results go to")
     torch.set_num_threads(threads or int(os.environ.get("FEDSIM_THREADS", "1")))
     keep_freed_memory()
-    mapping = cfg.to_mapping()
+    mapping = cfg.to_mapping()  # Flower's boundary: the grid and the Context carry the mapping
     grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=parse_workers(workers or os.environ.get("FEDSIM_WORKERS") or "auto"))
     grid.on_round = on_round  # the ServerApp reports each round to this hook when present
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
@@ -57,20 +59,6 @@ def run_inprocess(
         flwr_logger.setLevel(level)
         grid.close()
     return Path(cfg.results_dir)
-
-
-def parse_workers(value: int | str) -> int | str:
-    """"auto" or an int >= 1 (also as text, e.g. from FEDSIM_WORKERS); ConfigError (a
-    ValueError: one line, exit 2 from the CLI) otherwise."""
-    number = value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        number = int(text) if text.isdigit() else 0
-    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ConfigError(f"workers must be 'auto' or an integer >= 1, got {value!r} (--workers or FEDSIM_WORKERS)")
-    return number
 
 
 @functools.cache
