@@ -1,7 +1,7 @@
 """The ``fedsim`` command.
 
     fedsim run experiments/X.toml [--set key=value ...] [--engine inprocess|flower]
-                                  [--results-dir DIR] [--workers N]
+                                  [--results-dir DIR] [--workers N] [--threads N]
     fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
     fedsim store runs/Y docs/results/runs/Y     # finished runs' small files, to commit
 
@@ -9,7 +9,7 @@ An experiment is a Flower run-config TOML (flat kebab-case keys, the file
 ``flwr run . --run-config experiments/X.toml`` reads too). ``inprocess`` (default) runs it
 on fedsim's in-process engine with a progress bar; ``flower`` runs it through Flower's
 simulation runtime (Ray), starting and stopping a private SuperLink. Both go through
-``fedsim.engine.run_engine``.
+``fedsim.engine.run_engine``, which records the engine settings in summary.json.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def default_results_dir(experiment: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    check_engine_options(args.engine, args.workers)
+    check_engine_options(args.engine, args.workers, args.threads)
     values = read_experiment(args.experiment)
     for item in args.set or []:
         key, value = parse_override(item)
@@ -82,7 +82,7 @@ def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
     folder. Raises RunFailed when the run ended without a usable result (summary.json says why)."""
     with _progress_bar(cfg, args.engine) as on_round:
         return run_engine(
-            cfg, args.engine, workers=args.workers, cpus_per_client=args.cpus_per_client,
+            cfg, args.engine, workers=args.workers, threads=args.threads, cpus_per_client=args.cpus_per_client,
             gpus_per_client=args.gpus_per_client, on_round=on_round, quiet=on_round is not None,
         )
 
@@ -112,7 +112,7 @@ def _progress_bar(cfg: RunConfig, engine: str) -> Iterator[Callable[[Any], None]
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.sweep import load_sweep, run_sweep
 
-    check_engine_options(args.engine, args.workers)
+    check_engine_options(args.engine, args.workers, args.threads)
     overrides = dict(parse_override(item) for item in args.set or [])
     runs = load_sweep(args.sweep, args.results_dir, overrides)
     if args.dry_run:
@@ -157,7 +157,15 @@ def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
     parser.add_argument("--engine", choices=ENGINES, default="inprocess")
     parser.add_argument("--results-dir", help=results_help)
-    parser.add_argument("--workers", type=_workers, help="inprocess engine: auto (default: every core, planned per round; FEDSIM_WORKERS) or clients on this many threads; same results")
+    parser.add_argument(
+        "--workers", type=_workers,
+        help="inprocess engine: auto (default: every core, planned per round) or clients on this many threads; same results; recorded in summary.json",
+    )
+    parser.add_argument(
+        "--threads", type=_number(int, 1),
+        help="inprocess engine: torch intra-op threads per worker (default 1; more lets torch split its sums, "
+        "which changes results in the last bits); recorded in summary.json",
+    )
     parser.add_argument("--cpus-per-client", type=_number(float, 0.0, strict=True), default=1.0, help="flower engine: Ray CPUs per client (> 0)")
     parser.add_argument(
         "--gpus-per-client", type=_number(float, 0.0),

@@ -138,16 +138,17 @@ def load_sweep(path: str | Path, results_dir: str | Path | None = None, override
 
 
 def sweep_results(
-    path: str | Path, run_missing: bool, results_dir: str | Path | None = None, *, workers: int | str | None = None
+    path: str | Path, run_missing: bool, results_dir: str | Path | None = None, *,
+    workers: int | str | None = None, threads: int | None = None,
 ) -> list[SweepRun]:
     """The finished runs of a sweep, after running the missing ones on the in-process engine
-    (quietly; ``workers`` as ``fedsim.engine.run_engine``'s) if ``run_missing``; what the
-    notebooks call."""
+    (quietly; ``workers`` and ``threads`` as ``fedsim.engine.run_engine``'s) if
+    ``run_missing``; what the notebooks call."""
     from fedsim.engine import run_engine
 
     runs = load_sweep(path, results_dir)
     if run_missing:
-        for _ in run_sweep(runs, lambda cfg: run_engine(cfg, "inprocess", workers=workers, quiet=True)):
+        for _ in run_sweep(runs, lambda cfg: run_engine(cfg, "inprocess", workers=workers, threads=threads, quiet=True)):
             pass
     done = [r for r in runs if r.status() == "done"]
     print(f"{len(done)} of {len(runs)} runs of {path} finished")

@@ -472,3 +472,51 @@ def test_remove_all_but_lock_and_claim(tmp_path):
         (run.path / "notes.txt").write_text("x")
         run.remove_all_but_lock_and_claim()
     assert sorted(p.name for p in run.path.iterdir()) == [".claim", LOCK]
+
+
+# --- engine settings in summary.json ------------------------------------------------
+
+
+def test_fedsim_run_records_threads_and_workers_in_the_summary(tmp_path, capsys):
+    from fedsim.cli import main
+
+    folder = tmp_path / "run"
+    argv = ["run", str(QUICK), "--set", "num-server-rounds=2", "--results-dir", str(folder), "--threads", "1", "--workers", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = RunFolder(folder).read_summary()
+    assert summary["engine_settings"] == {
+        "engine": "inprocess", "threads": 1, "workers": 2, "cpus_per_client": None, "gpus_per_client": None,
+    }
+    assert summary["rounds"] == 2 and summary["engine"] == "inprocess"  # the ServerApp's own keys stay
+    assert main([*argv[:-4], "--overwrite"]) == 0  # the defaults: one thread, workers "auto"
+    assert RunFolder(folder).read_summary()["engine_settings"] == {
+        "engine": "inprocess", "threads": 1, "workers": "auto", "cpus_per_client": None, "gpus_per_client": None,
+    }
+
+
+def test_run_engine_on_flower_records_its_resources_and_raises_for_a_failed_run(tmp_path, monkeypatch):
+    """The dispatcher's Flower branch, with Flower's runtime replaced by a stand-in that
+    writes the summary its ServerApp would (a failed run: Flower's runtime only logs it)."""
+    from fedsim.engine import flower_runtime, run_engine
+    from fedsim.errors import RunFailed
+
+    calls = []
+
+    def fake_run_flower(cfg, cpus_per_client, gpus_per_client, echo):
+        calls.append((type(cfg), cpus_per_client, gpus_per_client, echo))
+        RunFolder(cfg.results_dir).write_summary({"rounds": 4, "failed": "no round had min-replies=1 valid replies"})
+        return Path(cfg.results_dir)
+
+    monkeypatch.setattr(flower_runtime, "run_flower", fake_run_flower)
+    cfg = RunConfig.from_mapping({**SMALL, "device": "cpu", "results-dir": str(tmp_path)})
+    with pytest.raises(RunFailed, match="no round had min-replies=1"):
+        run_engine(cfg, "flower", cpus_per_client=2.0, quiet=True)
+    assert calls == [(RunConfig, 2.0, 0.0, False)]  # the typed config; device cpu: no GPU share
+    assert RunFolder(tmp_path).read_summary()["engine_settings"] == {
+        "engine": "flower", "threads": None, "workers": None, "cpus_per_client": 2.0, "gpus_per_client": 0.0,
+    }
+    with pytest.raises(ConfigError, match="--workers and --threads set the inprocess engine"):
+        run_engine(cfg, "flower", threads=2)
+    with pytest.raises(ConfigError, match="engine 'ray'"):
+        run_engine(cfg, "ray")
+    assert len(calls) == 1

@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import Context, RecordDict
 
 from fedsim.config import RunConfig
-from fedsim.engine import parse_workers
+from fedsim.engine import parse_threads, parse_workers
 from fedsim.engine.flower_internals import SUPERLINK_NODE_ID
 from fedsim.engine.inprocess import InProcessGrid
 
@@ -22,19 +22,19 @@ from fedsim.engine.inprocess import InProcessGrid
 def run_inprocess(
     run_config: RunConfig | Mapping[str, Any],
     node_configs: list[dict[str, Any]] | None = None,
-    threads: int | None = None,
+    threads: int = 1,
     on_round: Callable[[Any], None] | None = None,
     quiet: bool = False,
-    workers: int | str | None = None,
+    workers: int | str = "auto",
 ) -> Path:
     """Run ``run_config`` (a RunConfig, or a run-config mapping that RunConfig validates;
     must set ``results-dir``) to the end and return the results folder. ``threads``: torch
-    intra-op threads per worker (default 1; ``FEDSIM_THREADS`` overrides; more than 1 lets
-    torch split its sums, so results then depend on it). ``quiet``: hide Flower's
-    per-round INFO log lines (warnings, e.g. rejected replies, still show). ``workers``:
-    "auto" (default; ``FEDSIM_WORKERS`` overrides) plans each round on the available cores
-    (``fedsim.engine.inprocess.plan_round``), a number runs clients on that many threads;
-    results are the same bits for any value. ``fedsim.engine.run_engine`` calls this."""
+    intra-op threads per worker (more than 1 lets torch split its sums, so results then
+    depend on it). ``quiet``: hide Flower's per-round INFO log lines (warnings, e.g.
+    rejected replies, still show). ``workers``: "auto" plans each round on the available
+    cores (``fedsim.engine.inprocess.plan_round``), a number runs clients on that many
+    threads; results are the same bits for any value. ``fedsim.engine.run_engine`` calls
+    this and records ``threads`` and ``workers`` in the run's summary.json."""
     import torch
 
     from fedsim.client_app import app as client_app
@@ -43,10 +43,10 @@ def run_inprocess(
     cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
     if not cfg.results_dir:
         raise ValueError("run_inprocess needs results-dir: the folder the run's results go to")
-    torch.set_num_threads(threads or int(os.environ.get("FEDSIM_THREADS", "1")))
+    torch.set_num_threads(parse_threads(threads))
     keep_freed_memory()
     mapping = cfg.to_mapping()  # Flower's boundary: the grid and the Context carry the mapping
-    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=parse_workers(workers or os.environ.get("FEDSIM_WORKERS") or "auto"))
+    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=parse_workers(workers))
     grid.on_round = on_round  # the ServerApp reports each round to this hook when present
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=mapping)
     flwr_logger = logging.getLogger("flwr")
