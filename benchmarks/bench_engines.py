@@ -149,7 +149,6 @@ def timed_run(kind: str, wall: float, results: Path, rounds: int, extra: dict[st
 def child_env(device: str) -> dict[str, str]:
     env = os.environ.copy()
     env["FEDSIM_DEVICE"] = device
-    env["FEDSIM_THREADS"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
 from fedsim.config import RunConfig, same_experiment
-from fedsim.run_folder import CHECKPOINT, CHECKPOINT_TMP, set_aside
+from fedsim.run_folder import CHECKPOINT, RunFolder, set_aside
 
 __all__ = ["CHECKPOINT", "Checkpoint", "load_checkpoint", "remove_checkpoint", "restore_strategy", "save_checkpoint"]
 
@@ -41,7 +41,7 @@ def save_checkpoint(
     folder: Path, server_round: int, cfg: RunConfig, arrays: ArrayRecord, strategy_state: dict[str, Any], seconds: float
 ) -> None:
     """Write ``folder/checkpoint.pt`` (via a temporary file and a rename: never half-written)."""
-    tmp = folder / CHECKPOINT_TMP
+    run = RunFolder(folder)
     state = {
         "round": server_round,
         "config": cfg.to_mapping(),
@@ -49,8 +49,8 @@ def save_checkpoint(
         "strategy": strategy_state,
         "seconds": seconds,
     }
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
+    torch.save(state, run.checkpoint_tmp)
+    os.replace(run.checkpoint_tmp, run.checkpoint)
 
 
 def load_checkpoint(folder: Path, cfg: RunConfig, expected: ArrayRecord | None = None) -> Checkpoint | None:
@@ -58,7 +58,7 @@ def load_checkpoint(folder: Path, cfg: RunConfig, expected: ArrayRecord | None =
     checkpoint of another experiment is ignored, with a warning; a damaged one (unreadable,
     missing or mistyped entries, arrays unlike ``expected``'s names and shapes, a folder of
     that name) is set aside as ``checkpoint.pt.damaged``, with a warning."""
-    path = folder / CHECKPOINT
+    path = RunFolder(folder).checkpoint
     if not os.path.lexists(path):
         return None
     try:
@@ -87,7 +87,7 @@ def restore_strategy(strategy: Any, checkpoint: Checkpoint, folder: Path) -> boo
         strategy.load_state_dict(checkpoint.strategy)
     except Exception as err:  # noqa: BLE001 - a state this strategy cannot take: start over
         strategy.load_state_dict(fresh)
-        _discard(folder / CHECKPOINT, f"its strategy state does not fit ({type(err).__name__}: {err})")
+        _discard(RunFolder(folder).checkpoint, f"its strategy state does not fit ({type(err).__name__}: {err})")
         return False
     return True
 
@@ -123,5 +123,7 @@ def _discard(path: Path, problem: str) -> None:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    (folder / CHECKPOINT).unlink(missing_ok=True)
-    (folder / CHECKPOINT_TMP).unlink(missing_ok=True)
+    """Remove ``folder``'s checkpoint and a half-written one."""
+    run = RunFolder(folder)
+    run.checkpoint.unlink(missing_ok=True)
+    run.checkpoint_tmp.unlink(missing_ok=True)

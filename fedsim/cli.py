@@ -1,33 +1,35 @@
 """The ``fedsim`` command.
 
     fedsim run experiments/X.toml [--set key=value ...] [--engine inprocess|flower]
-                                  [--results-dir DIR] [--workers N]
+                                  [--results-dir DIR] [--workers N] [--threads N]
     fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
     fedsim store runs/Y docs/results/runs/Y     # finished runs' small files, to commit
 
 An experiment is a Flower run-config TOML (flat kebab-case keys, the file
 ``flwr run . --run-config experiments/X.toml`` reads too). ``inprocess`` (default) runs it
 on fedsim's in-process engine with a progress bar; ``flower`` runs it through Flower's
-simulation runtime (Ray), starting and stopping a private SuperLink.
+simulation runtime (Ray), starting and stopping a private SuperLink. Both go through
+``fedsim.engine.run_engine``, which records the engine settings in summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
 from fedsim.data.errors import DataError
+from fedsim.engine import ENGINES, check_engine_options, run_engine
 from fedsim.errors import RunFailed
-from fedsim.run_folder import claim_run_folder
+from fedsim.run_folder import RunFolder, claim_run_folder
 from fedsim.validation import check_experiment
 
 
@@ -47,6 +49,7 @@ def default_results_dir(experiment: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    check_engine_options(args.engine, args.workers, args.threads)
     values = read_experiment(args.experiment)
     for item in args.set or []:
         key, value = parse_override(item)
@@ -64,7 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with claim_run_folder(results, cfg, overwrite=args.overwrite):
         t0 = time.perf_counter()
         out = _execute(cfg, args)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).read_summary()
+    if summary is None:
+        raise RunFailed(f"the run ended without a readable {RunFolder(out).summary}")
     print(
         f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
         f"after {summary['rounds']} rounds ({time.perf_counter() - t0:.1f} s); results in {out}"
@@ -73,24 +78,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
-    """Run ``cfg`` (results-dir set) on the engine ``args`` name; its results folder.
-    Raises RunFailed when the run ended without a usable result (summary.json says why)."""
-    if args.engine == "flower":
-        from fedsim.engine.flower_runtime import run_flower
-
-        out = run_flower(cfg.to_mapping(), cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
-    else:
-        out = _run_inprocess_with_progress(cfg, args.workers)
-    failed = json.loads((out / "summary.json").read_text()).get("failed")
-    if failed:  # the in-process engine raises this itself; Flower's runtime only logs it
-        raise RunFailed(f"{failed}; results in {out}")
-    return out
+    """Run ``cfg`` (results-dir set) on the engine and settings ``args`` names; its results
+    folder. Raises RunFailed when the run ended without a usable result (summary.json says why)."""
+    with _progress_bar(cfg, args.engine) as on_round:
+        return run_engine(
+            cfg, args.engine, workers=args.workers, threads=args.threads, cpus_per_client=args.cpus_per_client,
+            gpus_per_client=args.gpus_per_client, on_round=on_round, quiet=on_round is not None,
+        )
 
 
-def _run_inprocess_with_progress(cfg: RunConfig, workers: int | str | None) -> Path:
+@contextmanager
+def _progress_bar(cfg: RunConfig, engine: str) -> Iterator[Callable[[Any], None] | None]:
+    """On the in-process engine, a progress bar's per-round hook (it replaces Flower's
+    per-round INFO lines); None on Flower's runtime, whose log shows the rounds."""
+    if engine != "inprocess":
+        yield None
+        return
     from tqdm.auto import tqdm
-
-    from fedsim.engine.runner import run_inprocess
 
     bar = tqdm(total=cfg.num_server_rounds, unit="round", disable=None, dynamic_ncols=True)
 
@@ -99,8 +103,8 @@ def _run_inprocess_with_progress(cfg: RunConfig, workers: int | str | None) -> P
         if row.test_accuracy == row.test_accuracy:  # not NaN
             bar.set_postfix(acc=f"{row.test_accuracy:.4f}", loss=f"{row.train_loss:.3f}")
 
-    try:  # the bar replaces Flower's per-round INFO lines
-        return run_inprocess(cfg.to_mapping(), on_round=on_round, quiet=True, workers=workers)
+    try:
+        yield on_round
     finally:
         bar.close()
 
@@ -108,6 +112,7 @@ def _run_inprocess_with_progress(cfg: RunConfig, workers: int | str | None) -> P
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.sweep import load_sweep, run_sweep
 
+    check_engine_options(args.engine, args.workers, args.threads)
     overrides = dict(parse_override(item) for item in args.set or [])
     runs = load_sweep(args.sweep, args.results_dir, overrides)
     if args.dry_run:
@@ -150,9 +155,17 @@ def cmd_store(args: argparse.Namespace) -> int:
 def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     """Options shared by ``run`` and ``sweep``: overrides, engine and its resources."""
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
-    parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
+    parser.add_argument("--engine", choices=ENGINES, default="inprocess")
     parser.add_argument("--results-dir", help=results_help)
-    parser.add_argument("--workers", type=_workers, help="inprocess engine: auto (default: every core, planned per round; FEDSIM_WORKERS) or clients on this many threads; same results")
+    parser.add_argument(
+        "--workers", type=_workers,
+        help="inprocess engine: auto (default: every core, planned per round) or clients on this many threads; same results; recorded in summary.json",
+    )
+    parser.add_argument(
+        "--threads", type=_number(int, 1),
+        help="inprocess engine: torch intra-op threads per worker (default 1; more lets torch split its sums, "
+        "which changes results in the last bits); recorded in summary.json",
+    )
     parser.add_argument("--cpus-per-client", type=_number(float, 0.0, strict=True), default=1.0, help="flower engine: Ray CPUs per client (> 0)")
     parser.add_argument(
         "--gpus-per-client", type=_number(float, 0.0),

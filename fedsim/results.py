@@ -6,10 +6,13 @@ One folder per run:
   bytes_up, bytes_down, clients, rejected, seconds), appended as the run goes;
 - ``model.pt``: the final global state_dict (torch.save);
 - ``summary.json``: seed, engine, device, package versions, git commit, final metrics,
-  client batch sizes, wall time; written last, it marks the run as finished;
+  client batch sizes, wall time; written last (atomically), it marks the run as
+  finished; ``fedsim.engine.run_engine`` then adds ``engine_settings`` (engine, threads,
+  workers);
 - ``checkpoint.pt`` while the run goes (fedsim.checkpoint), removed when it finishes;
-- ``.lock``: held by the process writing the folder (fedsim.run_folder, which also
-  names these files).
+- ``.lock``: held by the process writing the folder.
+
+``fedsim.run_folder.RunFolder`` names these files; the code reaches them through it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from fedsim.run_folder import CONFIG, LABEL_COUNTS, MODEL, ROUNDS, SUMMARY, RunFolderLock, remove_run_files
+from fedsim.run_folder import CONFIG, LABEL_COUNTS, ROUNDS, SUMMARY, RunFolder, RunFolderLock
 
 log = logging.getLogger("flwr").log  # Flower's logger, as the rest of the run logs
 
@@ -58,18 +61,22 @@ class RunWriter:
     rows: list[RoundRow] = field(default_factory=list)
     lock: RunFolderLock | None = None
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.path)
+
     def start(self, config: dict[str, Any]) -> None:
         """Start the folder afresh: a previous run's files go first (so that a run killed
         early never leaves an old summary beside its new config)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        remove_run_files(self.path)
-        (self.path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        with open(self.path / ROUNDS, "w", newline="") as f:
+        self.folder.remove_run_files()
+        self.folder.write_config(config)
+        with open(self.folder.rounds, "w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
 
     def add(self, row: RoundRow) -> None:
         self.rows.append(row)
-        with open(self.path / ROUNDS, "a", newline="") as f:
+        with open(self.folder.rounds, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(getattr(row, c)) for c in COLUMNS])
 
     def resume(self, last_round: int) -> list[RoundRow] | None:
@@ -78,7 +85,7 @@ class RunWriter:
         process died while writing it) is dropped with a warning; if the rows of rounds
         0..``last_round`` are not all there once each, warns and returns None (the run
         must start over)."""
-        path = self.path / ROUNDS
+        path = self.folder.rounds
         rows = _read_rows(path)
         kept = [r for r in rows or [] if r.round <= last_round]
         if rows is None or [r.round for r in kept] != list(range(last_round + 1)):
@@ -100,8 +107,8 @@ class RunWriter:
             if state_dict is not None:
                 import torch
 
-                torch.save(state_dict, self.path / MODEL)
-            (self.path / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+                torch.save(state_dict, self.folder.model)
+            self.folder.write_summary(summary)
             remove_checkpoint(self.path)
         finally:
             if self.lock is not None:
@@ -191,7 +198,10 @@ def store_runs(source: str | Path, dest: str | Path) -> list[Path]:
     import shutil
 
     source, dest = Path(source), Path(dest)
-    runs = [source] if (source / SUMMARY).exists() else sorted(p.parent for p in source.glob(f"*/{SUMMARY}"))
+    if RunFolder(source).finished:
+        runs = [source]
+    else:
+        runs = sorted(p for p in source.iterdir() if RunFolder(p).finished) if source.is_dir() else []
     out = []
     for run in runs:
         target = dest / run.name if run != source else dest
@@ -208,8 +218,9 @@ def load_run(path: str | Path):
     import pandas as pd
 
     path = Path(path)
-    df = pd.read_csv(path / ROUNDS)
-    config = json.loads((path / CONFIG).read_text())
+    run = RunFolder(path)
+    df = pd.read_csv(run.rounds)
+    config = json.loads(run.config.read_text())
     for key, value in config.items():
         df[key] = value
     df["run"] = path.name
@@ -220,7 +231,7 @@ def load_runs(paths: Iterable[str | Path]):
     """Many run folders (e.g. ``Path("runs").glob("*")``) as one DataFrame."""
     import pandas as pd
 
-    frames = [load_run(p) for p in paths if (Path(p) / ROUNDS).exists()]
+    frames = [load_run(p) for p in paths if RunFolder(Path(p)).rounds.exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
 
 

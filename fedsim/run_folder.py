@@ -1,6 +1,8 @@
 """A run folder's safety: one writer at a time, and no run mixed with another config's.
 
-The folder layout's file names are defined here once. A process that writes a run
+The folder layout is defined here once: the file names below, and ``RunFolder``, a run's
+folder with a typed path for each file (everything else reaches the files through it).
+A process that writes a run
 folder holds its lock (``fcntl.flock`` on ``<folder>/.lock``, which holds the holder's
 PID): taken without waiting, re-entrant within a process (the CLI, a sweep and
 ``run_experiment`` may each hold it in one process), released when the last holder lets
@@ -35,14 +37,145 @@ ROUNDS = "rounds.csv"
 LABEL_COUNTS = "label_counts.csv"
 MODEL = "model.pt"
 SUMMARY = "summary.json"
+SUMMARY_TMP = SUMMARY + ".tmp"
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_TMP = CHECKPOINT + ".tmp"
 CLAIM = ".claim"  # a sweep worker's claim on a run (fedsim.sweep)
 LOCK = ".lock"
 DAMAGED_SUFFIX = ".damaged"
 
-RUN_FILES = (CONFIG, ROUNDS, LABEL_COUNTS, MODEL, SUMMARY, CHECKPOINT, CHECKPOINT_TMP)
+RUN_FILES = (CONFIG, ROUNDS, LABEL_COUNTS, MODEL, SUMMARY, SUMMARY_TMP, CHECKPOINT, CHECKPOINT_TMP)
 """What a run writes in its folder; ``clear_run_folder`` removes these and nothing else."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder: where each of its files lives, and reading and writing the small
+    ones. A run is finished when ``summary.json`` exists (written last, atomically)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        """The run config (written when the run starts)."""
+        return self.path / CONFIG
+
+    @property
+    def rounds(self) -> Path:
+        """One row per round, appended as the run goes."""
+        return self.path / ROUNDS
+
+    @property
+    def label_counts(self) -> Path:
+        return self.path / LABEL_COUNTS
+
+    @property
+    def model(self) -> Path:
+        """The final global state_dict."""
+        return self.path / MODEL
+
+    @property
+    def summary(self) -> Path:
+        """The summary; its existence marks the run finished."""
+        return self.path / SUMMARY
+
+    @property
+    def checkpoint(self) -> Path:
+        """The state after the last evaluated round, while the run goes."""
+        return self.path / CHECKPOINT
+
+    @property
+    def checkpoint_tmp(self) -> Path:
+        return self.path / CHECKPOINT_TMP
+
+    @property
+    def claim(self) -> Path:
+        """A sweep worker's claim on the run (fedsim.sweep)."""
+        return self.path / CLAIM
+
+    @property
+    def lock(self) -> Path:
+        """The writer's lock file (``lock_run_folder``)."""
+        return self.path / LOCK
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``summary.json`` exists."""
+        return self.summary.exists()
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """``summary.json`` as a dict; None if it is missing, unreadable or not a JSON object."""
+        return _read_json_object(self.summary)
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The stored ``config.json`` as a dict; None if it is missing, unreadable or not a JSON object."""
+        return _read_json_object(self.config)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` atomically (a temporary file, then a rename): a reader
+        never sees half a summary, and a run killed while writing it is not finished."""
+        tmp = self.path / SUMMARY_TMP
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, self.summary)
+
+    def add_to_summary(self, **values: Any) -> dict[str, Any]:
+        """Add (or replace) top-level keys of a finished run's summary, atomically and under
+        the folder's lock (re-entrant: a caller may hold it); returns the new summary.
+        ValueError if the folder holds no readable summary."""
+        with lock_run_folder(self.path):
+            summary = self.read_summary()
+            if summary is None:
+                raise ValueError(f"{self.summary} is missing or not a JSON object; the run did not finish")
+            summary.update(values)
+            self.write_summary(summary)
+        return summary
+
+    def state(self) -> str | None:
+        """``finished`` (summary.json), ``started`` (a checkpoint, or rounds.csv with a row)
+        or None (nothing that a new run would lose)."""
+        if self.finished:
+            return "finished"
+        if os.path.lexists(self.checkpoint):
+            return "started"
+        try:
+            with open(self.rounds, newline="") as f:
+                return "started" if sum(1 for line in csv.reader(f) if line) > 1 else None
+        except (OSError, csv.Error, UnicodeDecodeError):
+            return "started" if self.rounds.exists() else None
+
+    def is_empty(self) -> bool:
+        """Whether the folder is missing or holds nothing but its lock and a claim."""
+        return not self.path.is_dir() or all(p in (self.lock, self.claim) for p in self.path.iterdir())
+
+    def remove_run_files(self) -> None:
+        """Remove the run's files (``RUN_FILES``); other files stay. The caller holds the lock."""
+        for name in RUN_FILES:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    def remove_all_but_lock_and_claim(self) -> None:
+        """Remove everything in the folder (damaged files and strays too) except the lock
+        and a claim: a run starting over from round 0. The caller holds the lock."""
+        for item in self.path.iterdir():
+            if item not in (self.lock, self.claim):
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class RunFolderBusy(ConfigError):
@@ -111,7 +244,7 @@ def _take_lock(folder: Path) -> int | None:
     """The open, flocked lock file's descriptor; None if an ancestor process holds it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(RunFolder(folder).lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
         raise ConfigError(f"cannot use {folder} as a results folder: {err}") from None
     try:
@@ -135,7 +268,7 @@ def _take_lock(folder: Path) -> int | None:
 def lock_holder(folder: str | Path) -> int | None:
     """The PID written in ``folder``'s lock file (its last holder's), if any."""
     try:
-        return int((Path(folder) / LOCK).read_text().strip())
+        return int(RunFolder(Path(folder)).lock.read_text().strip())
     except (OSError, ValueError):
         return None
 
@@ -155,38 +288,24 @@ def _ancestors() -> set[int]:
 
 
 def stored_config(folder: str | Path) -> dict[str, Any] | None:
-    """``folder/config.json`` as a dict; None if it is missing or unreadable."""
-    try:
-        data = json.loads((Path(folder) / CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """``RunFolder(folder).read_config()``."""
+    return RunFolder(Path(folder)).read_config()
 
 
 def run_state(folder: str | Path) -> str | None:
-    """``finished`` (summary.json), ``started`` (a checkpoint, or rounds.csv with a row) or
-    None (nothing that a new run would lose)."""
-    folder = Path(folder)
-    if (folder / SUMMARY).exists():
-        return "finished"
-    if os.path.lexists(folder / CHECKPOINT):
-        return "started"
-    try:
-        with open(folder / ROUNDS, newline="") as f:
-            return "started" if sum(1 for line in csv.reader(f) if line) > 1 else None
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return "started" if (folder / ROUNDS).exists() else None
+    """``RunFolder(folder).state()``."""
+    return RunFolder(Path(folder)).state()
 
 
 def check_run_folder(folder: str | Path, cfg: RunConfig) -> None:
     """Raise RunFolderConflict if ``folder`` holds a started or finished run of another
     experiment than ``cfg`` (or one whose config.json cannot be read)."""
-    folder = Path(folder)
-    state = run_state(folder)
+    run = RunFolder(Path(folder))
+    state = run.state()
     if state is None:
         return
     remedy = "rerun with --overwrite to replace it, or choose another --results-dir"
-    stored = stored_config(folder)
+    stored = run.read_config()
     if stored is None:
         raise RunFolderConflict(f"results folder {folder} holds a {state} run without a readable {CONFIG}; {remedy}")
     diff = config_differences(stored, cfg)
@@ -202,17 +321,12 @@ def clear_run_folder(folder: str | Path) -> None:
     if not folder.is_dir():
         return
     with lock_run_folder(folder):
-        remove_run_files(folder)
+        RunFolder(folder).remove_run_files()
 
 
 def remove_run_files(folder: Path) -> None:
     """``clear_run_folder`` for a caller that holds the lock already."""
-    for name in RUN_FILES:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    RunFolder(folder).remove_run_files()
 
 
 def claim_run_folder(folder: str | Path, cfg: RunConfig, overwrite: bool = False) -> RunFolderLock:
@@ -222,7 +336,7 @@ def claim_run_folder(folder: str | Path, cfg: RunConfig, overwrite: bool = False
     hold = lock_run_folder(folder)
     try:
         if overwrite:
-            remove_run_files(Path(folder))
+            RunFolder(Path(folder)).remove_run_files()
         check_run_folder(folder, cfg)
     except BaseException:
         hold.release()

@@ -35,7 +35,7 @@ from fedsim.partitions import format_label_counts
 from fedsim.partitions.batch_sizes import client_batch_sizes
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
-from fedsim.run_folder import LABEL_COUNTS, claim_run_folder
+from fedsim.run_folder import claim_run_folder
 from fedsim.runtime import Runtime, evaluate, runtime
 from fedsim.strategies import FedsimStrategy, build_strategy
 from fedsim.validation import check_experiment
@@ -182,7 +182,7 @@ def run_experiment(
             checkpoint = None
             if writer is not None:
                 writer.start(cfg.to_mapping())
-                np.savetxt(writer.path / LABEL_COUNTS, counts, fmt="%d", delimiter=",")
+                np.savetxt(writer.folder.label_counts, counts, fmt="%d", delimiter=",")
         round_hooks: list[RoundHook] = [rows_of(rows)]
         if writer is not None:
             round_hooks.append(record_rows(writer))

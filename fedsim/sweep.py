@@ -34,21 +34,18 @@ override.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import socket
 import time
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.checkpoint import CHECKPOINT
 from fedsim.config import ConfigError, RunConfig, read_experiment, read_toml, same_experiment
+from fedsim.run_folder import RunFolder, RunFolderBusy, RunFolderConflict, check_run_folder, lock_run_folder
 from fedsim.validation import check_experiment
-from fedsim.run_folder import LOCK, RunFolderBusy, RunFolderConflict, check_run_folder, lock_run_folder
 
 
 @dataclass(frozen=True)
@@ -64,8 +61,12 @@ class SweepRun:
         return self.folder.name
 
     @property
+    def run_folder(self) -> RunFolder:
+        return RunFolder(self.folder)
+
+    @property
     def claim_file(self) -> Path:
-        return self.folder / ".claim"
+        return self.run_folder.claim
 
     def status(self) -> str:
         """``done`` (finished with this config), ``stale`` (finished with another config),
@@ -77,13 +78,11 @@ class SweepRun:
 
     def stored_status(self) -> str:
         """``status`` from the files alone, ignoring claims."""
-        if not self.folder.exists() or not any(p not in (self.claim_file, self.folder / LOCK) for p in self.folder.iterdir()):
+        run = self.run_folder
+        if run.is_empty():
             return "todo"
-        if not (self.folder / "summary.json").exists():
-            return "partial"
-        try:
-            stored = json.loads((self.folder / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        stored = run.read_config() if run.finished else None
+        if stored is None:
             return "partial"
         return "done" if same_experiment(stored, self.config) else "stale"
 
@@ -138,14 +137,18 @@ def load_sweep(path: str | Path, results_dir: str | Path | None = None, override
     return runs
 
 
-def sweep_results(path: str | Path, run_missing: bool, results_dir: str | Path | None = None) -> list[SweepRun]:
+def sweep_results(
+    path: str | Path, run_missing: bool, results_dir: str | Path | None = None, *,
+    workers: int | str | None = None, threads: int | None = None,
+) -> list[SweepRun]:
     """The finished runs of a sweep, after running the missing ones on the in-process engine
-    (quietly) if ``run_missing``; what the notebooks call."""
-    from fedsim.engine.runner import run_inprocess
+    (quietly; ``workers`` and ``threads`` as ``fedsim.engine.run_engine``'s) if
+    ``run_missing``; what the notebooks call."""
+    from fedsim.engine import run_engine
 
     runs = load_sweep(path, results_dir)
     if run_missing:
-        for _ in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping(), quiet=True)):
+        for _ in run_sweep(runs, lambda cfg: run_engine(cfg, "inprocess", workers=workers, threads=threads, quiet=True)):
             pass
     done = [r for r in runs if r.status() == "done"]
     print(f"{len(done)} of {len(runs)} runs of {path} finished")
@@ -185,13 +188,11 @@ def run_sweep(
                     check_run_folder(run.folder, run.config)
                 except RunFolderConflict:
                     status = "stale"  # a killed run of another config: its checkpoint cannot continue this one
-            if status == "partial" and (run.folder / CHECKPOINT).exists():
+            if status == "partial" and run.run_folder.checkpoint.exists():
                 echo(f"[{i}/{len(runs)}] {run.name}: partial results found, resuming from its checkpoint")
             elif status in ("partial", "stale"):
                 echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
-                for item in run.folder.iterdir():
-                    if item not in (run.claim_file, run.folder / LOCK):  # never the lock: it is held
-                        shutil.rmtree(item) if item.is_dir() else item.unlink()
+                run.run_folder.remove_all_but_lock_and_claim()  # never the lock: it is held
             echo(f"[{i}/{len(runs)}] {run.name}: running")
             execute(run.config)
         finally:

@@ -145,6 +145,10 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["run", QUICK, "--engine", "flower", "--set", 'partitioning="labels:11"'], "only 10"),  # before Flower starts
         (["run", QUICK, "--workers", "0"], "--workers"),
         (["run", QUICK, "--workers", "two"], "--workers"),
+        (["run", QUICK, "--threads", "0"], "argument --threads: '0': must be >= 1"),
+        (["run", QUICK, "--threads", "1.5"], "argument --threads: '1.5' is not an integer"),
+        (["run", QUICK, "--engine", "flower", "--threads", "2"], "--workers and --threads set the inprocess engine"),
+        (["run", QUICK, "--engine", "flower", "--workers", "2"], "--workers and --threads set the inprocess engine"),
         (["run", QUICK, "--engine", "ray"], "--engine"),
         (["run", QUICK, "--cpus-per-client", "0"], "--cpus-per-client"),
         (["run", QUICK, "--gpus-per-client", "-1"], "--gpus-per-client"),
@@ -155,6 +159,8 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["sweep", str(tmp_path / "notalist.toml")], "non-empty list"),
         (["sweep", str(tmp_path / "onebad.toml")], "sweep point partitioning=labels_11"),
         (["sweep", str(tmp_path / "onebad.toml"), "--dry-run"], "sweep point partitioning=labels_11"),
+        (["sweep", str(tmp_path / "onebad.toml"), "--threads", "-1"], "argument --threads: '-1': must be >= 1"),
+        (["sweep", str(tmp_path / "onebad.toml"), "--engine", "flower", "--threads", "1"], "set the inprocess engine"),
     ]
 
 

@@ -168,3 +168,12 @@ def test_workers_setting_is_auto_or_a_positive_integer():
             parse_workers(bad)
     with pytest.raises(ValueError, match="workers must be 'auto' or an int >= 1"):
         inprocess.InProcessGrid(None, 2, {}, workers=0)
+
+
+def test_threads_setting_is_a_positive_integer():
+    from fedsim.engine.runner import parse_threads
+
+    assert parse_threads(1) == 1 and parse_threads(4) == 4
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+            parse_threads(bad)

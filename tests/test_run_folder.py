@@ -23,6 +23,7 @@ from fedsim.run_folder import (
     LOCK,
     ROUNDS,
     SUMMARY,
+    RunFolder,
     RunFolderBusy,
     RunFolderConflict,
     check_run_folder,
@@ -384,3 +385,138 @@ def test_a_run_that_raises_releases_its_folders_lock(tmp_path, monkeypatch):
     except Crash as err:
         kept = err.__traceback__  # as a notebook keeps the last traceback: its frames keep the run's objects alive
     assert kept is not None and folder.resolve() not in run_folder._held
+
+
+# --- RunFolder: the layout in one place ---------------------------------------------
+
+
+def test_run_folder_names_each_file_of_the_layout(tmp_path):
+    run = RunFolder(str(tmp_path / "run"))  # a str is taken as a Path
+    assert run.path == tmp_path / "run"
+    names = {
+        "config": "config.json", "rounds": "rounds.csv", "summary": "summary.json", "checkpoint": "checkpoint.pt",
+        "claim": ".claim", "lock": ".lock", "model": "model.pt", "label_counts": "label_counts.csv",
+    }
+    assert {prop: getattr(run, prop) for prop in names} == {prop: tmp_path / "run" / name for prop, name in names.items()}
+    with pytest.raises(AttributeError):
+        run.path = tmp_path  # frozen
+    assert RunFolder(tmp_path / "run") == run and len({run, RunFolder(tmp_path / "run")}) == 1
+
+
+def test_a_finished_run_folder_and_add_to_summary(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    assert run.is_empty() and not run.finished and run.state() is None and run.read_summary() is None
+    with lock_run_folder(run.path):
+        run.claim.write_text("host 1\n")
+        assert run.is_empty()  # its lock and a claim are no result
+        run.write_config({"lr": 0.1})
+        assert not run.is_empty() and run.read_config() == {"lr": 0.1} and not run.finished
+        run.write_summary({"rounds": 3, "seed": 0})
+        assert run.finished and run.state() == "finished"
+        # the caller holds the lock: add_to_summary takes it again (re-entrant)
+        new = run.add_to_summary(engine_settings={"engine": "inprocess", "threads": 1, "workers": 2})
+    assert new == run.read_summary() == {"rounds": 3, "seed": 0, "engine_settings": {"engine": "inprocess", "threads": 1, "workers": 2}}
+    run.add_to_summary(engine_settings={"threads": 4}, note="x")  # replaces a key, adds another
+    assert run.read_summary() == {"rounds": 3, "seed": 0, "engine_settings": {"threads": 4}, "note": "x"}
+    assert sorted(p.name for p in run.path.iterdir()) == [".claim", LOCK, "config.json", SUMMARY]  # no temporary file left
+
+
+def test_add_to_summary_replaces_the_file_atomically(tmp_path, monkeypatch):
+    """A write that fails before the rename leaves the old summary whole."""
+    run = RunFolder(tmp_path)
+    run.write_summary({"rounds": 3})
+    before = run.summary.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run.add_to_summary(engine_settings={"threads": 1})
+    assert run.summary.read_bytes() == before
+
+
+def test_add_to_summary_needs_the_folder_lock(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.write_summary({"rounds": 3})
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run.path)], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy):
+            run.add_to_summary(engine_settings={"threads": 1})
+    finally:
+        stop(holder)
+    assert run.read_summary() == {"rounds": 3}
+
+
+@pytest.mark.parametrize("content", [None, b"", b'{"rounds": 3', b"[1, 2]", b"\xff\xfe"])
+def test_a_missing_or_damaged_summary(tmp_path, content):
+    """read_summary is None; add_to_summary refuses and leaves the file as it was."""
+    run = RunFolder(tmp_path)
+    if content is not None:
+        run.summary.write_bytes(content)
+    assert run.read_summary() is None
+    assert run.finished == (content is not None)  # finished means the file exists, readable or not
+    with pytest.raises(ValueError, match="missing or not a JSON object"):
+        run.add_to_summary(engine_settings={"threads": 1})
+    assert (run.summary.read_bytes() if run.summary.exists() else None) == content
+
+
+def test_remove_all_but_lock_and_claim(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    with lock_run_folder(run.path):
+        run.claim.write_text("host 1\n")
+        run.write_config({"lr": 0.1})
+        (run.path / "checkpoint.pt.damaged").mkdir()
+        (run.path / "notes.txt").write_text("x")
+        run.remove_all_but_lock_and_claim()
+    assert sorted(p.name for p in run.path.iterdir()) == [".claim", LOCK]
+
+
+# --- engine settings in summary.json ------------------------------------------------
+
+
+def test_fedsim_run_records_threads_and_workers_in_the_summary(tmp_path, capsys):
+    from fedsim.cli import main
+
+    folder = tmp_path / "run"
+    argv = ["run", str(QUICK), "--set", "num-server-rounds=2", "--results-dir", str(folder), "--threads", "1", "--workers", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = RunFolder(folder).read_summary()
+    assert summary["engine_settings"] == {
+        "engine": "inprocess", "threads": 1, "workers": 2, "cpus_per_client": None, "gpus_per_client": None,
+    }
+    assert summary["rounds"] == 2 and summary["engine"] == "inprocess"  # the ServerApp's own keys stay
+    assert main([*argv[:-4], "--overwrite"]) == 0  # the defaults: one thread, workers "auto"
+    assert RunFolder(folder).read_summary()["engine_settings"] == {
+        "engine": "inprocess", "threads": 1, "workers": "auto", "cpus_per_client": None, "gpus_per_client": None,
+    }
+
+
+def test_run_engine_on_flower_records_its_resources_and_raises_for_a_failed_run(tmp_path, monkeypatch):
+    """The dispatcher's Flower branch, with Flower's runtime replaced by a stand-in that
+    writes the summary its ServerApp would (a failed run: Flower's runtime only logs it)."""
+    from fedsim.engine import flower_runtime, run_engine
+    from fedsim.errors import RunFailed
+
+    calls = []
+
+    def fake_run_flower(cfg, cpus_per_client, gpus_per_client, echo):
+        calls.append((type(cfg), cpus_per_client, gpus_per_client, echo))
+        RunFolder(cfg.results_dir).write_summary({"rounds": 4, "failed": "no round had min-replies=1 valid replies"})
+        return Path(cfg.results_dir)
+
+    monkeypatch.setattr(flower_runtime, "run_flower", fake_run_flower)
+    cfg = RunConfig.from_mapping({**SMALL, "device": "cpu", "results-dir": str(tmp_path)})
+    with pytest.raises(RunFailed, match="no round had min-replies=1"):
+        run_engine(cfg, "flower", cpus_per_client=2.0, quiet=True)
+    assert calls == [(RunConfig, 2.0, 0.0, False)]  # the typed config; device cpu: no GPU share
+    assert RunFolder(tmp_path).read_summary()["engine_settings"] == {
+        "engine": "flower", "threads": None, "workers": None, "cpus_per_client": 2.0, "gpus_per_client": 0.0,
+    }
+    with pytest.raises(ConfigError, match="--workers and --threads set the inprocess engine"):
+        run_engine(cfg, "flower", threads=2)
+    with pytest.raises(ConfigError, match="engine 'ray'"):
+        run_engine(cfg, "ray")
+    assert len(calls) == 1

@@ -171,3 +171,18 @@ def test_store_copies_finished_runs_small_files_only(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == [runs[0].name]  # the unfinished run is left out
     assert sorted(p.name for p in (dest / runs[0].name).iterdir()) == ["config.json", "rounds.csv", "summary.json"]
     assert main(["store", str(runs[1].folder), str(tmp_path / "none")]) == 1
+
+
+def test_sweep_runs_record_their_engine_settings(tmp_path, capsys):
+    """`fedsim sweep --workers` and sweep_results(workers=...) both go through run_engine,
+    which records the settings in each run's summary.json."""
+    from fedsim.cli import main
+    from fedsim.run_folder import RunFolder
+    from fedsim.sweep import sweep_results
+
+    sweep = _write(tmp_path, grid="seed = [0, 1]", rounds=2)
+    assert main(["sweep", str(sweep), "--set", "seed=0", "--workers", "1", "--threads", "1"]) == 0, capsys.readouterr().err
+    done = sweep_results(sweep, run_missing=True, workers=2)
+    assert [r.name for r in done] == ["seed=0", "seed=1"]
+    settings = [RunFolder(r.folder).read_summary()["engine_settings"] for r in done]
+    assert [(s["engine"], s["threads"], s["workers"]) for s in settings] == [("inprocess", 1, 1), ("inprocess", 1, 2)]

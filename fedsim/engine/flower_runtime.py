@@ -26,6 +26,7 @@ from typing import Any
 
 from fedsim.config import RunConfig
 from fedsim.device import cuda_count, default_gpu_share
+from fedsim.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -290,24 +291,31 @@ def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
         pass
 
 
+def gpu_share(cfg: RunConfig, cpus_per_client: float, gpus_per_client: float | None) -> float:
+    """``gpus_per_client``, or if None a share that fits every concurrent client on this
+    machine's GPUs when the run may use CUDA (``device`` not "cpu"), else 0 (fedsim.device)."""
+    if gpus_per_client is not None:
+        return gpus_per_client
+    gpus = cuda_count() if cfg.device != "cpu" else 0
+    return default_gpu_share(cfg.num_nodes, cpus_per_client, os.cpu_count() or 1, gpus)
+
+
 def run_flower(
-    run_config: Mapping[str, Any],
+    run_config: RunConfig | Mapping[str, Any],
     cpus_per_client: float = 1.0,
     gpus_per_client: float | None = None,
     flwr_home: Path | None = None,
     echo: bool = True,
 ) -> Path:
-    """Run ``run_config`` through ``flwr run`` on Flower's simulation runtime with
-    ``num-nodes`` SuperNodes; return the results folder (``results-dir``, made absolute).
-    ``gpus_per_client`` None: a share that fits every concurrent client on this machine's
-    GPUs when the run may use CUDA (``device`` not "cpu"), else 0 (fedsim.device)."""
-    cfg = RunConfig.from_mapping(run_config)
+    """Run ``run_config`` (a RunConfig, or a run-config mapping that RunConfig validates)
+    through ``flwr run`` on Flower's simulation runtime with ``num-nodes`` SuperNodes;
+    return the results folder (``results-dir``, made absolute). ``gpus_per_client``: see
+    ``gpu_share``."""
+    cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
     if not cfg.results_dir:
         raise ValueError("run_flower needs results-dir: the folder the run's results go to")
-    if gpus_per_client is None:
-        gpus = cuda_count() if cfg.device != "cpu" else 0
-        gpus_per_client = default_gpu_share(cfg.num_nodes, cpus_per_client, os.cpu_count() or 1, gpus)
-    mapping = cfg.to_mapping()
+    gpus_per_client = gpu_share(cfg, cpus_per_client, gpus_per_client)
+    mapping = cfg.to_mapping()  # Flower's boundary: the run config goes to `flwr run` as TOML
     mapping["results-dir"] = str(Path(cfg.results_dir).resolve())
     if cfg.data_dir:  # Flower's processes run elsewhere: a relative path means "from here"
         mapping["data-dir"] = str(Path(cfg.data_dir).resolve())
@@ -328,7 +336,7 @@ def run_flower(
         if proc.returncode != 0:
             detail = "" if echo else (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:]
             raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}\n{detail}")
-    results = Path(mapping["results-dir"])
-    if not (results / "summary.json").exists():
-        raise RuntimeError(f"the Flower run ended without writing {results / 'summary.json'}; see {home}/superlink.out")
-    return results
+    results = RunFolder(Path(mapping["results-dir"]))
+    if not results.finished:
+        raise RuntimeError(f"the Flower run ended without writing {results.summary}; see {home}/superlink.out")
+    return results.path

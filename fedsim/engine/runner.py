@@ -11,38 +11,40 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import RunConfig
+from fedsim.engine import parse_threads, parse_workers
 from fedsim.engine.inprocess import InProcessGrid
 
 
 def run_inprocess(
-    run_config: Mapping[str, Any],
+    run_config: RunConfig | Mapping[str, Any],
     node_configs: list[dict[str, Any]] | None = None,
-    threads: int | None = None,
+    threads: int = 1,
     on_round: Callable[[Any], None] | None = None,
     quiet: bool = False,
-    workers: int | str | None = None,
+    workers: int | str = "auto",
 ) -> Path:
-    """Run ``run_config`` (validated by RunConfig; must set ``results-dir``) to the end and
-    return the results folder. ``threads``: torch intra-op threads per worker (default 1;
-    ``FEDSIM_THREADS`` overrides; more than 1 lets torch split its sums, so results then
+    """Run ``run_config`` (a RunConfig, or a run-config mapping that RunConfig validates;
+    must set ``results-dir``) to the end and return the results folder. ``threads``: torch
+    intra-op threads per worker (more than 1 lets torch split its sums, so results then
     depend on it). ``quiet``: hide Flower's per-round INFO log lines (warnings, e.g.
-    rejected replies, still show). ``workers``: "auto" (default; ``FEDSIM_WORKERS``
-    overrides) plans each round on the available cores (``fedsim.engine.inprocess.plan_round``),
-    a number runs clients on that many threads; results are the same bits for any value."""
+    rejected replies, still show). ``workers``: "auto" plans each round on the available
+    cores (``fedsim.engine.inprocess.plan_round``), a number runs clients on that many
+    threads; results are the same bits for any value. Both are recorded in the run's
+    summary.json (``engine_settings``)."""
     import torch
 
     from fedsim.client_app import app as client_app
     from fedsim.runtime import release_runtimes
     from fedsim.server_app import run_experiment
 
-    cfg = RunConfig.from_mapping(run_config)
+    cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
     if not cfg.results_dir:
         raise ValueError("run_inprocess needs results-dir: the folder the run's results go to")
-    torch.set_num_threads(threads or int(os.environ.get("FEDSIM_THREADS", "1")))
+    torch.set_num_threads(parse_threads(threads))
     keep_freed_memory()
-    mapping = cfg.to_mapping()
-    worker_setting = parse_workers(workers or os.environ.get("FEDSIM_WORKERS") or "auto")
+    mapping = cfg.to_mapping()  # Flower's boundary: the grid and the clients' Contexts carry the mapping
+    worker_setting = parse_workers(workers)
     grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=worker_setting)
     hooks = [] if on_round is None else [lambda end: on_round(end.row)]  # type: ignore[misc]
     flwr_logger = logging.getLogger("flwr")
@@ -52,27 +54,13 @@ def run_inprocess(
     try:
         run_experiment(
             grid, cfg, engine=InProcessGrid.engine_name, hooks=hooks,
-            engine_settings={"threads": torch.get_num_threads(), "workers": worker_setting},
+            engine_settings={"engine": InProcessGrid.engine_name, "threads": torch.get_num_threads(), "workers": worker_setting},
         )
     finally:
         flwr_logger.setLevel(level)
         grid.close()
         release_runtimes()  # the run's datasets and models go with it (fedsim.runtime)
     return Path(cfg.results_dir)
-
-
-def parse_workers(value: int | str) -> int | str:
-    """"auto" or an int >= 1 (also as text, e.g. from FEDSIM_WORKERS); ConfigError (a
-    ValueError: one line, exit 2 from the CLI) otherwise."""
-    number = value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        number = int(text) if text.isdigit() else 0
-    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ConfigError(f"workers must be 'auto' or an integer >= 1, got {value!r} (--workers or FEDSIM_WORKERS)")
-    return number
 
 
 @functools.cache
