@@ -146,9 +146,8 @@ def timed_run(kind: str, wall: float, results: Path, rounds: int, extra: dict[st
 # --- the two engines, each in its own process(es) ---------------------------------------
 
 
-def child_env(device: str) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = os.environ.copy()
-    env["FEDSIM_DEVICE"] = device
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -157,12 +156,12 @@ def run_inprocess_child(cfg: dict[str, Any], workdir: Path, name: str, device: s
     """``run_inprocess`` in a fresh Python process; its wall time includes interpreter
     start-up, imports, data loading and model building."""
     results = workdir / name
-    cfg = {**cfg, "results-dir": str(results)}
+    cfg = {**cfg, "device": device, "results-dir": str(results)}  # the run-config key: what fedsim run records
     log = workdir / f"{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-inprocess", json.dumps(cfg)]
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=child_env(device), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"in-process child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
@@ -193,10 +192,9 @@ def run_flower_timed(cfg: dict[str, Any], workdir: Path, name: str, device: str,
     results = workdir / name
     home = workdir / f"{name}-flwr-home"
     home.mkdir(parents=True)
-    os.environ["FEDSIM_DEVICE"] = device  # inherited by the SuperLink and Ray's actors
     t0 = time.perf_counter()
     try:
-        run_flower({**cfg, "results-dir": str(results)}, cpus_per_client=cpus, gpus_per_client=gpus, flwr_home=home, echo=False)
+        run_flower({**cfg, "device": device, "results-dir": str(results)}, cpus_per_client=cpus, gpus_per_client=gpus, flwr_home=home, echo=False)
     finally:
         left = stop_stragglers(home)
         if left:
@@ -395,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 rounds per run, one block per row-2 engine")
     p.add_argument("--rounds", type=int, help="rounds per run (default 30; --quick: 3); row 3's in-process run uses 10x")
     p.add_argument("--reps", type=int, help="row 2: alternating blocks per engine (default 2; --quick: 1)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i] for every engine (FEDSIM_DEVICE)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i] for every engine (the run-config key device)")
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="Flower runtime: Ray CPUs per client (default 1)")
     p.add_argument("--gpus-per-client", type=float, help="Flower runtime: Ray GPU share per client (default 0; 0.25 with --device cuda)")
     p.add_argument("--mnist-dir", default=str(DEFAULT_MNIST_DIR), help=f"MNIST IDX files (default {DEFAULT_MNIST_DIR})")
@@ -413,7 +411,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be >= 2 (per-round time is (s_R - s_1) / (R - 1))")
     wanted = {int(x) for x in args.rows.split(",") if x.strip()}
     gpus = args.gpus_per_client if args.gpus_per_client is not None else (0.25 if args.device.startswith("cuda") else 0.0)
-    os.environ["FEDSIM_DEVICE"] = args.device
     mnist_dir = Path(args.mnist_dir)
     have_mnist = (mnist_dir / "train-images-idx3-ubyte.gz").exists() or (mnist_dir / "train-images-idx3-ubyte").exists()
     out_path = Path(args.out) if args.out else PROJECT_ROOT / "benchmarks" / f"results-{dt.date.today().isoformat()}.json"
