@@ -10,7 +10,7 @@ CPU) and the algorithm's own ArrayRecord (``Algorithm.record``):
 
 - ``fedavg``: ``"arrays"``, the locally trained state_dict;
 - ``fedsgd``: ``"grads"``, one float array per trainable parameter;
-- ``sign-mv``, ``llr-vote``: ``"signs"`` holding one uint8 array ``"packed"`` of
+- ``sign-mv``, ``llr-vote``, ``sign-fd``: ``"signs"`` holding one uint8 array ``"packed"`` of
   ceil(N / 8) bytes (fedsim.core.signs); with ``zero-sign = "abstain"`` also either
   ``"nonzero"`` (ceil(N / 8) bytes) or ``"zeros"`` (uint32 indices), whichever is smaller;
 - ``ef-sign``: ``"scaled-signs"`` with ``"packed"`` and a float32 ``"scale"``.
