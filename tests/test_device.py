@@ -11,7 +11,6 @@ import logging
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 
 from fedsim import device as dev
 from fedsim.client_app import app as client_app

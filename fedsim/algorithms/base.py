@@ -23,7 +23,9 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
 from fedsim.attacks import HONEST, Attack
+from fedsim.arrays import to_array_record, to_state
 from fedsim.clients.tasks import LocalData
+from fedsim.core.model_vector import flatten, unflatten_into
 from fedsim.protocol import ModelSpec
 
 if TYPE_CHECKING:
@@ -65,6 +67,15 @@ class Upload:
 
     arrays: Mapping[str, np.ndarray]
     loss: float
+
+
+def descend(current: ArrayRecord, keys: tuple[str, ...], direction: torch.Tensor, lr: float = 1.0) -> ArrayRecord:
+    """x^{t+1} = x^t - lr * direction, x the trainable entries ``keys`` flattened in order
+    (fedsim.core.model_vector); the other entries of the state are kept."""
+    state = to_state(current)
+    x = flatten(state, keys)
+    unflatten_into(state, keys, x - lr * direction.to(x.device, x.dtype))
+    return to_array_record({k: v.numpy() for k, v in state.items()})
 
 
 class Algorithm(ABC, Generic[H]):

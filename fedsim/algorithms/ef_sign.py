@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Upload
+from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend
 from fedsim.attacks import SIGN_ATTACKS
-from fedsim.arrays import to_array_record, to_state
+from fedsim.arrays import to_array_record
 from fedsim.clients.tasks import flat_gradient
 from fedsim.config import RunConfig
 from fedsim.core.aggregate import weighted_mean
-from fedsim.core.model_vector import flatten, unflatten_into
 from fedsim.core.signs import pack_signs, packed_size, unpack_signs
 from fedsim.protocol import PACKED, BadReply, checked_arrays
 
@@ -98,8 +97,4 @@ class EFSignSGD(Algorithm[EFParams]):
         n = self.model.num_params
         updates = [scale * unpack_signs(packed, n).to(torch.float32) for packed, scale in (r.payload for r in replies)]
         delta = weighted_mean(updates, [1.0] * len(updates))  # (1/M) sum_m Delta_m, summed in float64
-        state = to_state(current)
-        keys = self.model.param_keys
-        x = flatten(state, keys)
-        unflatten_into(state, keys, x - delta.to(x.dtype))
-        return to_array_record({k: v.numpy() for k, v in state.items()})
+        return descend(current, self.model.param_keys, delta)

@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Upload
+from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend
 from fedsim.attacks import UPDATE_ATTACKS
-from fedsim.arrays import to_array_record, to_state
 from fedsim.clients.tasks import minibatch_gradient
 from fedsim.config import RunConfig
 from fedsim.core.aggregate import weighted_mean
-from fedsim.core.model_vector import flatten, unflatten_into
 from fedsim.protocol import GRADS, checked_arrays
 
 
@@ -55,7 +53,4 @@ class FedSGD(Algorithm[StepSize]):
         # np.concatenate copies the read-only message views into one writable vector per client
         grads = [torch.from_numpy(np.concatenate([r.payload[k].reshape(-1) for k in keys])) for r in replies]
         g = weighted_mean(grads, [r.metrics.num_examples for r in replies])
-        state = to_state(current)
-        x = flatten(state, keys)
-        unflatten_into(state, keys, x - self.hp.lr * g.to(x.dtype))
-        return to_array_record({k: v.numpy() for k, v in state.items()})
+        return descend(current, keys, g, self.hp.lr)

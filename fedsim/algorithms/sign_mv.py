@@ -16,12 +16,10 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload
+from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload, descend
 from fedsim.attacks import SIGN_ATTACKS
-from fedsim.arrays import to_array_record, to_state
 from fedsim.clients.tasks import flat_gradient
 from fedsim.config import RunConfig
-from fedsim.core.model_vector import flatten, unflatten_into
 from fedsim.core.signs import ZERO_SIGNS, decode_ternary, encode_ternary, fill_zeros, pack_signs, packed_size, unpack_signs
 from fedsim.core.votes import majority_vote
 from fedsim.protocol import PACKED, SIGNS, BadReply, packed_signs, ternary_signs
@@ -80,8 +78,4 @@ class SignMajorityVote(Algorithm[SignStep]):
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list) -> ArrayRecord:
         signs = torch.stack([r.payload for r in replies])
         u = self.vote([r.metrics.partition_id for r in replies], signs)  # partition ids: stable across runs, unlike node ids
-        state = to_state(current)
-        keys = self.model.param_keys
-        x = flatten(state, keys)
-        unflatten_into(state, keys, x - self.hp.lr * u.to(x.device, x.dtype))
-        return to_array_record({k: v.numpy() for k, v in state.items()})
+        return descend(current, self.model.param_keys, u, self.hp.lr)
