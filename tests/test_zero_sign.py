@@ -72,3 +72,59 @@ def test_mean_weights_average_the_llr_over_coordinates():
     for _ in range(2):
         est.vote([0, 1, 2], signs)
     assert est.mean_weights([0, 1, 2]).tolist() == pytest.approx([3.0, 3.0, -3.0])  # clipped; during warm-up too
+
+
+# --- abstaining replies through the strategy --------------------------------------------
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+
+from fedsim import protocol  # noqa: E402
+from fedsim.engine.flower_internals import assign_message_id, set_server_identity  # noqa: E402
+from strategy_kit import make  # noqa: E402
+
+set_server_identity(run_id=9)
+GLOBAL = ArrayRecord({"w": Array(np.zeros((2, 5), np.float32))})
+SPEC = protocol.array_spec(GLOBAL)
+
+
+def _sent(s, n):
+    class Grid:
+        def get_node_ids(self):
+            return list(range(100, 100 + n))
+
+    msgs = list(s.configure_train(1, GLOBAL, ConfigRecord(), Grid()))
+    for i, m in enumerate(msgs):
+        assign_message_id(m, f"id{i}")
+    return msgs
+
+
+def _reply(to, arrays, pid):
+    metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": pid, "batch-size": 4})
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return Message(RecordDict({protocol.SIGNS: record, protocol.METRICS: metrics}), reply_to=to)
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({ZEROS: np.array([4, 2], np.uint32)}, "strictly increasing"),
+        ({ZEROS: np.array([10], np.uint32)}, "below 10"),
+        ({ZEROS: np.array([1], np.int64)}, "expected uint32"),
+        ({ZEROS: np.arange(11, dtype=np.uint32)}, "at most 10 entries"),
+        ({NONZERO: np.zeros(3, np.uint8)}, "expected shape (2,)"),
+        ({NONZERO: np.zeros(2, np.uint8), ZEROS: np.zeros(0, np.uint32)}, "one of 'nonzero', 'zeros'"),
+        ({}, "one of 'nonzero', 'zeros'"),
+    ],
+)
+def test_a_malformed_ternary_reply_is_rejected_and_the_round_goes_on(bad, reason, caplog):
+    s = make("sign-mv", SPEC, ["w"], lr=1.0, zero_sign="abstain")
+    msgs = _sent(s, 3)
+    t = torch.tensor([1.0, 0.0, -1.0, 0.0, 2.0, 0.0, 0.0, -3.0, 0.0, 1.0])
+    good = [_reply(msgs[i], encode_ternary(t), i) for i in range(2)]
+    worse = _reply(msgs[2], {PACKED: encode_ternary(t)[PACKED], **bad}, 2)
+    with caplog.at_level("WARNING", logger="flwr"):
+        arrays, metrics = s.aggregate_train(1, [*good, worse])
+    assert (metrics["clients"], metrics["rejected"]) == (2, 1)
+    assert any(reason in r.getMessage() and "node 102" in r.getMessage() for r in caplog.records), caplog.text
+    # the two good replies: U = sign(2 t) = sign(t), abstained coordinates do not move
+    np.testing.assert_array_equal(arrays["w"].numpy().reshape(-1), -torch.sign(t).numpy())
