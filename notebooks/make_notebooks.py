@@ -265,6 +265,120 @@ if MODE == "full":
 ]
 
 
+ATTACK_CELLS = [
+    new_markdown_cell(
+        "# Sign votes under sign-flipping clients: accuracy against k\n\n"
+        "k of the clients (drawn from the seed; `attackers`) are Byzantine: each sends the signs of "
+        "-g instead of g (`attack = \"sign-flip\"`, `fedsim/attacks.py`). Three sign votes aggregate "
+        "the signs: the majority vote (`sign-mv`), the LLR-weighted vote (`llr-vote`, signSGD-FV), "
+        "which learns a weight per client and turns a flipping client's weight negative, and "
+        "signSGD-FD (`sign-fd`). Both weighted votes are plain majority votes during their warm-up.\n\n"
+        "What a client sends for an exactly zero gradient coordinate is the `zero-sign` convention: "
+        "`plus` sends +1 (1 bit; the signSGD-MV authors' code), so on such a coordinate an attacker "
+        "sends the same +1 as an honest client; `random` a fair coin; `abstain` sends 0: the "
+        "coordinate does not vote (a ternary code).\n\n"
+        "* **quick** (default, run by CI): the comparison in miniature on the bundled digits data "
+        "(`experiments/sweeps/attacks_digits_quick.toml`: 15 clients each holding all of digits, batch 32, "
+        "120 rounds, k in 0, 3, 5, 7, zero-sign `plus` and `abstain`, one seed; 24 runs, about 100 s "
+        "of CPU).\n"
+        "* **full** (`FEDSIM_NOTEBOOK_MODE=full`): reads the results of "
+        "`fedsim sweep experiments/sweeps/attacks_mnist.toml` (MNIST, the signSGD-FV setup in batch mode 1, "
+        "200 rounds, k in 0, 5, 7, all three conventions): by default the copies of our runs in "
+        "`docs/results/runs/attacks_mnist/`; `FEDSIM_NOTEBOOK_RESULTS=runs/attacks_mnist` reads your own. "
+        "It uses whatever runs are finished (e.g. seed 0 only) and saves the figure to `docs/results/`.\n\n"
+        "Every number shown comes from the runs this notebook runs or reads."
+    ),
+    new_code_cell(SETUP),
+    new_code_cell(
+        '''from fedsim.sweep import sweep_results
+
+sweep_file = {"quick": "experiments/sweeps/attacks_digits_quick.toml", "full": "experiments/sweeps/attacks_mnist.toml"}[MODE]
+# quick: run what is missing; full: read the finished runs (see sweep_folder above), skipping the others
+runs = sweep_results(sweep_file, run_missing=MODE == "quick", results_dir=sweep_folder(sweep_file))
+assert runs, f"no finished runs of {sweep_file}: run fedsim sweep {sweep_file} first"'''
+    ),
+    new_code_cell(
+        '''import pandas as pd
+from fedsim.analysis import over_seeds, run_table
+from fedsim.results import load_runs
+
+df = load_runs([r.folder for r in runs])
+# tail: mean over the evaluations in the second half of the rounds (single evaluations of sign votes are noisy)
+first = df[df["run"] == df["run"].iloc[0]].dropna(subset=["test_accuracy"])
+TAIL = int((first["round"] >= first["round"].max() / 2).sum())
+print(f"final: accuracy at the last round; tail: mean of the last {TAIL} evaluations (rounds {int(first['round'].iloc[-TAIL])}-{int(first['round'].max())})")
+keys = ["zero-sign", "attackers", "strategy"]
+table = over_seeds(run_table(df, by=[*keys, "seed"], tail=TAIL), keys)
+wide = table.pivot(index=["zero-sign", "attackers"], columns="strategy")
+cols = {}
+for strategy in [s for s in ("sign-mv", "llr-vote", "sign-fd") if s in table["strategy"].values]:
+    for metric in ("final_accuracy", "tail_accuracy"):
+        cols[(strategy, metric.split("_")[0])] = wide[(f"{metric}_mean", strategy)]
+    cols[(strategy, "tail sd")] = wide[("tail_accuracy_std", strategy)]
+    cols[(strategy, "seeds")] = wide[("runs", strategy)].astype("Int64")
+pd.DataFrame(cols).round(4)'''
+    ),
+    new_code_cell(
+        '''from fedsim.run_folder import RunFolder
+
+# the LLR vote's weight per client at the end of the run (mean over coordinates; negative: its signs are read flipped)
+rows = []
+for r in runs:
+    if r.point.get("strategy", r.config.strategy) != "llr-vote":
+        continue
+    summary = RunFolder(r.folder).read_summary() or {}
+    weights = {int(c): w for c, w in summary.get("algorithm", {}).get("mean_llr_weight", {}).items()}
+    bad = set(summary.get("attackers", []))
+    attackers = [w for c, w in weights.items() if c in bad]
+    honest = [w for c, w in weights.items() if c not in bad]
+    rows.append({"zero-sign": r.config.option("zero-sign"), "attackers": r.config.attackers, "seed": r.config.seed,
+                 "attackers' weight (mean)": sum(attackers) / len(attackers) if attackers else float("nan"),
+                 "attackers' weight (max)": max(attackers, default=float("nan")),
+                 "honest weight (mean)": sum(honest) / len(honest) if honest else float("nan"),
+                 "honest weight (min)": min(honest, default=float("nan"))})
+weights = pd.DataFrame(rows)
+weights.groupby(["zero-sign", "attackers"]).agg(
+    **{"attackers' weight (mean)": ("attackers' weight (mean)", "mean"), "attackers' weight (max)": ("attackers' weight (max)", "max"),
+       "honest weight (mean)": ("honest weight (mean)", "mean"), "honest weight (min)": ("honest weight (min)", "min"),
+       "seeds": ("seed", "nunique")}
+).round(3)'''
+    ),
+    new_code_cell(
+        '''import matplotlib.pyplot as plt
+
+conventions = [z for z in ("plus", "random", "abstain") if z in table["zero-sign"].values]
+fig, axes = plt.subplots(1, len(conventions), figsize=(3.6 * len(conventions), 3.2), sharey=True, squeeze=False)
+axes = axes[0]
+for ax, zero_sign in zip(axes, conventions):
+    for strategy, style in [("sign-mv", "s--"), ("llr-vote", "o-"), ("sign-fd", "^:")]:
+        d = table[(table["zero-sign"] == zero_sign) & (table["strategy"] == strategy)].sort_values("attackers")
+        if len(d):
+            ax.errorbar(d["attackers"], d["tail_accuracy_mean"], yerr=d["tail_accuracy_std"].fillna(0), fmt=style, capsize=3, label=strategy)
+    seeds = df[df["zero-sign"] == zero_sign]["seed"].nunique()
+    ax.set_title(f"zero-sign {zero_sign} ({seeds} seed{'s' if seeds > 1 else ''})")
+    ax.set_xlabel(f"attackers k (of {int(df['num-nodes'].iloc[0])})")
+    ax.set_xticks(sorted(table["attackers"].unique()))
+axes[0].set_ylabel(f"test accuracy (tail, last {TAIL} evaluations)")
+axes[-1].legend()
+fig.tight_layout()
+if MODE == "full":
+    fig.savefig(ROOT / "docs" / "results" / "attacks_mnist.png", dpi=110)'''
+    ),
+    new_markdown_cell(
+        "Reading it: k = 0 is each vote without attackers. During the warm-up the "
+        "weighted votes are majority votes; after it, a client whose signs disagree with the vote "
+        "gets a negative LLR weight on those coordinates, so its signs count flipped. The weight "
+        "table averages each client's weight over *all* coordinates: where every client sends the "
+        "same sign (under `plus`, every coordinate whose gradient is exactly zero: +1 from honest "
+        "clients and attackers alike) an attacker agrees with the vote, which pulls its mean weight "
+        "up. Error bars are the standard deviation over seeds (none with one seed); a point missing "
+        "from a line is a run not finished yet. The quick mode is a small model on a small dataset "
+        "with one seed: it shows the machinery, not a measured effect. `docs/results/` holds what "
+        "our runs found."
+    ),
+]
+
+
 def write(name: str, cells: list) -> None:
     for i, cell in enumerate(cells):
         cell.id = f"{Path(name).stem[:50]}-{i}"  # stable ids: regenerating changes nothing that did not change
@@ -277,6 +391,7 @@ NOTEBOOKS = {
     "partitions.ipynb": PARTITION_CELLS,
     "communication.ipynb": COMM_CELLS,
     "fedavg_tables.ipynb": FEDAVG_CELLS,
+    "attacks.ipynb": ATTACK_CELLS,
 }
 
 if __name__ == "__main__":
