@@ -91,7 +91,7 @@ class LocalSuperLink:
     ``simulation=False``: a deployment SuperLink; SuperNodes connect to ``address``
     (``start_supernode``). ``tls``: serve TLS with these files (else ``--insecure``);
     ``supernode_auth``: only SuperNodes whose public key was registered (``register``)
-    may connect. Flower 1.41 serves its Control, Fleet and Runtime APIs on one HTTP port.
+    may connect. Flower 1.42 (as 1.41) serves its Control, Fleet and Runtime APIs on one HTTP port.
     """
 
     def __init__(
