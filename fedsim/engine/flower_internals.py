@@ -2,9 +2,10 @@
 
 flwr is pinned exactly (pyproject.toml) because of these; tests/test_flower_internals.py
 checks each one against the installed flwr and names the API when it changed. Each was
-read in the installed sources of flwr 1.41.0 and 1.42.0 (identical in both); 1.42.0
-changed only tracing, the run-series proto and the agent/model state, none of which
-fedsim touches.
+read in the installed sources of flwr 1.41.0 and 1.42.0: the files holding them are
+identical in both. What 1.42.0 changed (a diff of the two installed packages: tracing
+spans and middleware removed, a token count for the run-series' compacted context in its
+proto and state, agent/model task processes) touches nothing fedsim uses.
 
 1. ``set_server_identity``: ``Message(content, dst_node_id, message_type)`` reads run id,
    source node and task id from the process-global
