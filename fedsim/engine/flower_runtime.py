@@ -29,6 +29,9 @@ from fedsim.device import cuda_count, default_gpu_share
 from fedsim.run_folder import RunFolder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# How long processes that name a stopped SuperLink (Flower's detached SuperExec) get to exit
+# by themselves before LocalSuperLink.stop() kills them and counts them as stragglers.
+EXIT_GRACE_S = 10.0
 
 
 def free_port() -> int:
@@ -92,7 +95,7 @@ class LocalSuperLink:
     ``simulation=False``: a deployment SuperLink; SuperNodes connect to ``address``
     (``start_supernode``). ``tls``: serve TLS with these files (else ``--insecure``);
     ``supernode_auth``: only SuperNodes whose public key was registered (``register``)
-    may connect. Flower 1.41 serves its Control, Fleet and Runtime APIs on one HTTP port.
+    may connect. Flower 1.42 (as 1.41) serves its Control, Fleet and Runtime APIs on one HTTP port.
     """
 
     def __init__(
@@ -209,9 +212,18 @@ class LocalSuperLink:
     def stop(self) -> None:
         """Stop the SuperNodes' and then the SuperLink's process groups (SIGTERM, then
         SIGKILL after 10 s), then any straggler that names this SuperLink (their PIDs are
-        kept in ``stragglers``: a deployment leaves none when its groups hold everything)."""
+        kept in ``stragglers``: a deployment leaves none when its groups hold everything).
+
+        Flower starts the SuperLink's SuperExec detached (its own session, outside the
+        group); it polls its parent's PID and exits by itself once the SuperLink is gone,
+        which under load took longer than the group stop (seen with flwr 1.42.0; Flower's
+        code for it is the same in 1.41.0). So processes naming this SuperLink get up to
+        ``EXIT_GRACE_S`` to exit before they count as stragglers."""
         for proc in [*self.supernodes.values(), self.proc]:
             _stop_group(proc)
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while time.monotonic() < deadline and (self.leftovers() or processes_mentioning(str(self.flwr_home))):
+            time.sleep(0.2)
         stragglers = stop_stragglers(self.flwr_home) + self.leftovers()
         kill_pids(stragglers)
         self.stragglers = sorted(set(stragglers))

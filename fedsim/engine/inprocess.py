@@ -35,15 +35,20 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from logging import ERROR
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.app.user_config import UserConfig
+from flwr.app import Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedsim.clients.tasks import part_map
-from fedsim.engine.flower_internals import Run, assign_message_id, copy_record, set_server_identity
+from fedsim.engine.flower_internals import (
+    Run,
+    assign_message_id,
+    client_app_error,
+    copy_record,
+    message_with_metadata,
+    set_server_identity,
+)
 
 FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
 # "auto" runs a round on one thread when its clients' work (as last measured) is below this:
@@ -228,13 +233,12 @@ class InProcessGrid(Grid):
             node_config = {"partition-id": pid, "num-partitions": num_nodes, **dict(more)}
             self.contexts[node_id] = Context(run_id, node_id, node_config, RecordDict(), dict(run_config))
         self._pending: dict[str, Message] = {}
-        self.on_round: Callable[[Any], None] | None = None  # see fedsim.server_app.RoundReporter
         self._ids = itertools.count(1)
 
     # --- Grid interface ----------------------------------------------------------------
 
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        self._run = Run.create_empty(run_id)
+    def set_run(self, run: Run) -> None:
+        self._run = run
 
     @property
     def run(self) -> Run:
@@ -311,7 +315,7 @@ class InProcessGrid(Grid):
         node = self.contexts[msg.metadata.dst_node_id]
         state = copy.deepcopy(node.state) if len(node.state) else RecordDict()  # a private copy: rolled back on error
         ctx = Context(node.run_id, node.node_id, node.node_config, state, node.run_config)
-        inbound = Message(metadata=msg.metadata, content=_copy_content(msg.content))
+        inbound = message_with_metadata(msg.metadata, _copy_content(msg.content))
         try:
             reply = self.client_app(inbound, ctx)
             node.state = ctx.state
@@ -320,7 +324,7 @@ class InProcessGrid(Grid):
             detail = "\n" + traceback.format_exc() if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0") else ""
             log(ERROR, "node %d raised %s: %s%s", node.node_id, type(ex).__name__, ex, detail)
             reason = f"{type(ex)}:<'{ex}'>"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            reply = Message(client_app_error(reason), reply_to=msg)
         assign_message_id(reply, f"r{next(self._ids)}")
         return reply
 
@@ -330,11 +334,5 @@ def _copy_content(content: RecordDict) -> RecordDict:
     numbers, strings); list values of config/metric records are copied too."""
     out = RecordDict()
     for key, record in content.items():
-        new = copy_record(record)
-        if isinstance(record, (ConfigRecord, MetricRecord)):
-            data = new.__dict__["_data"]
-            for k, v in data.items():
-                if isinstance(v, list):
-                    data[k] = list(v)
-        out[key] = new
+        out[key] = copy_record(record)
     return out
