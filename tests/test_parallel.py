@@ -177,3 +177,39 @@ def test_threads_setting_is_a_positive_integer():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="threads must be an integer >= 1"):
             parse_threads(bad)
+
+
+@pytest.mark.skipif(inprocess.available_cores() < 2, reason="auto's all-core trial needs 2 cores")
+def test_auto_tries_all_cores_again_after_a_spoiled_trial():
+    """A trial that met a busy machine (speedup 0.5, below MIN_SPEEDUP) is not final: auto
+    tries all cores again once the round count has doubled, and keeps all cores when the
+    retry is faster (clients that sleep 30 ms release the GIL: 2 threads take half the time)."""
+    import time as _time
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+
+    sleepy = ClientApp()
+
+    @sleepy.train()
+    def _train(msg, context):
+        _time.sleep(0.03)
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = inprocess.InProcessGrid(sleepy, 4, {}, workers="auto")
+    try:
+        def round_():
+            msgs = [grid.create_message(RecordDict({"config": ConfigRecord({})}), MessageType.TRAIN, n, "1") for n in grid.get_node_ids()]
+            grid.send_and_receive(msgs)
+
+        for _ in range(2):
+            round_()  # round 1 pays the start; round 2 measures each client on one thread
+        grid._speedup, grid._retry_at = 0.5, 3  # as if a trial had been spoiled: retry after 3 rounds
+        round_()
+        assert grid.plans == {1: 3}, "rounds below the retry point stay on one thread"
+        round_()  # round 4: the retry
+        assert grid._speedup >= inprocess.MIN_SPEEDUP, grid._speedup
+        round_()
+        assert grid.plans[inprocess.available_cores()] == 2, grid.plans  # the retry and the round after it
+    finally:
+        grid.close()
