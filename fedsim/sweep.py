@@ -178,27 +178,41 @@ def run_sweep(
             yield run, "busy"
             continue
         try:
-            status = run.stored_status()  # again: another worker may have finished it meanwhile
-            if status == "done":
+            start = prepare_run(run)  # again: another worker may have finished it meanwhile
+            if start == "done":
                 echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
                 yield run, "skipped"
                 continue
-            if status == "partial":
-                try:
-                    check_run_folder(run.folder, run.config)
-                except RunFolderConflict:
-                    status = "stale"  # a killed run of another config: its checkpoint cannot continue this one
-            if status == "partial" and run.run_folder.checkpoint.exists():
-                echo(f"[{i}/{len(runs)}] {run.name}: partial results found, resuming from its checkpoint")
-            elif status in ("partial", "stale"):
-                echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
-                run.run_folder.remove_all_but_lock_and_claim()  # never the lock: it is held
+            if start != "fresh":
+                echo(f"[{i}/{len(runs)}] {run.name}: {start}")
             echo(f"[{i}/{len(runs)}] {run.name}: running")
             execute(run.config)
         finally:
             run.claim_file.unlink(missing_ok=True)
             folder_lock.release()
         yield run, "ran"
+
+
+def prepare_run(run: SweepRun) -> str:
+    """Make ``run``'s folder ready to run (the caller holds its lock) and say how it will
+    start: ``done`` (finished with this config: nothing to run), ``fresh`` (an empty
+    folder), or a sentence for the log: resuming a killed run from its checkpoint, or
+    rerunning from round 0 (a killed run without one, or another config's run, whose files
+    are removed)."""
+    status = run.stored_status()
+    if status == "done":
+        return "done"
+    if status == "partial":
+        try:
+            check_run_folder(run.folder, run.config)
+        except RunFolderConflict:
+            status = "stale"  # a killed run of another config: its checkpoint cannot continue this one
+    if status == "partial" and run.run_folder.checkpoint.exists():
+        return "partial results found, resuming from its checkpoint"
+    if status in ("partial", "stale"):
+        run.run_folder.remove_all_but_lock_and_claim()  # never the lock: it is held
+        return f"{status} results found, rerunning from round 0"
+    return "fresh"
 
 
 def _claim(run: SweepRun) -> bool:
