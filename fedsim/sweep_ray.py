@@ -257,7 +257,7 @@ def _init_ray(address: str) -> str | None:
     runtime_env = {"env_vars": _env_for_workers()}
     common: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
     if not address:  # a private instance: its own short temp dir (Ray's socket paths < 108 bytes), no dashboard
-        temp_dir = tempfile.mkdtemp(prefix="fedsim-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        temp_dir = tempfile.mkdtemp(prefix="fedsim-sweep-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         with warnings.catch_warnings():  # a hint about Ray's future default for tasks without GPUs
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
             ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir, **common)

@@ -63,6 +63,13 @@ def _cluster_pids(roots: list[int], temp_dir: str) -> set[int]:
     return {p for p in found if Path(f"/proc/{p}").exists()}
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
 class Cluster:
     """A head and one worker node (1 CPU each) in private process groups and a private temp dir."""
 
@@ -234,3 +241,39 @@ def test_ray_options_are_checked_before_anything_runs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_is_reported_with_its_folder_and_the_others_go_on_on_a_local_ray(tmp_path):
+    """`--ray` without an address: a private local Ray, stopped with the driver. One run's
+    folder is a file (its task cannot lock it): that run fails with its folder and error,
+    the other finishes, exit code 1, and nothing of the local Ray is left."""
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(
+        f'base = "{REPO / "experiments" / "quick.toml"}"\n[set]\nnum-server-rounds = 2\nbatch-mode = 0\n'
+        '[grid]\nseed = [0, 1]\n'
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "seed=0").write_text("not a folder")
+    driver = subprocess.Popen(_cli(str(sweep), "--results-dir", str(out_dir), "--ray"), env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = driver.communicate(timeout=240)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        deadline = time.monotonic() + 15  # Ray's own processes stop a moment after the driver
+        while (left := _cluster_pids([driver.pid], "/tmp/fedsim-sweep-ray-")) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        names = {pid: _cmdline(pid) for pid in left}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the local Ray left behind: {names}"
+    assert driver.returncode == 1, stdout + stderr
+    assert f"{out_dir / 'seed=0'}: FAILED: cannot use {out_dir / 'seed=0'} as a results folder" in stdout, stdout
+    assert f"fedsim: run failed: {out_dir / 'seed=0'}" in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "fedsim: error: 1 run(s) of the sweep failed: seed=0 (see above)", stderr
+    assert "Traceback" not in stderr
+    assert json.loads((out_dir / "seed=1" / "summary.json").read_text())["failed"] is None
+    assert not list(out_dir.glob(".fedsim-ray-check-*"))  # the storage check cleans up
