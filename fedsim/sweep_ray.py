@@ -110,25 +110,28 @@ def node_name(node: dict[str, Any]) -> str:
     return f"{node.get('NodeManagerAddress', '?')} (node {str(node.get('NodeID', '?'))[:8]})"
 
 
+def folder_problem(root: Path, token_name: str, token: str, mark: str) -> str:
+    """On a node: why it cannot use the sweep folder ``root`` ("" if it can): ``root`` must
+    be there, hold the driver's token file ``token_name`` with ``token``, and take a file
+    ``<token_name>.<mark>`` written from here."""
+    try:
+        if not root.is_dir():
+            return "the folder does not exist there"
+        if (root / token_name).read_text() != token:
+            return "the folder there is another one (the driver's token file differs)"
+        (root / f"{token_name}.{mark}").write_text(token)
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
 def _check_folder_here(root: str, token_name: str, token: str) -> dict[str, Any]:
-    """On one node: read the driver's token in ``root`` and write it back under a name of
-    this node's; what went wrong, if anything, and which fedsim this node imports."""
+    """The storage check's task on one node: ``folder_problem`` there, and which fedsim it imports."""
     import fedsim
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    out: dict[str, Any] = {"node_id": node_id, "fedsim": fedsim.__file__, "error": ""}
-    path = Path(root)
-    try:
-        if not path.is_dir():
-            out["error"] = "the folder does not exist there"
-        elif (path / token_name).read_text() != token:
-            out["error"] = "the folder there is another one (the driver's token file differs)"
-        else:
-            (path / f"{token_name}.{node_id[:16]}").write_text(token)
-    except OSError as err:
-        out["error"] = f"{type(err).__name__}: {err}"
-    return out
+    return {"node_id": node_id, "fedsim": fedsim.__file__, "error": folder_problem(Path(root), token_name, token, node_id[:16])}
 
 
 def check_nodes(root: Path, nodes: list[dict[str, Any]], timeout: float = CHECK_TIMEOUT_S) -> None:
@@ -269,7 +272,7 @@ def _init_ray(address: str) -> str | None:
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
             ray.init(address=address, **common)
     except ConnectionError as err:
-        raise ConfigError(f"--ray {address}: {err}") from None
+        raise ConfigError(f"--ray {address}: {err} (start a cluster with `ray start --head`, or give the head's HOST:PORT)") from None
     return None
 
 

@@ -277,3 +277,16 @@ def test_a_failed_run_is_reported_with_its_folder_and_the_others_go_on_on_a_loca
     assert "Traceback" not in stderr
     assert json.loads((out_dir / "seed=1" / "summary.json").read_text())["failed"] is None
     assert not list(out_dir.glob(".fedsim-ray-check-*"))  # the storage check cleans up
+
+
+def test_the_storage_check_names_what_a_node_cannot_do_with_the_sweep_folder(tmp_path):
+    """The check each node runs (no Ray needed): a missing folder, another folder of the
+    same path (the driver's token differs), and a folder it can use."""
+    from fedsim.sweep_ray import folder_problem
+
+    assert folder_problem(tmp_path / "nowhere", ".t", "abc", "n1") == "the folder does not exist there"
+    (tmp_path / ".t").write_text("other")
+    assert "another one" in folder_problem(tmp_path, ".t", "abc", "n1")
+    (tmp_path / ".t").write_text("abc")
+    assert folder_problem(tmp_path, ".t", "abc", "n1") == "" and (tmp_path / ".t.n1").read_text() == "abc"
+    assert folder_problem(tmp_path, ".missing", "abc", "n1").startswith("FileNotFoundError")
