@@ -140,7 +140,10 @@ def check_nodes(root: Path, nodes: list[dict[str, Any]], timeout: float = CHECK_
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the sweep folder {root}: {err}") from None
     token_name = f".fedsim-ray-check-{uuid.uuid4().hex[:12]}"
     token = uuid.uuid4().hex
     (root / token_name).write_text(token)
@@ -185,7 +188,9 @@ def _run_here(
     failure: returns what happened, with the error text."""
     import ray
 
+    from fedsim.data.errors import DataError
     from fedsim.engine import run_engine
+    from fedsim.errors import RunFailed
     from fedsim.run_folder import RunFolderBusy, lock_run_folder
     from fedsim.sweep import prepare_run
 
@@ -209,7 +214,7 @@ def _run_here(
         try:
             run_engine(run.config, "inprocess", workers=workers, threads=threads, quiet=True)
         except Exception as err:  # noqa: BLE001 - reported with the run's folder; the sweep goes on
-            text = f"{type(err).__name__}: {err}" if type(err).__name__ not in ("RunFailed", "ConfigError") else str(err)
+            text = str(err) if isinstance(err, RunFailed | ConfigError | DataError) else f"{type(err).__name__}: {err}"
             if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0"):
                 text += "\n" + traceback.format_exc()
             return {"what": "failed", "error": text, "node": node}
