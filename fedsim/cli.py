@@ -255,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         "the cluster started here with `ray start`, host:port joins that head; the sweep folder must be on storage "
         "every node sees (checked at start)",
     )
-    sweep.add_argument("--ray-cpus-per-run", type=_number(float, 0.0, strict=True), help="with --ray: CPUs each run's task declares (default 1)")
+    sweep.add_argument("--ray-cpus-per-run", type=_number(float, 0.0, strict=True), metavar="N", help="with --ray: CPUs each run's task declares (default 1)")
     sweep.add_argument(
-        "--ray-gpus-per-run", type=_number(float, 0.0),
+        "--ray-gpus-per-run", type=_number(float, 0.0), metavar="G",
         help="with --ray: GPU share each run's task declares (0.25: four runs per GPU; default 0 without GPUs, "
         "else the share that fills a GPU node's CPUs)",
     )
