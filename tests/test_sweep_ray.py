@@ -60,7 +60,14 @@ def _cluster_pids(roots: list[int], temp_dir: str) -> set[int]:
         found |= more
         grew = bool(more)
     found.discard(os.getpid())
-    return {p for p in found if Path(f"/proc/{p}").exists()}
+    return {p for p in found if _state(p) not in (None, "Z")}  # a zombie runs nothing: its parent reaps it
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _cmdline(pid: int) -> str:
@@ -130,6 +137,8 @@ class Cluster:
                 pass
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _cluster_pids(roots, self.temp_dir):
+            for proc in self.procs:
+                proc.poll()  # reap the ray start processes once they end
             time.sleep(0.3)
         stubborn = _cluster_pids(roots, self.temp_dir)
         for pid in stubborn:
