@@ -78,7 +78,11 @@ def _cmdline(pid: int) -> str:
 
 
 class Cluster:
-    """A head and one worker node (1 CPU each) in private process groups and a private temp dir."""
+    """A head and one worker node (1 CPU each) in private process groups and a private temp dir.
+    The address is 127.0.0.1:PORT, but Ray on Linux replaces 127.0.0.1 by the machine's own
+    address (its node IP), so the nodes talk over that; with ``--node-ip-address 127.0.0.1``
+    the driver could not reach the GCS, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a
+    second node refuse to start (both seen here with Ray 2.55)."""
 
     def __init__(self, logs: Path) -> None:
         self.temp_dir = f"/tmp/rt-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths must stay < 108 bytes
@@ -176,11 +180,16 @@ def _sweep(tmp_path: Path) -> Path:
     return sweep
 
 
-def _results(folder: Path) -> tuple[list[dict], float]:
-    """rounds.csv without its seconds column, and the summary's final accuracy."""
+def _results(folder: Path) -> tuple[list[dict], float, dict[str, bytes]]:
+    """rounds.csv without its seconds column, the summary's final accuracy, and the final
+    model's tensors as bytes."""
+    import torch
+
     with open(folder / "rounds.csv", newline="") as f:
         rows = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-    return rows, json.loads((folder / "summary.json").read_text())["final_test_accuracy"]
+    model = torch.load(folder / "model.pt", map_location="cpu")
+    tensors = {k: v.numpy().tobytes() for k, v in model.items()}
+    return rows, json.loads((folder / "summary.json").read_text())["final_test_accuracy"], tensors
 
 
 def _cli(*args: str) -> list[str]:
@@ -299,3 +308,19 @@ def test_the_storage_check_names_what_a_node_cannot_do_with_the_sweep_folder(tmp
     (tmp_path / ".t").write_text("abc")
     assert folder_problem(tmp_path, ".t", "abc", "n1") == "" and (tmp_path / ".t.n1").read_text() == "abc"
     assert folder_problem(tmp_path, ".missing", "abc", "n1").startswith("FileNotFoundError")
+
+
+def test_the_default_gpu_share_fills_a_gpu_nodes_cpu_slots_and_is_0_without_gpus(tmp_path):
+    """No Ray needed: the share from ray.nodes()-shaped dicts."""
+    from fedsim.sweep_ray import default_gpus_per_run
+
+    runs = load_sweep(_sweep(tmp_path), tmp_path / "out")
+    cpu_only = [{"Resources": {"CPU": 16.0}}, {"Resources": {"CPU": 8.0}}]
+    assert default_gpus_per_run(cpu_only, 1.0, runs) == 0.0
+    one_gpu = [{"Resources": {"CPU": 16.0, "GPU": 1.0}}, {"Resources": {"CPU": 8.0}}]
+    assert default_gpus_per_run(one_gpu, 1.0, runs) == 0.0625  # 16 runs share the GPU
+    assert default_gpus_per_run(one_gpu, 4.0, runs) == 0.25
+    assert default_gpus_per_run([{"Resources": {"CPU": 3.0, "GPU": 8.0}}], 1.0, runs) == 1.0  # at most one GPU per run
+    assert default_gpus_per_run([{"Resources": {"CPU": 3.0, "GPU": 1.0}}], 1.0, runs) == 0.3333  # Ray's 1e-4 steps
+    pinned = load_sweep(_sweep(tmp_path), tmp_path / "out", overrides={"device": "cpu"})
+    assert default_gpus_per_run(one_gpu, 1.0, pinned) == 0.0  # runs on the CPU declare no GPU
