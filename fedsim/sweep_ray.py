@@ -309,6 +309,8 @@ def run_sweep_on_ray(runs: list[SweepRun], options: RayOptions, echo: Callable[[
 
     skipped = len(outcomes)
     echo(f"fedsim: sweep of {total} runs in {root}: {skipped} already done, {len(pending)} to run on Ray")
+    for run in runs:
+        echo(f"  {'done' if run.name in outcomes else 'pending':8s} {run.folder}")
     if not pending:
         return [outcomes[r.name] for r in runs]
     temp_dir = _init_ray(options.address)
