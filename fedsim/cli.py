@@ -3,6 +3,7 @@
     fedsim run experiments/X.toml [--set key=value ...] [--engine inprocess|flower]
                                   [--results-dir DIR] [--workers N] [--threads N]
     fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
+                                  [--ray [ADDRESS] [--ray-cpus-per-run N] [--ray-gpus-per-run G]]
     fedsim store runs/Y docs/results/runs/Y     # finished runs' small files, to commit
 
 An experiment is a Flower run-config TOML (flat kebab-case keys, the file
@@ -120,6 +121,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{run.status():8s} {run.folder}")
         return 0
 
+    if args.ray is not None:
+        return _sweep_on_ray(runs, args)
+    if args.ray_cpus_per_run is not None or args.ray_gpus_per_run is not None:
+        raise ConfigError("--ray-cpus-per-run and --ray-gpus-per-run set the runs' Ray tasks: add --ray [ADDRESS]")
+
     failed: list[str] = []
 
     def execute(cfg: RunConfig) -> Path:
@@ -138,6 +144,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     if failed:
         raise RunFailed(f"{len(failed)} run(s) of the sweep learned nothing: {', '.join(failed)} (see their summary.json)")
+    return 0
+
+
+def _sweep_on_ray(runs: list[Any], args: argparse.Namespace) -> int:
+    """``fedsim sweep --ray``: the runs as Ray tasks (fedsim.sweep_ray)."""
+    from fedsim.sweep_ray import RayOptions, run_sweep_on_ray
+
+    if args.engine != "inprocess":
+        raise ConfigError("--ray runs each run of the sweep on the inprocess engine in a Ray task; --engine flower starts its own Ray")
+    options = RayOptions(
+        address=args.ray, cpus_per_run=1.0 if args.ray_cpus_per_run is None else args.ray_cpus_per_run,
+        gpus_per_run=args.ray_gpus_per_run, workers=args.workers, threads=args.threads,
+    )
+    outcomes = run_sweep_on_ray(runs, options)
+    counts = {what: sum(o.what == what for o in outcomes) for what in ("ran", "skipped", "busy", "failed")}
+    busy = f", {counts['busy']} left to other processes" if counts["busy"] else ""
+    print(
+        f"fedsim: sweep of {len(runs)} runs on Ray: {counts['ran']} ran, {counts['skipped']} already done{busy}, "
+        f"{counts['failed']} failed; results in {runs[0].folder.parent}"
+    )
+    failed = [o for o in outcomes if o.what == "failed"]
+    for o in failed:
+        print(f"fedsim: run failed: {o.run.folder}" + (f" (on {o.node})" if o.node else "") + f": {o.error}", file=sys.stderr)
+    if failed:
+        raise RunFailed(f"{len(failed)} run(s) of the sweep failed: {', '.join(o.run.name for o in failed)} (see above)")
     return 0
 
 
@@ -218,6 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("sweep", help="a sweep TOML (see fedsim/sweep.py), e.g. experiments/sweeps/fv_mnist_modes.toml")
     _engine_options(sweep, results_help="the sweep's folder (default: the file's results-dir, else runs/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    sweep.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="run each pending run as a Ray task (inprocess engine): no ADDRESS starts a local Ray, 'auto' joins "
+        "the cluster started here with `ray start`, host:port joins that head; the sweep folder must be on storage "
+        "every node sees (checked at start)",
+    )
+    sweep.add_argument("--ray-cpus-per-run", type=_number(float, 0.0, strict=True), metavar="N", help="with --ray: CPUs each run's task declares (default 1)")
+    sweep.add_argument(
+        "--ray-gpus-per-run", type=_number(float, 0.0), metavar="G",
+        help="with --ray: GPU share each run's task declares (0.25: four runs per GPU; default 0 without GPUs, "
+        "else the share that fills a GPU node's CPUs)",
+    )
     sweep.set_defaults(func=cmd_sweep)
     store = sub.add_parser("store", help="copy finished runs' small files (no model, no checkpoint), e.g. into docs/results/runs/")
     store.add_argument("source", help="a run folder or a folder of runs (a sweep's results-dir)")

@@ -18,11 +18,11 @@ skipped on rerun; a killed run (no ``summary.json``) continues from its last che
 (``checkpoint.pt``, written at every evaluated round: fedsim.checkpoint), or is run
 again from round 0 if it had none.
 
-Several workers may run one sweep at once (``fedsim sweep`` twice, e.g. one per core or
-GPU): a worker claims a run by creating ``<run>/.claim`` (holding its host and PID)
-atomically before it starts, and the others skip a run whose claim belongs to a live
-process. A claim left by a dead process on this host is taken over; a claim from another
-host is respected (remove it by hand if that worker is gone).
+Several processes may run one sweep at once (``fedsim sweep`` twice on one machine): the
+process running a run holds its folder's lock (fedsim.run_folder: released however the
+process ends), and the others skip a run whose folder is locked. To spread a sweep over
+cores, GPUs or machines, ``fedsim sweep --ray`` (fedsim.sweep_ray) runs each run as a Ray
+task. (fedsim before issue #14 also wrote ``<run>/.claim`` files; they are ignored now.)
 
 Overrides (``fedsim sweep --set key=value``) apply to every run; one on a grid key narrows
 the grid to that value, keeping the sweep's folder names, so that e.g.
@@ -36,8 +36,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +64,15 @@ class SweepRun:
 
     @property
     def claim_file(self) -> Path:
+        """Where fedsim before issue #14 wrote a sweep worker's claim; nothing writes it now."""
         return self.run_folder.claim
 
     def status(self) -> str:
         """``done`` (finished with this config), ``stale`` (finished with another config),
-        ``running`` (claimed by a live worker), ``partial`` (started, not finished) or ``todo``."""
+        ``running`` (its folder is locked by a process on this machine), ``partial``
+        (started, not finished) or ``todo``."""
         stored = self.stored_status()
-        if stored in ("partial", "todo") and _claim_is_live(self.claim_file):
+        if stored in ("partial", "todo") and folder_is_locked(self.folder):
             return "running"
         return stored
 
@@ -158,88 +158,65 @@ def sweep_results(
 def run_sweep(
     runs: list[SweepRun], execute: Callable[[RunConfig], Path], echo: Callable[[str], None] = print
 ) -> Iterator[tuple[SweepRun, str]]:
-    """Run every run that is neither done nor claimed by another live worker, in order;
-    yields (run, what happened): ``ran``, ``skipped`` (done) or ``busy`` (another worker's)."""
+    """Run every run that is not done, in order, each under its folder's lock; yields (run,
+    what happened): ``ran``, ``skipped`` (done) or ``busy`` (another process holds its folder)."""
     for i, run in enumerate(runs, 1):
-        status = run.status()
-        if status == "done":
+        if run.stored_status() == "done":
             echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
             yield run, "skipped"
             continue
-        if status == "running" or not _claim(run):
-            echo(f"[{i}/{len(runs)}] {run.name}: claimed by another worker ({_read_claim(run.claim_file)}), skipped")
-            yield run, "busy"
-            continue
-        try:  # the folder's lock, held while the run goes (a `fedsim run` on it may hold it)
+        try:  # the folder's lock, held while the run goes (another sweep or a `fedsim run` may hold it)
             folder_lock = lock_run_folder(run.folder)
         except RunFolderBusy as err:
-            run.claim_file.unlink(missing_ok=True)
             echo(f"[{i}/{len(runs)}] {run.name}: {err}; skipped")
             yield run, "busy"
             continue
         try:
-            status = run.stored_status()  # again: another worker may have finished it meanwhile
-            if status == "done":
+            start = prepare_run(run)  # again: another process may have finished it meanwhile
+            if start == "done":
                 echo(f"[{i}/{len(runs)}] {run.name}: done, skipped")
                 yield run, "skipped"
                 continue
-            if status == "partial":
-                try:
-                    check_run_folder(run.folder, run.config)
-                except RunFolderConflict:
-                    status = "stale"  # a killed run of another config: its checkpoint cannot continue this one
-            if status == "partial" and run.run_folder.checkpoint.exists():
-                echo(f"[{i}/{len(runs)}] {run.name}: partial results found, resuming from its checkpoint")
-            elif status in ("partial", "stale"):
-                echo(f"[{i}/{len(runs)}] {run.name}: {status} results found, rerunning from round 0")
-                run.run_folder.remove_all_but_lock_and_claim()  # never the lock: it is held
+            if start != "fresh":
+                echo(f"[{i}/{len(runs)}] {run.name}: {start}")
             echo(f"[{i}/{len(runs)}] {run.name}: running")
             execute(run.config)
         finally:
-            run.claim_file.unlink(missing_ok=True)
             folder_lock.release()
         yield run, "ran"
 
 
-def _claim(run: SweepRun) -> bool:
-    """Create ``run.claim_file`` atomically; take over a claim whose process is dead."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+def prepare_run(run: SweepRun) -> str:
+    """Make ``run``'s folder ready to run (the caller holds its lock) and say how it will
+    start: ``done`` (finished with this config: nothing to run), ``fresh`` (an empty
+    folder), or a sentence for the log: resuming a killed run from its checkpoint, or
+    rerunning from round 0 (a killed run without one, or another config's run, whose files
+    are removed)."""
+    status = run.stored_status()
+    if status == "done":
+        return "done"
+    if status == "partial":
         try:
-            fd = os.open(run.claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _claim_is_live(run.claim_file):
-                return False
-            run.claim_file.unlink(missing_ok=True)  # a dead worker's claim
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return True
-    return False
+            check_run_folder(run.folder, run.config)
+        except RunFolderConflict:
+            status = "stale"  # a killed run of another config: its checkpoint cannot continue this one
+    if status == "partial" and run.run_folder.checkpoint.exists():
+        return "partial results found, resuming from its checkpoint"
+    if status in ("partial", "stale"):
+        run.run_folder.remove_all_but_lock_and_claim()  # never the lock: it is held
+        return f"{status} results found, rerunning from round 0"
+    return "fresh"
 
 
-def _read_claim(path: Path) -> str:
+def folder_is_locked(folder: Path) -> bool:
+    """Whether a process on this machine holds ``folder``'s lock (an flock on its
+    ``.lock``), read from /proc/locks without taking the lock (taking it, even for a moment,
+    could turn away the process about to start the run). False where /proc/locks is missing."""
     try:
-        return path.read_text().strip()
+        st = RunFolder(folder).lock.stat()
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
     except OSError:
-        return ""
-
-
-def _claim_is_live(path: Path) -> bool:
-    """A claim is live if its process runs on this host, or it comes from another host."""
-    text = _read_claim(path)
-    if not text:  # being written right now, or its writer died at once
-        try:
-            return time.time() - path.stat().st_mtime < 10
-        except OSError:
-            return False
-    host, _, pid = text.partition(" ")
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
+    mark = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    return any(" FLOCK " in line and mark in line for line in lines)

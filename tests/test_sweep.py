@@ -83,35 +83,44 @@ def test_two_workers_share_a_sweep_without_running_a_run_twice(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     runs = load_sweep(sweep)
     assert all(r.status() == "done" for r in runs)
-    assert not any(r.claim_file.exists() for r in runs)
+    assert not any(r.claim_file.exists() for r in runs)  # claim files are gone: the folder's lock does their job
     for r in runs:  # each run was run by exactly one worker
         assert sum(out.count(f"{r.name}: running") for out in outs) == 1, outs
-    assert any("claimed by another worker" in out for out in outs), outs
+    assert any("is in use by another fedsim process" in out for out in outs), outs
 
 
-def test_claims_of_dead_workers_are_taken_over_and_foreign_hosts_respected(tmp_path):
-    import socket
-
+def test_a_run_locked_by_a_live_process_is_running_and_skipped_and_a_dead_ones_lock_is_free(tmp_path):
+    """Without claim files: a run whose folder another live process holds shows as running
+    and is left to it; the lock of a process that died is gone with it; an old .claim file
+    (written by fedsim before issue #14) is ignored."""
     from fedsim.sweep import run_sweep
 
     runs = load_sweep(_write(tmp_path, grid='seed = [0, 1, 2]'))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    for run, owner in zip(runs, [f"{socket.gethostname()} {dead.pid}", "some-other-host 1", f"{socket.gethostname()} {os.getpid()}"]):
-        run.folder.mkdir(parents=True)
-        run.claim_file.write_text(owner + "\n")
-    assert [r.status() for r in runs] == ["todo", "running", "running"]
-    executed = []
+    hold = "import sys, time; from fedsim.run_folder import lock_run_folder; h = lock_run_folder(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(runs[1].folder)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        dead = subprocess.run([sys.executable, "-c", hold.replace("time.sleep(120)", "pass"), str(runs[0].folder)], capture_output=True, text=True)
+        assert dead.stdout.strip() == "held" and (runs[0].folder / ".lock").exists()
+        runs[2].folder.mkdir(parents=True)
+        runs[2].claim_file.write_text("some-other-host 1\n")  # an old claim from another host
+        assert [r.status() for r in runs] == ["todo", "running", "todo"]
+        executed = []
 
-    def execute(cfg):
-        executed.append(cfg.seed)
-        (runs[cfg.seed].folder / "config.json").write_text(json.dumps(cfg.to_mapping()))
-        (runs[cfg.seed].folder / "summary.json").write_text("{}")
+        def execute(cfg):
+            executed.append(cfg.seed)
+            (runs[cfg.seed].folder / "config.json").write_text(json.dumps(cfg.to_mapping()))
+            (runs[cfg.seed].folder / "summary.json").write_text("{}")
 
-    outcome = [what for _, what in run_sweep(runs, execute, echo=lambda s: None)]
-    assert outcome == ["ran", "busy", "busy"] and executed == [0]
-    assert runs[0].status() == "done" and not runs[0].claim_file.exists()
-    assert runs[1].claim_file.exists()  # another host's claim is left alone
+        said = []
+        outcome = [what for _, what in run_sweep(runs, execute, echo=said.append)]
+        assert outcome == ["ran", "busy", "ran"] and executed == [0, 2]
+        assert any(f"in use by another fedsim process (pid {holder.pid})" in s for s in said), said
+        assert runs[1].status() == "running"
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert [r.status() for r in runs] == ["done", "todo", "done"]  # the holder died: its run is free again
 
 
 def test_a_run_made_before_a_key_existed_is_still_done_at_that_keys_default(tmp_path):
