@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
 from fedsim.config import RunConfig
+from fedsim.engine.flower_internals import assign_message_id
 from fedsim.protocol import ArraySpec, ModelSpec
 from fedsim.strategies import FedsimStrategy, build_strategy
 
@@ -22,3 +25,16 @@ def make(
         options=tuple(sorted((k.replace("_", "-"), v) for k, v in options.items())),
     )
     return build_strategy(cfg, ModelSpec.of(spec, params), num_partitions=num_partitions, max_examples=max_examples, device=device)
+
+
+def sent(strategy: FedsimStrategy, arrays: ArrayRecord, n: int, server_round: int = 1) -> list[Message]:
+    """The round's train messages to n nodes (ids 100..), with message ids as a SuperLink gives."""
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return list(range(100, 100 + n))
+
+    msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), Grid()))
+    for i, m in enumerate(msgs):
+        assign_message_id(m, f"id{i}")
+    return msgs

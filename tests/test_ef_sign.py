@@ -9,16 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim import protocol
 from fedsim.algorithms.ef_sign import RECORD, SCALE, error_feedback_step, scaled_sign
 from fedsim.core.signs import pack_signs
-from fedsim.engine.flower_internals import assign_message_id, set_server_identity
+from fedsim.engine.flower_internals import set_server_identity
 from fedsim.engine.runner import run_inprocess
-from strategy_kit import make
+from strategy_kit import make, sent
 
 set_server_identity(run_id=5)
 
@@ -50,17 +50,6 @@ def test_error_feedback_loses_nothing_over_rounds(n, rounds, lr, seed):
     torch.testing.assert_close(applied + e, lr * torch.stack(grads).sum(0), rtol=0, atol=1e-9)
 
 
-def _sent(s, n):
-    class Grid:
-        def get_node_ids(self):
-            return list(range(100, 100 + n))
-
-    msgs = list(s.configure_train(1, GLOBAL, ConfigRecord(), Grid()))
-    for i, m in enumerate(msgs):
-        assign_message_id(m, f"id{i}")
-    return msgs
-
-
 def _reply(to, vec, scale, pid, scale_dtype=np.float32):
     record = ArrayRecord({protocol.PACKED: Array(pack_signs(torch.tensor(vec))), SCALE: Array(np.array([scale], scale_dtype))})
     metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": pid, "batch-size": 4})
@@ -69,7 +58,7 @@ def _reply(to, vec, scale, pid, scale_dtype=np.float32):
 
 def test_the_server_subtracts_the_plain_mean_of_the_scaled_signs():
     s = make("ef-sign", SPEC, PARAMS, lr=0.1)
-    msgs = _sent(s, 2)
+    msgs = sent(s, GLOBAL, 2)
     r0 = _reply(msgs[0], [1.0, 1.0, -1.0, -1.0, 1.0, -1.0], 0.5, 0)
     r1 = _reply(msgs[1], [1.0, -1.0, -1.0, 1.0, 0.0, -1.0], 0.25, 1)
     arrays, metrics = s.aggregate_train(1, [r1, r0])
@@ -85,7 +74,7 @@ def test_the_server_subtracts_the_plain_mean_of_the_scaled_signs():
 )
 def test_a_bad_scale_is_rejected_and_the_round_goes_on(scale, dtype, reason, caplog):
     s = make("ef-sign", SPEC, PARAMS, lr=0.1)
-    msgs = _sent(s, 2)
+    msgs = sent(s, GLOBAL, 2)
     good = _reply(msgs[0], [1.0] * 6, 0.5, 0)
     bad = _reply(msgs[1], [1.0] * 6, scale, 1, dtype)
     with caplog.at_level("WARNING", logger="flwr"):

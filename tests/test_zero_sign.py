@@ -76,26 +76,15 @@ def test_mean_weights_average_the_llr_over_coordinates():
 
 # --- abstaining replies through the strategy --------------------------------------------
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 from fedsim import protocol  # noqa: E402
-from fedsim.engine.flower_internals import assign_message_id, set_server_identity  # noqa: E402
-from strategy_kit import make  # noqa: E402
+from fedsim.engine.flower_internals import set_server_identity  # noqa: E402
+from strategy_kit import make, sent  # noqa: E402
 
 set_server_identity(run_id=9)
 GLOBAL = ArrayRecord({"w": Array(np.zeros((2, 5), np.float32))})
 SPEC = protocol.array_spec(GLOBAL)
-
-
-def _sent(s, n):
-    class Grid:
-        def get_node_ids(self):
-            return list(range(100, 100 + n))
-
-    msgs = list(s.configure_train(1, GLOBAL, ConfigRecord(), Grid()))
-    for i, m in enumerate(msgs):
-        assign_message_id(m, f"id{i}")
-    return msgs
 
 
 def _reply(to, arrays, pid):
@@ -118,7 +107,7 @@ def _reply(to, arrays, pid):
 )
 def test_a_malformed_ternary_reply_is_rejected_and_the_round_goes_on(bad, reason, caplog):
     s = make("sign-mv", SPEC, ["w"], lr=1.0, zero_sign="abstain")
-    msgs = _sent(s, 3)
+    msgs = sent(s, GLOBAL, 3)
     t = torch.tensor([1.0, 0.0, -1.0, 0.0, 2.0, 0.0, 0.0, -3.0, 0.0, 1.0])
     good = [_reply(msgs[i], encode_ternary(t), i) for i in range(2)]
     worse = _reply(msgs[2], {PACKED: encode_ternary(t)[PACKED], **bad}, 2)
