@@ -7,8 +7,8 @@ One folder per run:
 - ``model.pt``: the final global state_dict (torch.save);
 - ``summary.json``: seed, engine, device, package versions, git commit, final metrics,
   client batch sizes, wall time; written last (atomically), it marks the run as
-  finished; ``fedsim.engine.run_engine`` then adds ``engine_settings`` (engine, threads,
-  workers);
+  finished; with ``engine_settings`` (engine, threads, workers, CPUs and GPU share per
+  client: ``fedsim.engine.engine_settings``; for Flower's runtime ``run_engine`` adds them);
 - ``checkpoint.pt`` while the run goes (fedsim.checkpoint), removed when it finishes;
 - ``.lock``: held by the process writing the folder.
 

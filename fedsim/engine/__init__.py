@@ -25,7 +25,16 @@ from fedsim.run_folder import RunFolder
 
 ENGINES = ("inprocess", "flower")
 
-__all__ = ["ENGINES", "check_engine_options", "parse_threads", "parse_workers", "run_engine"]
+__all__ = ["ENGINES", "check_engine_options", "engine_settings", "parse_threads", "parse_workers", "run_engine"]
+
+
+def engine_settings(
+    engine: str, threads: int | None = None, workers: int | str | None = None,
+    cpus_per_client: float | None = None, gpus_per_client: float | None = None,
+) -> dict[str, Any]:
+    """What summary.json records as ``engine_settings``: every key, None where the engine
+    does not take the setting."""
+    return {"engine": engine, "threads": threads, "workers": workers, "cpus_per_client": cpus_per_client, "gpus_per_client": gpus_per_client}
 
 
 def parse_workers(value: int | str) -> int | str:
@@ -76,8 +85,9 @@ def run_engine(
     quiet: bool = False,
 ) -> Path:
     """Run ``cfg`` (``results_dir`` set) to the end on ``engine`` and return its results
-    folder, with ``engine_settings`` (engine, threads, workers, cpus_per_client,
-    gpus_per_client; None where the engine does not take one) added to its summary.json.
+    folder, with ``engine_settings`` (``engine_settings()``) in its summary.json: the
+    in-process engine writes them with the summary, Flower's runtime (whose ServerApp
+    cannot see these settings) gets them added here.
 
     inprocess: ``workers`` (default "auto"), ``threads`` (default 1), ``on_round`` (called
     with each round's row), ``quiet`` (hide Flower's per-round INFO lines). flower:
@@ -88,38 +98,27 @@ def run_engine(
     check_engine_options(engine, workers, threads)
     if not cfg.results_dir:
         raise ValueError("run_engine needs results_dir: the folder the run's results go to")
-    settings: dict[str, Any] = {
-        "engine": engine, "threads": None, "workers": None, "cpus_per_client": None, "gpus_per_client": None,
-    }
-    run: Callable[[], Path]
     if engine == "inprocess":
         from fedsim.engine import runner  # the module, so that a test may replace run_inprocess
 
-        settings.update(threads=1 if threads is None else threads, workers=parse_workers("auto" if workers is None else workers))
+        return runner.run_inprocess(
+            cfg, threads=1 if threads is None else threads, workers="auto" if workers is None else workers,
+            on_round=on_round, quiet=quiet,
+        )
+    if on_round is not None:
+        raise ValueError("on_round is the inprocess engine's; Flower's runtime reports rounds in its log")
+    from fedsim.engine import flower_runtime
 
-        def run() -> Path:
-            return runner.run_inprocess(
-                cfg, threads=settings["threads"], workers=settings["workers"], on_round=on_round, quiet=quiet
-            )
-    else:
-        if on_round is not None:
-            raise ValueError("on_round is the inprocess engine's; Flower's runtime reports rounds in its log")
-        from fedsim.engine import flower_runtime
-
-        gpus = flower_runtime.gpu_share(cfg, cpus_per_client, gpus_per_client)
-        settings.update(cpus_per_client=cpus_per_client, gpus_per_client=gpus)
-
-        def run() -> Path:
-            return flower_runtime.run_flower(cfg, cpus_per_client=cpus_per_client, gpus_per_client=gpus, echo=not quiet)
-
+    gpus = flower_runtime.gpu_share(cfg, cpus_per_client, gpus_per_client)
+    settings = engine_settings(engine, cpus_per_client=cpus_per_client, gpus_per_client=gpus)
     folder = RunFolder(Path(cfg.results_dir))
     try:
-        out = run()
+        out = flower_runtime.run_flower(cfg, cpus_per_client=cpus_per_client, gpus_per_client=gpus, echo=not quiet)
     except RunFailed:  # raised once the summary saying why is written: it gets the settings too
         if folder.read_summary() is not None:
             folder.add_to_summary(engine_settings=settings)
         raise
     failed = folder.add_to_summary(engine_settings=settings).get("failed")
-    if failed:  # the in-process engine raises RunFailed itself; Flower's runtime only logs it
+    if failed:  # Flower's runtime only logs a failed run; here it is an error
         raise RunFailed(f"{failed}; results in {out}")
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import RunConfig
-from fedsim.engine import parse_threads, parse_workers
+from fedsim.engine import engine_settings, parse_threads, parse_workers
 from fedsim.engine.inprocess import InProcessGrid
 
 
@@ -54,7 +54,7 @@ def run_inprocess(
     try:
         run_experiment(
             grid, cfg, engine=InProcessGrid.engine_name, hooks=hooks,
-            engine_settings={"engine": InProcessGrid.engine_name, "threads": torch.get_num_threads(), "workers": worker_setting},
+            engine_settings=engine_settings(InProcessGrid.engine_name, threads=torch.get_num_threads(), workers=worker_setting),
         )
     finally:
         flwr_logger.setLevel(level)
