@@ -194,6 +194,43 @@ def test_blocked_vote_equals_the_definition_across_blocks_and_partial_participat
         assert torch.allclose(est.agreement_rates(ids_seen), torch.stack([agree[c] / total[c] for c in ids_seen]), atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_blocks_are_bit_identical_to_one_thread(threads):
+    """Blocks of coordinates on several threads: the same votes and counts, bit for bit,
+    through warm-up, partial participation, forgetting and abstentions (zeros)."""
+    from fedsim.core import votes
+
+    n = 3 * votes._BLOCK + 77
+    one = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=1, forgetting=0.95, threads=1)
+    many = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=1, forgetting=0.95, threads=threads)
+    assert many.threads == threads
+    g = torch.Generator().manual_seed(3)
+    for rnd, ids in enumerate([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [4, 0, 2], [1, 2, 3, 4], [0, 1, 2, 3, 4]]):
+        signs = torch.randint(-1 if rnd >= 2 else 0, 2, (len(ids), n), generator=g).to(torch.int8)
+        if rnd < 2:
+            signs = signs * 2 - 1  # +-1 only before the first abstention
+        assert torch.equal(one.vote(ids, signs), many.vote(ids, signs))
+    a, b = one.state_dict(), many.state_dict()
+    assert a["clients"] == b["clients"] and a["rounds_seen"] == b["rounds_seen"]
+    for key in ("agree", "total", "abstained"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_default_vote_threads_use_the_cores_torch_leaves_free(monkeypatch):
+    from fedsim.core import votes
+
+    monkeypatch.setattr(votes.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(votes.torch, "get_num_threads", lambda: 2)
+    assert votes.vote_threads() == 4
+    assert CrossProbabilityEstimator(10).threads == 4
+    assert CrossProbabilityEstimator(10, device="meta").threads == 1  # not a CPU: the device parallelises
+    with votes.vote_cores(2):  # an engine's budget: 2 cores, torch takes 2 per kernel
+        assert CrossProbabilityEstimator(10).threads == 1
+    assert CrossProbabilityEstimator(10).threads == 4
+    with pytest.raises(ValueError, match="threads"):
+        CrossProbabilityEstimator(10, threads=0)
+
+
 def test_estimator_rejects_bad_shapes():
     est = CrossProbabilityEstimator(num_coordinates=3)
     with pytest.raises(ValueError, match="shape"):

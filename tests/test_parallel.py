@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fedsim.clients import tasks
 from fedsim.clients.tasks import LocalData, MICRO_BATCH, flat_gradient, micro_batches, part_map
+from fedsim.core import votes
 from fedsim.engine import inprocess
 from fedsim.engine.inprocess import RoundPlan, _Workers, plan_round
 from fedsim.models import build_model
@@ -145,6 +146,14 @@ def test_any_worker_count_gives_the_same_bits_as_one_thread(tmp_path, monkeypatc
         original(grid)
 
     monkeypatch.setattr(inprocess.InProcessGrid, "close", record)
+    vote_threads = []  # the LLR estimator's threads: the engine's cores (fedsim.core.votes.vote_cores)
+    init = votes.CrossProbabilityEstimator.__init__
+
+    def record_threads(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        vote_threads.append(self.threads)
+
+    monkeypatch.setattr(votes.CrossProbabilityEstimator, "__init__", record_threads)
     cfg = {"strategy": "llr-vote", "lr": 0.01, "num-nodes": 10, "num-server-rounds": 4, "batch-mode": mode,
            "partitioning": "full", "llr-warmup": 1, "eval-every": 2, "seed": 0}
     runs = {w: run_inprocess({**cfg, "results-dir": str(tmp_path / str(w))}, workers=w) for w in (1, "auto", 3)}
@@ -156,6 +165,7 @@ def test_any_worker_count_gives_the_same_bits_as_one_thread(tmp_path, monkeypatc
     if inprocess.available_cores() > 1:
         assert plans[1] == {1: 2, inprocess.available_cores(): 2}  # auto: warm-up, measure, then all cores
     assert plans[2] == {3: 4}
+    assert vote_threads == [1, inprocess.available_cores(), 3]
 
 
 def test_workers_setting_is_auto_or_a_positive_integer():

@@ -7,7 +7,11 @@ Votes return an int8 tensor of shape [N] in {-1, 0, +1}; 0 is a tie (no step).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 
 import torch
 
@@ -34,6 +38,37 @@ def llr_weighted_vote(signs: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
         raise ValueError(f"llr_weighted_vote: {signs.shape[0]} clients but {weights.shape[0]} weight rows")
     total = (weights.to(torch.float32) * signs).sum(dim=0)
     return torch.sign(total).to(torch.int8)
+
+
+_CORES: ContextVar[int | None] = ContextVar("fedsim_vote_cores", default=None)
+
+
+@contextlib.contextmanager
+def vote_cores(cores: int) -> Iterator[None]:
+    """Within the block, estimators built with the default ``threads`` use at most ``cores``
+    cores (an engine's budget: ``fedsim run --workers 1`` means one core, vote included)."""
+    token = _CORES.set(max(1, cores))
+    try:
+        yield
+    finally:
+        _CORES.reset(token)
+
+
+def vote_threads() -> int:
+    """Threads for a CPU vote: the cores this process may use (or the ``vote_cores`` budget),
+    divided by torch's intra-op threads (each block's kernels already use that many)."""
+    cores = _CORES.get() or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(1, cores // max(1, torch.get_num_threads()))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One shared pool per thread count for every estimator of the process (concurrent votes queue in it)."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fedsim-vote")
+    return _POOLS[threads]
 
 
 def _check_signs(signs: torch.Tensor) -> None:
@@ -70,6 +105,11 @@ class CrossProbabilityEstimator:
     float64 round count per client, plus, from the first abstention on, one float32
     abstention count per (client, coordinate) (4 bytes more); ``max_clients`` (None:
     unbounded) caps the clients, and a new client beyond it raises ValueError.
+
+    Threads: the vote and the update work on blocks of coordinates that do not touch each
+    other, so ``threads`` > 1 runs the blocks on that many threads (torch releases the GIL
+    in its kernels) with bit-identical results. None (default): on a CPU, the cores left
+    over by torch's own intra-op threads (``vote_threads``, within ``vote_cores``); on a GPU, 1.
     """
 
     def __init__(
@@ -82,6 +122,7 @@ class CrossProbabilityEstimator:
         prior_weight: float = 1.0,
         device: torch.device | str = "cpu",
         max_clients: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if num_coordinates < 1:
             raise ValueError(f"num_coordinates must be >= 1, got {num_coordinates}")
@@ -91,6 +132,8 @@ class CrossProbabilityEstimator:
             raise ValueError("eps and max_llr must be > 0 and warmup_rounds >= 0")
         if max_clients is not None and max_clients < 1:
             raise ValueError(f"max_clients must be >= 1 or None, got {max_clients}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
         self.num_coordinates = num_coordinates
         self.eps = eps
         self.max_llr = max_llr
@@ -99,6 +142,7 @@ class CrossProbabilityEstimator:
         self.prior_weight = prior_weight
         self.max_clients = max_clients
         self.device = torch.device(device)
+        self.threads = threads if threads is not None else (vote_threads() if self.device.type == "cpu" else 1)
         self.rounds_seen = 0
         self._rows: dict[Hashable, int] = {}
         self._agree = torch.zeros(0, num_coordinates, dtype=torch.float32, device=self.device)
@@ -161,7 +205,8 @@ class CrossProbabilityEstimator:
         rows = self._selector(client_ids)
         if self.forgetting != 1.0:
             self._total[rows] *= self.forgetting
-        for cols in self._blocks():
+
+        def count(cols: slice) -> None:
             y = signs[:, cols].to(torch.float32)
             agreement = y.mul(vote[cols]).add_(1.0).mul_(0.5)  # (1 + Y U) / 2
             if self.forgetting != 1.0:
@@ -173,6 +218,8 @@ class CrossProbabilityEstimator:
                     self._abstained[rows, cols] *= self.forgetting
                 self._abstained[rows, cols] += abstained.to(torch.float32)
             self._agree[rows, cols] += agreement
+
+        self._each_block(count)
         self._total[rows] += 1.0
         self.rounds_seen += 1
 
@@ -189,8 +236,11 @@ class CrossProbabilityEstimator:
             rows = self._selector(client_ids)
             total = self._total[rows].to(torch.float32)[:, None]
             u = torch.empty(self.num_coordinates, dtype=torch.int8, device=self.device)
-            for cols in self._blocks():
+
+            def vote_block(cols: slice) -> None:
                 u[cols] = llr_weighted_vote(signs[:, cols], self._llr(rows, total, cols))
+
+            self._each_block(vote_block)
         self.update(client_ids, signs, u)
         return u
 
@@ -219,6 +269,16 @@ class CrossProbabilityEstimator:
     def _blocks(self) -> Iterator[slice]:
         for start in range(0, self.num_coordinates, _BLOCK):
             yield slice(start, start + _BLOCK)
+
+    def _each_block(self, fn: Callable[[slice], None]) -> None:
+        """fn(cols) for every block, on ``threads`` threads when there are several blocks."""
+        blocks = list(self._blocks())
+        if self.threads < 2 or len(blocks) < 2:
+            for cols in blocks:
+                fn(cols)
+            return
+        for _ in _pool(self.threads).map(fn, blocks):  # consumes the iterator: a block's error is raised here
+            pass
 
     def _selector(self, client_ids: Sequence[Hashable]) -> slice | torch.Tensor:
         """The clients' rows of the count tables: a slice (a view, no copies) when they are

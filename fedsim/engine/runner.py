@@ -13,7 +13,7 @@ from typing import Any
 
 from fedsim.config import RunConfig
 from fedsim.engine import engine_settings, parse_threads, parse_workers
-from fedsim.engine.inprocess import InProcessGrid
+from fedsim.engine.inprocess import InProcessGrid, available_cores
 
 
 def run_inprocess(
@@ -30,11 +30,13 @@ def run_inprocess(
     depend on it). ``quiet``: hide Flower's per-round INFO log lines (warnings, e.g.
     rejected replies, still show). ``workers``: "auto" plans each round on the available
     cores (``fedsim.engine.inprocess.plan_round``), a number runs clients on that many
-    threads; results are the same bits for any value. Both are recorded in the run's
+    threads; the LLR vote's blocks use as many cores (``fedsim.core.votes.vote_cores``);
+    results are the same bits for any value. Both are recorded in the run's
     summary.json (``engine_settings``)."""
     import torch
 
     from fedsim.client_app import app as client_app
+    from fedsim.core.votes import vote_cores
     from fedsim.runtime import release_runtimes
     from fedsim.server_app import run_experiment
 
@@ -51,11 +53,13 @@ def run_inprocess(
     level = flwr_logger.level
     if quiet:
         flwr_logger.setLevel(logging.WARNING)
+    cores = available_cores() if worker_setting == "auto" else int(worker_setting)
     try:
-        run_experiment(
-            grid, cfg, engine=InProcessGrid.engine_name, hooks=hooks,
-            engine_settings=engine_settings(InProcessGrid.engine_name, threads=torch.get_num_threads(), workers=worker_setting),
-        )
+        with vote_cores(cores * torch.get_num_threads()):  # the server's vote gets the cores the clients get
+            run_experiment(
+                grid, cfg, engine=InProcessGrid.engine_name, hooks=hooks,
+                engine_settings=engine_settings(InProcessGrid.engine_name, threads=torch.get_num_threads(), workers=worker_setting),
+            )
     finally:
         flwr_logger.setLevel(level)
         grid.close()
