@@ -235,5 +235,31 @@ def load_runs(paths: Iterable[str | Path]):
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
 
 
+def load_llr_weights(paths: Iterable[str | Path], keys: Iterable[str] = ("zero-sign", "attack", "attackers", "seed")):
+    """One row per finished run that reports LLR weights (``summary.json`` ``algorithm.mean_llr_weight``:
+    each client's weight averaged over the coordinates): its config values ``keys``, the
+    attackers' (``summary.json`` ``attackers``) mean and largest weight and the honest
+    clients' mean and smallest weight (NaN where a group is empty)."""
+    import pandas as pd
+
+    rows = []
+    for path in paths:
+        run = RunFolder(Path(path))
+        summary = run.read_summary() or {}
+        weights = {int(c): float(w) for c, w in summary.get("algorithm", {}).get("mean_llr_weight", {}).items()}
+        if not weights:
+            continue
+        config = run.read_config() or {}
+        bad = {int(c) for c in summary.get("attackers", [])}
+        attackers = [w for c, w in weights.items() if c in bad]
+        honest = [w for c, w in weights.items() if c not in bad]
+        rows.append({**{k: config.get(k) for k in keys}, "run": Path(path).name,
+                     "attackers_weight_mean": sum(attackers) / len(attackers) if attackers else math.nan,
+                     "attackers_weight_max": max(attackers, default=math.nan),
+                     "honest_weight_mean": sum(honest) / len(honest) if honest else math.nan,
+                     "honest_weight_min": min(honest, default=math.nan)})
+    return pd.DataFrame(rows)
+
+
 def row_dict(row: RoundRow) -> dict[str, Any]:
     return asdict(row)

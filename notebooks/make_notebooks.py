@@ -319,29 +319,29 @@ for strategy in [s for s in ("sign-mv", "llr-vote", "sign-fd") if s in table["st
 pd.DataFrame(cols).round(4)'''
     ),
     new_code_cell(
-        '''from fedsim.run_folder import RunFolder
+        '''from fedsim.results import load_llr_weights
 
 # the LLR vote's weight per client at the end of the run (mean over coordinates; negative: its signs are read flipped)
-rows = []
-for r in runs:
-    if r.point.get("strategy", r.config.strategy) != "llr-vote":
-        continue
-    summary = RunFolder(r.folder).read_summary() or {}
-    weights = {int(c): w for c, w in summary.get("algorithm", {}).get("mean_llr_weight", {}).items()}
-    bad = set(summary.get("attackers", []))
-    attackers = [w for c, w in weights.items() if c in bad]
-    honest = [w for c, w in weights.items() if c not in bad]
-    rows.append({"zero-sign": r.config.option("zero-sign"), "attackers": r.config.attackers, "seed": r.config.seed,
-                 "attackers' weight (mean)": sum(attackers) / len(attackers) if attackers else float("nan"),
-                 "attackers' weight (max)": max(attackers, default=float("nan")),
-                 "honest weight (mean)": sum(honest) / len(honest) if honest else float("nan"),
-                 "honest weight (min)": min(honest, default=float("nan"))})
-weights = pd.DataFrame(rows)
-weights.groupby(["zero-sign", "attackers"]).agg(
-    **{"attackers' weight (mean)": ("attackers' weight (mean)", "mean"), "attackers' weight (max)": ("attackers' weight (max)", "max"),
-       "honest weight (mean)": ("honest weight (mean)", "mean"), "honest weight (min)": ("honest weight (min)", "min"),
-       "seeds": ("seed", "nunique")}
-).round(3)'''
+WEIGHTS = {"attackers_weight_mean": "mean", "attackers_weight_max": "max", "honest_weight_mean": "mean", "honest_weight_min": "min"}
+
+
+def weight_table(runs, by):
+    w = load_llr_weights([r.folder for r in runs])
+    return w.groupby(by).agg(**{k: (k, how) for k, how in WEIGHTS.items()}, seeds=("seed", "nunique")).round(3)
+
+
+weight_table(runs, ["zero-sign", "attackers"])'''
+    ),
+    new_code_cell(
+        '''# full mode: the control, bit flippers (every sent bit inverted, zero gradients included; zero-sign plus)
+bitflip_file = "experiments/sweeps/attacks_mnist_bitflip.toml"
+bitflip = sweep_results(bitflip_file, run_missing=False, results_dir=sweep_folder(bitflip_file)) if MODE == "full" else []
+if bitflip:
+    bf = over_seeds(run_table(load_runs([r.folder for r in bitflip]), by=["attackers", "strategy", "seed"], tail=TAIL), ["attackers", "strategy"])
+    display(bf.pivot(index="attackers", columns="strategy", values=["tail_accuracy_mean", "tail_accuracy_std", "runs"]).round(4))
+    display(weight_table(bitflip, ["attackers"]))
+else:
+    print("bit-flip control: full mode only (no runs read)")'''
     ),
     new_code_cell(
         '''import matplotlib.pyplot as plt

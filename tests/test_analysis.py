@@ -61,3 +61,30 @@ def test_tables_over_seeds_and_best_lr():
     assert speedup([10, 20], baseline=40).tolist() == [4.0, 2.0]
     curve = accuracy_vs_bytes(_df())
     assert curve[curve.run == "a"]["bytes_up_cumulative"].tolist() == [0, 100, 200]
+
+
+def test_llr_weights_of_attackers_and_honest_clients_from_run_folders(tmp_path):
+    import json
+
+    from fedsim.results import load_llr_weights
+
+    def run(name, weights, attackers, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"seed": 0, "attackers": len(attackers), **config}))
+        (folder / "rounds.csv").write_text("round\n")
+        summary = {"attackers": attackers, "algorithm": {"mean_llr_weight": {str(c): w for c, w in enumerate(weights)}}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    a = run("a", [-1.0, 2.0, 3.0, -0.5], [0, 3], **{"zero-sign": "random"})
+    b = run("b", [1.0, 2.0], [], **{"zero-sign": "plus"})
+    mv = tmp_path / "mv"  # a majority-vote run reports no weights: left out
+    mv.mkdir()
+    (mv / "summary.json").write_text(json.dumps({"attackers": [0], "algorithm": {}}))
+    table = load_llr_weights([a, b, mv, tmp_path / "missing"]).set_index("run")
+    assert list(table.index) == ["a", "b"]
+    assert table.loc["a", "attackers_weight_mean"] == pytest.approx(-0.75) and table.loc["a", "attackers_weight_max"] == -0.5
+    assert table.loc["a", "honest_weight_mean"] == pytest.approx(2.5) and table.loc["a", "honest_weight_min"] == 2.0
+    assert table.loc["a", "zero-sign"] == "random" and table.loc["a", "attackers"] == 2
+    assert math.isnan(table.loc["b", "attackers_weight_mean"]) and table.loc["b", "honest_weight_min"] == 1.0
