@@ -307,41 +307,53 @@ df = load_runs([r.folder for r in runs])
 first = df[df["run"] == df["run"].iloc[0]].dropna(subset=["test_accuracy"])
 TAIL = int((first["round"] >= first["round"].max() / 2).sum())
 print(f"final: accuracy at the last round; tail: mean of the last {TAIL} evaluations (rounds {int(first['round'].iloc[-TAIL])}-{int(first['round'].max())})")
-keys = ["zero-sign", "attackers", "strategy"]
-table = over_seeds(run_table(df, by=[*keys, "seed"], tail=TAIL), keys)
-wide = table.pivot(index=["zero-sign", "attackers"], columns="strategy")
-cols = {}
-for strategy in [s for s in ("sign-mv", "llr-vote", "sign-fd") if s in table["strategy"].values]:
-    for metric in ("final_accuracy", "tail_accuracy"):
-        cols[(strategy, metric.split("_")[0])] = wide[(f"{metric}_mean", strategy)]
-    cols[(strategy, "tail sd")] = wide[("tail_accuracy_std", strategy)]
-    cols[(strategy, "seeds")] = wide[("runs", strategy)].astype("Int64")
-pd.DataFrame(cols).round(4)'''
+
+
+def accuracy_table(frame, index):
+    """Per setting ``index`` (rows) and vote (columns): final and tail accuracy, mean over seeds, the tail's sd and the seeds."""
+    keys = [*index, "strategy"]
+    t = over_seeds(run_table(frame, by=[*keys, "seed"], tail=TAIL), keys)
+    wide = t.pivot(index=index, columns="strategy")
+    cols = {}
+    for strategy in [s for s in ("sign-mv", "llr-vote", "sign-fd") if s in t["strategy"].values]:
+        for metric in ("final_accuracy", "tail_accuracy"):
+            cols[(strategy, metric.split("_")[0])] = wide[(f"{metric}_mean", strategy)]
+        cols[(strategy, "tail sd")] = wide[("tail_accuracy_std", strategy)]
+        cols[(strategy, "seeds")] = wide[("runs", strategy)].astype("Int64")
+    return t, pd.DataFrame(cols).round(4)
+
+
+table, shown = accuracy_table(df, ["zero-sign", "attackers"])
+shown'''
     ),
     new_code_cell(
         '''from fedsim.results import load_llr_weights
 
 # the LLR vote's weight per client at the end of the run (mean over coordinates; negative: its signs are read flipped)
-WEIGHTS = {"attackers_weight_mean": "mean", "attackers_weight_max": "max", "honest_weight_mean": "mean", "honest_weight_min": "min"}
-
-
 def weight_table(runs, by):
+    """Per setting: the attackers' mean weight (mean and sd over seeds) and their largest, the honest clients' mean and smallest."""
     w = load_llr_weights([r.folder for r in runs])
-    return w.groupby(by).agg(**{k: (k, how) for k, how in WEIGHTS.items()}, seeds=("seed", "nunique")).round(3)
+    return w.groupby(by).agg(
+        attackers_mean=("attackers_weight_mean", "mean"), attackers_sd=("attackers_weight_mean", "std"),
+        attackers_max=("attackers_weight_max", "max"), honest_mean=("honest_weight_mean", "mean"),
+        honest_min=("honest_weight_min", "min"), seeds=("seed", "nunique"),
+    ).round(3)
 
 
 weight_table(runs, ["zero-sign", "attackers"])'''
     ),
     new_code_cell(
-        '''# full mode: the control, bit flippers (every sent bit inverted, zero gradients included; zero-sign plus)
-bitflip_file = "experiments/sweeps/attacks_mnist_bitflip.toml"
-bitflip = sweep_results(bitflip_file, run_missing=False, results_dir=sweep_folder(bitflip_file)) if MODE == "full" else []
-if bitflip:
-    bf = over_seeds(run_table(load_runs([r.folder for r in bitflip]), by=["attackers", "strategy", "seed"], tail=TAIL), ["attackers", "strategy"])
-    display(bf.pivot(index="attackers", columns="strategy", values=["tail_accuracy_mean", "tail_accuracy_std", "runs"]).round(4))
-    display(weight_table(bitflip, ["attackers"]))
-else:
-    print("bit-flip control: full mode only (no runs read)")'''
+        '''# full mode: the control, bit flippers (every sent bit inverted, zero gradients included; zero-sign plus),
+# and sign flippers in batch mode 3 (12 x B = 4, 3 x B = 304)
+for title, more_file, index in [("bit flippers", "experiments/sweeps/attacks_mnist_bitflip.toml", ["attackers"]),
+                                ("batch mode 3", "experiments/sweeps/attacks_mnist_mode3.toml", ["zero-sign", "attackers"])]:
+    more = sweep_results(more_file, run_missing=False, results_dir=sweep_folder(more_file)) if MODE == "full" else []
+    if not more:
+        print(f"{title}: no finished runs read (full mode reads them)")
+        continue
+    print(title)
+    display(accuracy_table(load_runs([r.folder for r in more]), index)[1])
+    display(weight_table(more, index))'''
     ),
     new_code_cell(
         '''import matplotlib.pyplot as plt
