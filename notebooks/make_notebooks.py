@@ -68,6 +68,34 @@ cols["seeds MV / LLR"] = runs_per["sign-mv"].astype(str) + " / " + runs_per["llr
 pd.DataFrame(cols).round(4)'''
     ),
     new_code_cell(
+        '''# per mode and seed: final, tail and best accuracy, and the worst evaluation after the warm-up's
+# first 100 rounds with how many evaluations fell below 90% (the sign votes' collapses)
+def per_seed(frame):
+    t = run_table(frame, by=["batch-mode", "seed", "strategy"])
+    after = frame[frame["round"] >= 2 * int(frame["llr-warmup"].iloc[0])].dropna(subset=["test_accuracy"])
+    worst = after.groupby("run")["test_accuracy"].agg(worst="min", below_90=lambda a: int((a < 0.9).sum()))
+    t = t.join(worst, on="run")
+    wide = t.pivot(index=["batch-mode", "seed"], columns="strategy",
+                   values=["final_accuracy", "tail_accuracy", "best_accuracy", "worst", "below_90"])
+    wide[("tail LLR - MV", "")] = wide[("tail_accuracy", "llr-vote")] - wide[("tail_accuracy", "sign-mv")]
+    return wide.round(4)
+
+
+per_seed(df)'''
+    ),
+    new_code_cell(
+        '''# full mode: the same runs with the signSGD-FV authors' zero-gradient convention (zero-sign abstain:
+# a coordinate whose gradient is exactly 0 does not vote), beside fedsim's default (plus) for the same mode and seed
+abstain_file = "experiments/sweeps/fv_mnist_modes_abstain.toml"
+abstain = sweep_results(abstain_file, run_missing=False, results_dir=sweep_folder(abstain_file)) if MODE == "full" else []
+if abstain:
+    by_convention = pd.concat({"abstain": per_seed(load_runs([r.folder for r in abstain])), "plus": per_seed(df)}, names=["zero-sign"])
+    shared = by_convention.loc["abstain"].index
+    display(by_convention[by_convention.index.droplevel(0).isin(shared)].sort_index(level=[1, 2, 0]))
+else:
+    print("zero-sign abstain: no finished runs read (full mode reads them)")'''
+    ),
+    new_code_cell(
         '''import matplotlib.pyplot as plt
 
 modes = sorted(df["batch-mode"].unique())
