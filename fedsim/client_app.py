@@ -16,6 +16,9 @@ its upload.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -58,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
         generator=generator(cfg.seed, pid, rnd, device=setup.device),
         param_names=setup.param_names, state=context.state, server_round=rnd, attack=_attack(cfg, pid, num),
     )
-    upload = algorithm.client_step(algorithm.hyperparams(cfg), step)
+    upload = algorithm.client_step(_hyperparams(algorithm, cfg), step)
     payload = {algorithm.record: to_array_record(upload.arrays)}
     if algorithm.sends_buffers and setup.float_buffers:
         payload[protocol.BUFFERS] = to_array_record({k: v.detach().cpu().numpy() for k, v in setup.float_buffers.items()})
@@ -69,6 +72,13 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({**payload, protocol.METRICS: metrics}), reply_to=msg)
+
+
+@functools.lru_cache(maxsize=64)
+def _hyperparams(algorithm: type, cfg: RunConfig) -> Any:
+    """``algorithm.hyperparams(cfg)``, once per run config (RunConfig is frozen; a client
+    parses the same config every round)."""
+    return algorithm.hyperparams(cfg)
 
 
 def _attack(cfg: RunConfig, partition_id: int, num_partitions: int) -> Attack:
