@@ -19,6 +19,7 @@ import operator
 import warnings
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -158,10 +159,47 @@ def load_into(model: torch.nn.Module, arrays: ArrayRecord) -> None:
         for key, target in targets.items():
             np.copyto(target.numpy(), from_flwr_array(arrays[key]).reshape(target.shape))
         return
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    load_staged(model, targets, arrays, pin=torch.cuda.is_available())
+
+
+_ALIGN = 64  # bytes: every array starts on a boundary any dtype can be viewed at
+
+
+@dataclass
+class _Stage:
+    """A model's host staging buffer (pinned where CUDA is) and the event that marks the end
+    of the last copies out of it (None: no copy in flight)."""
+
+    buffer: torch.Tensor
+    done: "torch.cuda.Event | None" = None
+
+
+_STAGES: "weakref.WeakKeyDictionary[torch.nn.Module, _Stage]" = weakref.WeakKeyDictionary()
+
+
+def load_staged(model: torch.nn.Module, targets: Mapping[str, torch.Tensor], arrays: ArrayRecord, pin: bool) -> None:
+    """Copy ``arrays`` into the device tensors ``targets`` through one host staging buffer per
+    model: the message bytes go into the buffer (numpy), then each tensor is copied from it
+    with ``non_blocking=True``, which for a page-locked (``pin``) buffer is an asynchronous DMA
+    on the current stream (ordered before any kernel that uses the weights). The next call for
+    the same model first waits for those copies to end before it overwrites the buffer."""
+    sizes = {k: t.numel() * t.element_size() for k, t in targets.items()}
+    need = sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values())
+    stage = _STAGES.get(model)
+    if stage is None or stage.buffer.numel() < need:
+        stage = _STAGES[model] = _Stage(torch.empty(need, dtype=torch.uint8, pin_memory=pin))
+    elif stage.done is not None:
+        stage.done.synchronize()  # the previous copies out of the buffer have ended
+    offset = 0
+    with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(torch.from_numpy(from_flwr_array(arrays[key])).reshape(target.shape))
+            part = stage.buffer[offset : offset + sizes[key]].view(target.dtype).view(target.shape)
+            np.copyto(part.numpy(), from_flwr_array(arrays[key]).reshape(target.shape))
+            target.copy_(part, non_blocking=True)
+            offset += -(-sizes[key] // _ALIGN) * _ALIGN
+    if pin and any(t.device.type == "cuda" for t in targets.values()):
+        stage.done = torch.cuda.Event()
+        stage.done.record()
 
 
 _VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()

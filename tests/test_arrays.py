@@ -48,6 +48,29 @@ def test_load_into_equals_load_state_dict_and_is_strict():
         load_into(a, record)
 
 
+def test_staged_load_equals_load_state_dict_and_reuses_its_buffer():
+    """The GPU path (a host staging buffer, then non-blocking copies; pinned on CUDA) run on
+    the CPU without pinning: same values as load_state_dict for float and int64 (BatchNorm's
+    counter) tensors, one buffer per model reused from the second load on."""
+    from fedsim.arrays import _STAGES, _state_views, load_staged
+
+    a = build_model("resnet20", seed=2)
+    for seed in (1, 3):
+        src = build_model("resnet20", seed=seed)
+        src.state_dict()["bn1.num_batches_tracked"].fill_(seed)
+        load_staged(a, _state_views(a), ArrayRecord(src.state_dict()), pin=False)
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), src.state_dict().items()):
+            assert ka == kb and va.dtype == vb.dtype and torch.equal(va, vb), ka
+        buffer = _STAGES[a].buffer
+        if seed == 1:
+            first = buffer
+    assert buffer is first and _STAGES[a].done is None  # reused; no CUDA event without CUDA
+    with pytest.raises(ValueError):  # a wrong shape under the right key is refused, as by load_state_dict
+        wrong = dict(src.state_dict())
+        wrong["fc.bias"] = torch.zeros(3)
+        load_staged(a, _state_views(a), ArrayRecord(wrong), pin=False)
+
+
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
 GOOD = to_flwr_array(X)
 

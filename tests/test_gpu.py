@@ -36,6 +36,22 @@ def test_the_llr_vote_on_the_gpu_equals_the_cpu():
     assert torch.equal(cpu.state_dict()["agree"], gpu.state_dict()["agree"].cpu())
 
 
+def test_weights_go_to_the_gpu_through_a_pinned_buffer_asynchronously():
+    from flwr.app import ArrayRecord
+
+    from fedsim.arrays import _STAGES, load_into
+    from fedsim.models import build_model
+
+    model = build_model("resnet20", seed=2).cuda()
+    for seed in (1, 3):  # the second load waits for the first one's copies, then reuses the buffer
+        src = build_model("resnet20", seed=seed)
+        load_into(model, ArrayRecord(src.state_dict()))
+        for (ka, va), (kb, vb) in zip(model.state_dict().items(), src.state_dict().items()):
+            assert ka == kb and torch.equal(va.cpu(), vb), ka
+    stage = _STAGES[model]
+    assert stage.buffer.is_pinned() and stage.done is not None
+
+
 def test_clients_train_on_the_gpu_and_say_so(tmp_path):
     out = run_inprocess(
         {"strategy": "llr-vote", "lr": 0.01, "num-nodes": 4, "num-server-rounds": 3, "llr-warmup": 1, "results-dir": str(tmp_path)}
