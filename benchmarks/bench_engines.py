@@ -206,12 +206,20 @@ def run_flower_timed(cfg: dict[str, Any], workdir: Path, name: str, device: str,
 # --- the bare PyTorch loop --------------------------------------------------------------
 
 
-def bare_loop(cfg: dict[str, Any], device: str) -> dict[str, Any]:
+def bare_loop(cfg: dict[str, Any], device: str, workers: int = 1) -> dict[str, Any]:
     """signSGD-FV with no framework: for each round, for each client, draw its minibatch
     (the engine's own generator stream and batch sizes, so the very same examples),
     forward/backward, flatten the gradient, take signs (zero -> +1); then the LLR vote
     (CrossProbabilityEstimator, same warm-up) and x -= lr * U. No messages, no
-    serialisation, no sign packing, no per-client model copy."""
+    serialisation, no sign packing, no per-client model copy.
+
+    ``workers`` > 1: the ceiling for row 4, the same loop with the clients of a round on
+    ``workers`` threads (one torch thread each, a model replica per thread, clients longest
+    batch first, a micro-batched client's parts shared with idle threads through the
+    engine's own thread pool) and the vote's blocks on as many threads: what all cores give
+    with no framework at all."""
+    import threading
+
     import torch
 
     from fedsim.partitions.batch_sizes import client_batch_sizes
@@ -235,37 +243,74 @@ def bare_loop(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     model = build_model(cfg["model"], num_classes=splits.num_classes, seed=seed).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
-    est = CrossProbabilityEstimator(n, warmup_rounds=cfg["llr-warmup"], device=dev)
+    est = CrossProbabilityEstimator(n, warmup_rounds=cfg["llr-warmup"], device=dev, threads=workers)  # one thread: truly one
     clients = list(range(m))
     signs = torch.empty(m, n, dtype=torch.int8, device=dev)
     stamps = []
     t0 = time.perf_counter()
-    for rnd in range(1, rounds + 1):
-        for pid in clients:
-            vec, _loss, _ = flat_gradient(model, data[pid], sizes[pid], generator(seed, pid, rnd, device=dev))
-            signs[pid] = torch.where(vec >= 0, 1, -1).to(torch.int8)
-        u = est.vote(clients, signs)
-        with torch.no_grad():
-            vec = torch.nn.utils.parameters_to_vector(params)
-            vec = vec - lr * u.to(vec.dtype)
-            torch.nn.utils.vector_to_parameters(vec, params)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        stamps.append(time.perf_counter() - t0)
+    pool, local = None, threading.local()
+    if workers > 1:
+        import copy
+
+        from fedsim.clients.tasks import part_map
+        from fedsim.engine.inprocess import _Workers
+
+        pool = _Workers(workers)
+        order = sorted(clients, key=lambda c: -sizes[c])  # longest first, as the engine's plan
+
+    def client_signs(pid: int, rnd: int, net: torch.nn.Module) -> None:
+        vec, _loss, _ = flat_gradient(net, data[pid], sizes[pid], generator(seed, pid, rnd, device=dev))
+        signs[pid] = torch.where(vec >= 0, 1, -1).to(torch.int8)
+
+    def on_worker(pid: int, rnd: int, weights: torch.Tensor) -> None:
+        net = getattr(local, "net", None)
+        if net is None or getattr(local, "version", None) != rnd:
+            if net is None:
+                net = local.net = copy.deepcopy(model)
+            torch.nn.utils.vector_to_parameters(weights, [p for p in net.parameters() if p.requires_grad])
+            local.version = rnd
+        with part_map(pool.map_parts):
+            client_signs(pid, rnd, net)
+
+    try:
+        for rnd in range(1, rounds + 1):
+            if pool is None:
+                for pid in clients:
+                    client_signs(pid, rnd, model)
+            else:
+                with torch.no_grad():
+                    weights = torch.nn.utils.parameters_to_vector(params).detach()
+                futures = [pool.submit(lambda pid=pid, rnd=rnd: on_worker(pid, rnd, weights)) for pid in order]
+                for f in futures:
+                    f.result()
+            u = est.vote(clients, signs)
+            with torch.no_grad():
+                vec = torch.nn.utils.parameters_to_vector(params)
+                vec = vec - lr * u.to(vec.dtype)
+                torch.nn.utils.vector_to_parameters(vec, params)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            stamps.append(time.perf_counter() - t0)
+    finally:
+        if pool is not None:
+            pool.close()
     final = torch.nn.utils.parameters_to_vector(params).detach().cpu()
-    return {"engine": "bare", "rounds": rounds, "per_round_s": per_round(stamps), "round_seconds": stamps, "final": final}
+    return {"engine": "bare" if workers == 1 else f"bare-{workers}-threads", "rounds": rounds, "per_round_s": per_round(stamps), "round_seconds": stamps, "final": final}
 
 
-def compare_row2(cfg: dict[str, Any], workdir: Path, reps: int, device: str, workers: int | str = 1) -> dict[str, Any]:
+def compare_row2(
+    cfg: dict[str, Any], workdir: Path, reps: int, device: str, workers: int | str = 1, ceiling_threads: int = 1
+) -> dict[str, Any]:
     """In-process engine (in this process, 1 torch thread per worker, ``workers`` workers) and
     the one-thread bare loop, in alternating blocks of R rounds, ``reps`` blocks each;
-    per-round = mean over blocks."""
+    per-round = mean over blocks. ``ceiling_threads`` > 1 adds a block of the bare loop on
+    that many threads (``bare_loop(workers=...)``) after each bare block."""
     import torch
 
     from fedsim.engine.runner import run_inprocess
     from fedsim.models import build_model
 
-    inproc, bare = [], []
+    inproc, bare, ceiling = [], [], []
     same = None
     grid_plans = _record_plans()
     for rep in range(reps):
@@ -274,6 +319,12 @@ def compare_row2(cfg: dict[str, Any], workdir: Path, reps: int, device: str, wor
             if which == "bare":
                 b = bare_loop(cfg, device)
                 bare.append(b)
+                if ceiling_threads > 1:
+                    progress(f"  block {rep + 1}/{reps}: bare on {ceiling_threads} threads, {cfg['num-server-rounds']} rounds")
+                    c = bare_loop(cfg, device, workers=ceiling_threads)
+                    if float((c.pop("final") - b["final"]).abs().max()) != 0.0:
+                        raise RuntimeError("the bare loop on several threads ended with another model than on one: a bug in the benchmark")
+                    ceiling.append(c)
                 continue
             results = workdir / f"row2-{cfg['dataset']}-{cfg['batch-mode']}-{workers}-{rep}"
             t0 = time.perf_counter()
@@ -294,8 +345,12 @@ def compare_row2(cfg: dict[str, Any], workdir: Path, reps: int, device: str, wor
         b.pop("final", None)
     pi = sum(r["per_round_s"] for r in inproc) / len(inproc)
     pb = sum(b["per_round_s"] for b in bare) / len(bare)
-    return {"inprocess": inproc, "bare": bare, "inprocess_per_round_s": pi, "bare_per_round_s": pb,
-            "overhead": pi / pb, "same_final_model": same}
+    out = {"inprocess": inproc, "bare": bare, "inprocess_per_round_s": pi, "bare_per_round_s": pb,
+           "overhead": pi / pb, "same_final_model": same}
+    if ceiling:
+        pc = sum(c["per_round_s"] for c in ceiling) / len(ceiling)
+        out.update({"ceiling": ceiling, "ceiling_threads": ceiling_threads, "ceiling_per_round_s": pc, "ceiling_ratio": pc / pb})
+    return out
 
 
 def _record_plans() -> "collections.Counter[int]":
@@ -485,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = fv_config("mnist", rounds, mnist_dir, mode=mode)
                 progress(f"row 4, mnist batch mode {mode}: in-process engine, --workers auto ({cores} cores), vs bare loop on 1 thread, "
                          f"{reps} alternating block(s) of {rounds} rounds")
-                r = compare_row2(cfg, workdir, reps, args.device, workers="auto")
+                r = compare_row2(cfg, workdir, reps, args.device, workers="auto", ceiling_threads=cores)
                 progress(f"  in-process {r['inprocess_per_round_s']:.4f} s/round, bare {r['bare_per_round_s']:.4f} s/round, "
                          f"ratio {r['overhead']:.3f}x; same final model: {r['same_final_model']}; plans {r['inprocess'][0]['round_plans']}")
                 runs[f"row4-mode{mode}"] = {"config": cfg, "cores": cores, **r}
@@ -494,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "s/round (other = bare PyTorch loop, 1 thread; ratio = in-process/bare)",
                                       fmt(r["inprocess_per_round_s"], " s"), fmt(r["bare_per_round_s"], " s"), r["overhead"],
                                       target, r["overhead"] <= ALL_CORES_TARGET if cores == 2 else None))
+                if "ceiling_ratio" in r:
+                    progress(f"  bare loop on {cores} threads {r['ceiling_per_round_s']:.4f} s/round, ratio {r['ceiling_ratio']:.3f}x")
+                    rows.append(table_row(f"4 same, the ceiling: the bare loop with its clients on {cores} threads (no framework; "
+                                          "ratio = that/bare on 1 thread)", "—", fmt(r["ceiling_per_round_s"], " s"), r["ceiling_ratio"]))
         elif 4 in wanted:
             progress("row 4 skipped: it needs MNIST (--mnist-dir)")
     finally:
