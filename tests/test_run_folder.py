@@ -98,9 +98,13 @@ def test_two_fedsim_runs_on_one_folder(tmp_path):
     first = start(cmd)
     try:
         wait_for(lambda: has_rows(folder, 2), first, "the first run wrote rounds")
-        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        # "at once": it was refused while the first still ran (no timing: these machines are loaded and noisy)
-        assert first.poll() is None, "the first run ended before the second got to the folder: raise num-server-rounds"
+        # Stopped (SIGSTOP) mid-run it keeps its lock and cannot finish while the second one
+        # starts, however slow a loaded machine makes the second's start-up.
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"results folder {folder} is in use by another fedsim process (pid {first.pid})" in second.stderr
         assert "Traceback" not in second.stderr
