@@ -8,12 +8,13 @@ Votes return an int8 tensor of shape [N] in {-1, 0, +1}; 0 is a tie (no step).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 
 import torch
+
+from fedsim.device import available_cores
 
 # Coordinates per block in the LLR vote: temporaries of M x 65,536 floats stay in cache and
 # below the allocator's mmap threshold (no page faults per round).
@@ -57,7 +58,7 @@ def vote_cores(cores: int) -> Iterator[None]:
 def vote_threads() -> int:
     """Threads for a CPU vote: the cores this process may use (or the ``vote_cores`` budget),
     divided by torch's intra-op threads (each block's kernels already use that many)."""
-    cores = _CORES.get() or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = _CORES.get() or available_cores()
     return max(1, cores // max(1, torch.get_num_threads()))
 
 

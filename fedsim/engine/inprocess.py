@@ -41,6 +41,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedsim.clients.tasks import part_map
+from fedsim.device import available_cores
 from fedsim.engine.flower_internals import (
     Run,
     assign_message_id,
@@ -64,11 +65,6 @@ MIN_SPEEDUP = 1.2
 RETRY_FACTOR = 2
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Any
 
 from fedsim.config import RunConfig
 from fedsim.engine import engine_settings, parse_threads, parse_workers
-from fedsim.engine.inprocess import InProcessGrid, available_cores
+from fedsim.device import available_cores
+from fedsim.engine.inprocess import InProcessGrid
 
 
 def run_inprocess(
