@@ -184,7 +184,8 @@ def load_staged(model: torch.nn.Module, targets: Mapping[str, torch.Tensor], arr
     on the current stream (ordered before any kernel that uses the weights). The next call for
     the same model first waits for those copies to end before it overwrites the buffer."""
     sizes = {k: t.numel() * t.element_size() for k, t in targets.items()}
-    need = sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values())
+    slots = {k: -(-n // _ALIGN) * _ALIGN for k, n in sizes.items()}  # each array's share of the buffer, aligned
+    need = sum(slots.values())
     stage = _STAGES.get(model)
     if stage is None or stage.buffer.numel() < need:
         stage = _STAGES[model] = _Stage(torch.empty(need, dtype=torch.uint8, pin_memory=pin))
@@ -196,7 +197,7 @@ def load_staged(model: torch.nn.Module, targets: Mapping[str, torch.Tensor], arr
             part = stage.buffer[offset : offset + sizes[key]].view(target.dtype).view(target.shape)
             np.copyto(part.numpy(), from_flwr_array(arrays[key]).reshape(target.shape))
             target.copy_(part, non_blocking=True)
-            offset += -(-sizes[key] // _ALIGN) * _ALIGN
+            offset += slots[key]
     if pin and any(t.device.type == "cuda" for t in targets.values()):
         stage.done = torch.cuda.Event()
         stage.done.record()
