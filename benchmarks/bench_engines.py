@@ -252,7 +252,7 @@ def bare_loop(cfg: dict[str, Any], device: str, workers: int = 1) -> dict[str, A
     if workers > 1:
         import copy
 
-        from fedsim.clients.tasks import part_map
+        from fedsim.clients.tasks import part_map, trainable_parameters
         from fedsim.engine.inprocess import _Workers
 
         pool = _Workers(workers)
@@ -267,7 +267,7 @@ def bare_loop(cfg: dict[str, Any], device: str, workers: int = 1) -> dict[str, A
         if net is None or getattr(local, "version", None) != rnd:
             if net is None:
                 net = local.net = copy.deepcopy(model)
-            torch.nn.utils.vector_to_parameters(weights, [p for p in net.parameters() if p.requires_grad])
+            torch.nn.utils.vector_to_parameters(weights, trainable_parameters(net))
             local.version = rnd
         with part_map(pool.map_parts):
             client_signs(pid, rnd, net)
