@@ -175,9 +175,9 @@ def test_estimator_memory_is_four_bytes_per_client_coordinate():
 def test_blocked_vote_equals_the_definition_across_blocks_and_partial_participation():
     """vote() works on blocks of coordinates and on row views; it must equal the plain
     definition: U = sign(sum_m w_m Y_m) with w from weights(), then counts += (1 + Y U) / 2."""
-    from fedsim.core import votes
+    from fedsim.core.blocks import BLOCK
 
-    n = 2 * votes._BLOCK + 123
+    n = 2 * BLOCK + 123
     est = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=2, forgetting=0.9)
     g = torch.Generator().manual_seed(1)
     agree, total = {}, {}
@@ -198,12 +198,13 @@ def test_blocked_vote_equals_the_definition_across_blocks_and_partial_participat
 def test_threaded_blocks_are_bit_identical_to_one_thread(threads):
     """Blocks of coordinates on several threads: the same votes and counts, bit for bit,
     through warm-up, partial participation, forgetting and abstentions (zeros)."""
-    from fedsim.core import votes
+    from fedsim.core.blocks import BLOCK
+    from fedsim.parallel import block_map
 
-    n = 3 * votes._BLOCK + 77
-    one = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=1, forgetting=0.95, threads=1)
-    many = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=1, forgetting=0.95, threads=threads)
-    assert many.threads == threads
+    n = 3 * BLOCK + 77
+    one = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=1, forgetting=0.95)
+    many = CrossProbabilityEstimator(num_coordinates=n, warmup_rounds=1, forgetting=0.95, map_blocks=block_map(threads))
+    assert many.map_blocks.threads == threads
     g = torch.Generator().manual_seed(3)
     for rnd, ids in enumerate([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [4, 0, 2], [1, 2, 3, 4], [0, 1, 2, 3, 4]]):
         signs = torch.randint(-1 if rnd >= 2 else 0, 2, (len(ids), n), generator=g).to(torch.int8)
@@ -216,19 +217,22 @@ def test_threaded_blocks_are_bit_identical_to_one_thread(threads):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_default_vote_threads_use_the_cores_torch_leaves_free(monkeypatch):
-    from fedsim.core import votes
+def test_block_map_runs_every_block_once_and_raises_a_blocks_error():
+    from fedsim.parallel import block_map
 
-    monkeypatch.setattr(votes, "available_cores", lambda: 8)
-    monkeypatch.setattr(votes.torch, "get_num_threads", lambda: 2)
-    assert votes.vote_threads() == 4
-    assert CrossProbabilityEstimator(10).threads == 4
-    assert CrossProbabilityEstimator(10, device="meta").threads == 1  # not a CPU: the device parallelises
-    with votes.vote_cores(2):  # an engine's budget: 2 cores, torch takes 2 per kernel
-        assert CrossProbabilityEstimator(10).threads == 1
-    assert CrossProbabilityEstimator(10).threads == 4
+    for threads in (1, 3):
+        seen: list[int] = []
+        block_map(threads)(seen.append, list(range(7)))
+        assert sorted(seen) == list(range(7))
+
+    def fail(b: int) -> None:
+        if b == 4:
+            raise RuntimeError("block 4")
+
+    with pytest.raises(RuntimeError, match="block 4"):
+        block_map(3)(fail, list(range(7)))
     with pytest.raises(ValueError, match="threads"):
-        CrossProbabilityEstimator(10, threads=0)
+        block_map(0)
 
 
 def test_estimator_rejects_bad_shapes():

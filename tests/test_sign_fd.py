@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategy_kit import each_round, make
 
 from fedsim import protocol
 from fedsim.core.fd import EPS, FederatedDefense
@@ -22,7 +23,6 @@ from fedsim.core.signs import pack_signs
 from fedsim.core.votes import majority_vote
 from fedsim.engine.flower_internals import assign_message_id, set_server_identity
 from fedsim.engine.runner import run_inprocess
-from strategy_kit import make
 
 set_server_identity(run_id=7)
 
@@ -98,7 +98,7 @@ def _replies(s, current: ArrayRecord, rnd: int, rows: list[list[int]]) -> list[M
     for i, m in enumerate(msgs):
         assign_message_id(m, f"r{rnd}-{i}")
     out = []
-    for pid, (m, row) in enumerate(zip(msgs, rows)):
+    for pid, (m, row) in enumerate(zip(msgs, rows, strict=True)):
         record = ArrayRecord({protocol.PACKED: Array(pack_signs(torch.tensor(row, dtype=torch.float32)))})
         metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": pid, "batch-size": 4})
         out.append(Message(RecordDict({protocol.SIGNS: record, protocol.METRICS: metrics}), reply_to=m))
@@ -211,12 +211,12 @@ def test_the_defense_state_survives_a_checkpoint_bit_for_bit():
     assert len(rounds) == 4
     buf = io.BytesIO()
     s = make("sign-fd", {"w": ((n,), np.dtype(np.float32))}, ["w"], lr=0.1, fd_warmup=3, fd_max=4.0)
-    s.algorithm.defense = whole
+    s.algorithm.estimator = whole
     torch.save(s.algorithm.state_dict(), buf)
     buf.seek(0)
     t = make("sign-fd", {"w": ((n,), np.dtype(np.float32))}, ["w"], lr=0.1, fd_warmup=3, fd_max=4.0)
     t.algorithm.load_state_dict(torch.load(buf, weights_only=True))
-    restored = t.algorithm.defense
+    restored = t.algorithm.estimator
     assert restored.phase == "coordinate" and restored.rounds_seen == 4
     g = torch.Generator().manual_seed(9)
     for _ in range(3):
@@ -244,7 +244,7 @@ def test_a_crashed_sign_fd_run_resumes_to_the_same_rounds(tmp_path):
     whole = run_inprocess({**cfg, "results-dir": str(tmp_path / "whole")}, quiet=True)
     resumed = tmp_path / "resumed"
     with pytest.raises(Crash):
-        run_inprocess({**cfg, "results-dir": str(resumed)}, quiet=True, on_round=crash_at_9)
+        run_inprocess({**cfg, "results-dir": str(resumed)}, quiet=True, callbacks=[each_round(crash_at_9)])
     run_inprocess({**cfg, "results-dir": str(resumed)}, quiet=True)
     assert _rows(resumed) == _rows(whole)
     assert json.loads((resumed / "summary.json").read_text())["resumed_after_round"] > 0

@@ -21,15 +21,16 @@ A worker with no history (n_m = 0: it has not taken part yet) gets w = 1.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from fedsim.core.blocks import BLOCK, BlockMap, coordinate_blocks, sequential_blocks
+from fedsim.core.client_table import ClientTable
 from fedsim.core.votes import llr_weighted_vote
 
 EPS = 1e-5  # the authors' smoothing of the rates (``eps = 10 ** -5`` in train_signSGD_FD.py)
-_BLOCK = 1 << 16  # coordinates per block: the round's float temporaries stay M x 65,536
 
 
 def fd_llr(agree: torch.Tensor, total: torch.Tensor, max_llr: float, eps: float = EPS) -> torch.Tensor:
@@ -50,7 +51,8 @@ class FederatedDefense:
 
     ``warmup_rounds`` is T_in (>= 1); ``max_llr`` is C; ``max_clients`` (None: unbounded)
     caps K, and a new worker beyond it raises ValueError. A worker is any hashable id (the
-    strategy uses partition ids, stable across runs and resumes).
+    strategy uses partition ids, stable across runs and resumes). ``map_blocks`` runs the
+    blocks of coordinates (fedsim.core.blocks; the same bits on any BlockMap).
     """
 
     def __init__(
@@ -61,23 +63,21 @@ class FederatedDefense:
         eps: float = EPS,
         device: torch.device | str = "cpu",
         max_clients: int | None = None,
+        map_blocks: BlockMap = sequential_blocks,
     ) -> None:
-        if num_coordinates < 1:
-            raise ValueError(f"num_coordinates must be >= 1, got {num_coordinates}")
         if warmup_rounds < 1 or not max_llr > 0 or not 0 < eps < 0.5:
             raise ValueError(f"need warmup_rounds >= 1, max_llr > 0, eps in (0, 0.5); got {warmup_rounds}, {max_llr}, {eps}")
-        if max_clients is not None and max_clients < 1:
-            raise ValueError(f"max_clients must be >= 1 or None, got {max_clients}")
+        self.table = ClientTable(num_coordinates, device, max_clients, what="workers")
         self.num_coordinates = num_coordinates
         self.warmup_rounds = warmup_rounds
         self.max_llr = max_llr
         self.eps = eps
         self.max_clients = max_clients
-        self.device = torch.device(device)
+        self.device = self.table.device
+        self.map_blocks = map_blocks
         self.rounds_seen = 0
-        self._rows: dict[Hashable, int] = {}
-        self._matches = torch.zeros(0, num_coordinates, dtype=torch.int32, device=self.device)
-        self._rounds = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.table.add("matches", torch.int32)
+        self.table.add("rounds", torch.int64, per_coordinate=False)
 
     @property
     def phase(self) -> str:
@@ -88,18 +88,18 @@ class FederatedDefense:
 
     def worker_weights(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """w_m = llr(sum_n c_{m,n} / (N n_m)), float64 [M]; 1 for a worker with n_m = 0."""
-        rows = self._row_indices(client_ids)
-        n = self._rounds[rows]
-        total = self._matches[rows].sum(dim=1, dtype=torch.int64)
+        rows = self.table.indices(client_ids)
+        n = self.table["rounds"][rows]
+        total = self.table["matches"][rows].sum(dim=1, dtype=torch.int64)
         w = fd_llr(total, (n * self.num_coordinates).clamp_min(1), self.max_llr, self.eps)
         return torch.where(n > 0, w, torch.ones_like(w))
 
     def coordinate_weights(self, client_ids: Sequence[Hashable], cols: slice = slice(None)) -> torch.Tensor:
         """w_{m,n} = llr(c_{m,n} / n_m) for the coordinates ``cols``, float64 [M, len(cols)];
         1 for a worker with n_m = 0."""
-        rows = self._row_indices(client_ids)
-        n = self._rounds[rows][:, None]
-        w = fd_llr(self._matches[rows, cols], n.clamp_min(1), self.max_llr, self.eps)
+        rows = self.table.indices(client_ids)
+        n = self.table["rounds"][rows][:, None]
+        w = fd_llr(self.table["matches"][rows, cols], n.clamp_min(1), self.max_llr, self.eps)
         return torch.where(n > 0, w, torch.ones_like(w))
 
     def weights(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
@@ -121,8 +121,12 @@ class FederatedDefense:
         phase = self.phase
         if phase == "coordinate":
             u = torch.empty(self.num_coordinates, dtype=torch.int8, device=self.device)
-            for cols in self._blocks():
+            self.table.indices(client_ids)  # new workers' rows first: the blocks then only read the tables
+
+            def vote_block(cols: slice) -> None:
                 u[cols] = llr_weighted_vote(signs[:, cols], self.coordinate_weights(client_ids, cols))
+
+            self.map_blocks(vote_block, self._blocks())
         else:
             w = torch.ones(len(client_ids), dtype=torch.float64, device=self.device)
             if phase == "worker":
@@ -133,43 +137,32 @@ class FederatedDefense:
 
     def update(self, client_ids: Sequence[Hashable], signs: torch.Tensor, vote: torch.Tensor) -> None:
         """c_{m,n} += [Y_{m,n} = U_n], n_m += 1 for the given workers; r += 1."""
-        rows = self._row_indices(client_ids)
+        rows = self.table.indices(client_ids)
         signs, vote = signs.to(self.device), vote.to(self.device)
-        for cols in self._blocks():
-            self._matches[rows, cols] += count_matches(signs[:, cols], vote[cols])
-        self._rounds[rows] += 1
+        matches = self.table["matches"]
+
+        def count(cols: slice) -> None:
+            matches[rows, cols] += count_matches(signs[:, cols], vote[cols])
+
+        self.map_blocks(count, self._blocks())
+        self.table["rounds"][rows] += 1
         self.rounds_seen += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Counts, their worker order and r (tensors, lists and ints: ``torch.load`` reads it
         back with ``weights_only=True``)."""
-        return {"clients": list(self._rows), "matches": self._matches, "rounds": self._rounds, "rounds_seen": self.rounds_seen}
+        return {**self.table.state(), "rounds_seen": self.rounds_seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned (same number of coordinates)."""
-        clients, matches, rounds = list(state["clients"]), state["matches"], state["rounds"]
-        if tuple(matches.shape) != (len(clients), self.num_coordinates) or tuple(rounds.shape) != (len(clients),):
-            raise ValueError(
-                f"FD state has counts of shape {tuple(matches.shape)} and rounds {tuple(rounds.shape)}, "
-                f"expected ({len(clients)}, {self.num_coordinates}) and ({len(clients)},)"
-            )
-        self._rows = {c: i for i, c in enumerate(clients)}
-        self._matches = matches.to(self.device, torch.int32).clone()
-        self._rounds = rounds.to(self.device, torch.int64).clone()
+        tables = {"matches": state["matches"], "rounds": state["rounds"]}
+        if tables["matches"].dim() != 2 or tables["rounds"].dim() != 1:
+            raise ValueError(f"FD state has counts of shape {tuple(tables['matches'].shape)} and rounds {tuple(tables['rounds'].shape)}, expected 2-D and 1-D")
+        try:
+            self.table.load(list(state["clients"]), tables, {"matches": torch.int32, "rounds": torch.int64})
+        except ValueError as err:
+            raise ValueError(f"FD state: {err}") from None
         self.rounds_seen = int(state["rounds_seen"])
 
-    def _blocks(self) -> Iterator[slice]:
-        for start in range(0, self.num_coordinates, _BLOCK):
-            yield slice(start, start + _BLOCK)
-
-    def _row_indices(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
-        """Rows of the count tables; a worker seen for the first time gets zero counts."""
-        new = [c for c in dict.fromkeys(client_ids) if c not in self._rows]
-        if new and self.max_clients is not None and len(self._rows) + len(new) > self.max_clients:
-            raise ValueError(f"{len(new)} new workers would make {len(self._rows) + len(new)} with counts, more than max_clients={self.max_clients}")
-        if new:
-            for c in new:
-                self._rows[c] = len(self._rows)
-            self._matches = torch.cat([self._matches, torch.zeros(len(new), self.num_coordinates, dtype=torch.int32, device=self.device)])
-            self._rounds = torch.cat([self._rounds, torch.zeros(len(new), dtype=torch.int64, device=self.device)])
-        return torch.tensor([self._rows[c] for c in client_ids], dtype=torch.long, device=self.device)
+    def _blocks(self) -> list[slice]:
+        return coordinate_blocks(self.num_coordinates, BLOCK)

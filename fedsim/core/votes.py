@@ -7,18 +7,12 @@ Votes return an int8 tensor of shape [N] in {-1, 0, +1}; 0 is a tie (no step).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
-from fedsim.device import available_cores
-
-# Coordinates per block in the LLR vote: temporaries of M x 65,536 floats stay in cache and
-# below the allocator's mmap threshold (no page faults per round).
-_BLOCK = 1 << 16
+from fedsim.core.blocks import BLOCK, BlockMap, coordinate_blocks, sequential_blocks
+from fedsim.core.client_table import ClientTable
 
 
 def majority_vote(signs: torch.Tensor) -> torch.Tensor:
@@ -39,37 +33,6 @@ def llr_weighted_vote(signs: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
         raise ValueError(f"llr_weighted_vote: {signs.shape[0]} clients but {weights.shape[0]} weight rows")
     total = (weights.to(torch.float32) * signs).sum(dim=0)
     return torch.sign(total).to(torch.int8)
-
-
-_CORES: ContextVar[int | None] = ContextVar("fedsim_vote_cores", default=None)
-
-
-@contextlib.contextmanager
-def vote_cores(cores: int) -> Iterator[None]:
-    """Within the block, estimators built with the default ``threads`` use at most ``cores``
-    cores (an engine's budget: ``fedsim run --workers 1`` means one core, vote included)."""
-    token = _CORES.set(max(1, cores))
-    try:
-        yield
-    finally:
-        _CORES.reset(token)
-
-
-def vote_threads() -> int:
-    """Threads for a CPU vote: the cores this process may use (or the ``vote_cores`` budget),
-    divided by torch's intra-op threads (each block's kernels already use that many)."""
-    cores = _CORES.get() or available_cores()
-    return max(1, cores // max(1, torch.get_num_threads()))
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """One shared pool per thread count for every estimator of the process (concurrent votes queue in it)."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fedsim-vote")
-    return _POOLS[threads]
 
 
 def _check_signs(signs: torch.Tensor) -> None:
@@ -107,10 +70,9 @@ class CrossProbabilityEstimator:
     abstention count per (client, coordinate) (4 bytes more); ``max_clients`` (None:
     unbounded) caps the clients, and a new client beyond it raises ValueError.
 
-    Threads: the vote and the update work on blocks of coordinates that do not touch each
-    other, so ``threads`` > 1 runs the blocks on that many threads (torch releases the GIL
-    in its kernels) with bit-identical results. None (default): on a CPU, the cores left
-    over by torch's own intra-op threads (``vote_threads``, within ``vote_cores``); on a GPU, 1.
+    Blocks: the vote and the update work on blocks of coordinates that do not touch each
+    other (fedsim.core.blocks); ``map_blocks`` runs them (default: in order on this
+    thread; fedsim.parallel.block_map runs them on a thread pool), with the same bits.
     """
 
     def __init__(
@@ -123,18 +85,13 @@ class CrossProbabilityEstimator:
         prior_weight: float = 1.0,
         device: torch.device | str = "cpu",
         max_clients: int | None = None,
-        threads: int | None = None,
+        map_blocks: BlockMap = sequential_blocks,
     ) -> None:
-        if num_coordinates < 1:
-            raise ValueError(f"num_coordinates must be >= 1, got {num_coordinates}")
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         if eps <= 0 or max_llr <= 0 or warmup_rounds < 0:
             raise ValueError("eps and max_llr must be > 0 and warmup_rounds >= 0")
-        if max_clients is not None and max_clients < 1:
-            raise ValueError(f"max_clients must be >= 1 or None, got {max_clients}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        self.table = ClientTable(num_coordinates, device, max_clients)
         self.num_coordinates = num_coordinates
         self.eps = eps
         self.max_llr = max_llr
@@ -142,13 +99,24 @@ class CrossProbabilityEstimator:
         self.forgetting = forgetting
         self.prior_weight = prior_weight
         self.max_clients = max_clients
-        self.device = torch.device(device)
-        self.threads = threads if threads is not None else (vote_threads() if self.device.type == "cpu" else 1)
+        self.device = self.table.device
+        self.map_blocks = map_blocks
         self.rounds_seen = 0
-        self._rows: dict[Hashable, int] = {}
-        self._agree = torch.zeros(0, num_coordinates, dtype=torch.float32, device=self.device)
-        self._total = torch.zeros(0, dtype=torch.float64, device=self.device)
-        self._abstained: torch.Tensor | None = None  # [clients, N] float32, from the first abstention on
+        self.table.add("agree", torch.float32)
+        self.table.add("total", torch.float64, per_coordinate=False)
+
+    @property
+    def _agree(self) -> torch.Tensor:
+        return self.table["agree"]
+
+    @property
+    def _total(self) -> torch.Tensor:
+        return self.table["total"]
+
+    @property
+    def _abstained(self) -> torch.Tensor | None:
+        """Abstention counts [clients, N] float32, from the first abstention on."""
+        return self.table["abstained"] if "abstained" in self.table else None
 
     @property
     def in_warmup(self) -> bool:
@@ -202,26 +170,27 @@ class CrossProbabilityEstimator:
             raise ValueError("update: client_ids must be distinct")
         signs, vote = signs.to(self.device), vote.to(self.device)
         if self._abstained is None and bool((signs == 0).any()):
-            self._abstained = torch.zeros_like(self._agree)
+            self.table.add("abstained", torch.float32)
         rows = self._selector(client_ids)
+        agree, total, abstained_counts = self._agree, self._total, self._abstained
         if self.forgetting != 1.0:
-            self._total[rows] *= self.forgetting
+            total[rows] *= self.forgetting
 
         def count(cols: slice) -> None:
             y = signs[:, cols].to(torch.float32)
             agreement = y.mul(vote[cols]).add_(1.0).mul_(0.5)  # (1 + Y U) / 2
             if self.forgetting != 1.0:
-                self._agree[rows, cols] *= self.forgetting
-            if self._abstained is not None:
+                agree[rows, cols] *= self.forgetting
+            if abstained_counts is not None:
                 abstained = y == 0
                 agreement.masked_fill_(abstained, 0.0)
                 if self.forgetting != 1.0:
-                    self._abstained[rows, cols] *= self.forgetting
-                self._abstained[rows, cols] += abstained.to(torch.float32)
-            self._agree[rows, cols] += agreement
+                    abstained_counts[rows, cols] *= self.forgetting
+                abstained_counts[rows, cols] += abstained.to(torch.float32)
+            agree[rows, cols] += agreement
 
-        self._each_block(count)
-        self._total[rows] += 1.0
+        self.map_blocks(count, self._blocks())
+        total[rows] += 1.0
         self.rounds_seen += 1
 
     def vote(self, client_ids: Sequence[Hashable], signs: torch.Tensor) -> torch.Tensor:
@@ -241,71 +210,31 @@ class CrossProbabilityEstimator:
             def vote_block(cols: slice) -> None:
                 u[cols] = llr_weighted_vote(signs[:, cols], self._llr(rows, total, cols))
 
-            self._each_block(vote_block)
+            self.map_blocks(vote_block, self._blocks())
         self.update(client_ids, signs, u)
         return u
 
     def state_dict(self) -> dict:
         """The counts and their client order (tensors, lists and ints only: ``torch.load``
         reads it back with ``weights_only=True``)."""
-        state = {"clients": list(self._rows), "agree": self._agree, "total": self._total, "rounds_seen": self.rounds_seen}
-        if self._abstained is not None:
-            state["abstained"] = self._abstained
-        return state
+        return {**self.table.state(), "rounds_seen": self.rounds_seen}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what ``state_dict`` returned (same number of coordinates)."""
-        agree, clients = state["agree"], list(state["clients"])
-        if agree.shape != (len(clients), self.num_coordinates):
-            raise ValueError(f"estimator state has counts of shape {tuple(agree.shape)}, expected ({len(clients)}, {self.num_coordinates})")
-        self._rows = {c: i for i, c in enumerate(clients)}
-        self._agree = agree.to(self.device, torch.float32).clone()
-        self._total = state["total"].to(self.device, torch.float64).clone()
+        tables = {"agree": state["agree"], "total": state["total"]}
+        if state.get("abstained") is not None:
+            tables["abstained"] = state["abstained"]
+        dtypes = {"agree": torch.float32, "total": torch.float64, "abstained": torch.float32}
+        try:
+            self.table.load(list(state["clients"]), tables, dtypes)
+        except ValueError as err:
+            raise ValueError(f"estimator state: {err}") from None
         self.rounds_seen = int(state["rounds_seen"])
-        abstained = state.get("abstained")
-        if abstained is not None and abstained.shape != agree.shape:
-            raise ValueError(f"estimator state has abstentions of shape {tuple(abstained.shape)}, expected {tuple(agree.shape)}")
-        self._abstained = None if abstained is None else abstained.to(self.device, torch.float32).clone()
 
-    def _blocks(self) -> Iterator[slice]:
-        for start in range(0, self.num_coordinates, _BLOCK):
-            yield slice(start, start + _BLOCK)
-
-    def _each_block(self, fn: Callable[[slice], None]) -> None:
-        """fn(cols) for every block, on ``threads`` threads when there are several blocks."""
-        blocks = list(self._blocks())
-        if self.threads < 2 or len(blocks) < 2:
-            for cols in blocks:
-                fn(cols)
-            return
-        for _ in _pool(self.threads).map(fn, blocks):  # consumes the iterator: a block's error is raised here
-            pass
+    def _blocks(self) -> list[slice]:
+        return coordinate_blocks(self.num_coordinates, BLOCK)
 
     def _selector(self, client_ids: Sequence[Hashable]) -> slice | torch.Tensor:
-        """The clients' rows of the count tables: a slice (a view, no copies) when they are
-        consecutive, else an index tensor."""
-        rows = self._row_indices(client_ids)
-        first = int(rows[0]) if len(rows) else 0
-        if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
-            return slice(first, first + len(rows))
-        return rows
-
-    def _row_indices(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
-        """Rows of the count tables; a client seen for the first time gets zero counts."""
-        new = [c for c in dict.fromkeys(client_ids) if c not in self._rows]
-        if new and self.max_clients is not None and len(self._rows) + len(new) > self.max_clients:
-            raise ValueError(
-                f"{len(new)} new clients would make {len(self._rows) + len(new)} with counts, "
-                f"more than max_clients={self.max_clients}"
-            )
-        if new:
-            for c in new:
-                self._rows[c] = len(self._rows)
-            zeros = torch.zeros(len(new), self.num_coordinates, device=self.device)
-            self._agree = torch.cat([self._agree, zeros])
-            self._total = torch.cat(
-                [self._total, torch.zeros(len(new), dtype=torch.float64, device=self.device)]
-            )
-            if self._abstained is not None:
-                self._abstained = torch.cat([self._abstained, zeros])
-        return torch.tensor([self._rows[c] for c in client_ids], dtype=torch.long, device=self.device)
+        """The clients' rows of the count tables (new clients get zero rows): a slice when
+        they are consecutive, else an index tensor."""
+        return self.table.select(client_ids)
