@@ -1,12 +1,15 @@
 """Checkpoints: what a run needs to continue after it was killed, bit for bit.
 
 ``checkpoint.pt`` in the run's folder holds the last evaluated round, the run config,
-the global model and the strategy's state (node-sampling RNG; for the LLR vote the
-agreement counts). Clients keep no state between rounds (their random streams derive
-from seed, partition and round), so that is all. It is written atomically after every
-evaluated round (``eval-every``) and deleted when the run finishes. A damaged checkpoint
-(unreadable, missing or mistyped entries) is moved aside as ``checkpoint.pt.damaged``
-and the run starts from round 0.
+the global model and the server's state, namespaced: ``strategy`` (node-sampling RNG,
+what clients reported, identity bindings) and ``algorithm`` (e.g. the LLR vote's
+agreement counts). Checkpoints written before the two were namespaced (one flat
+``strategy`` dict) are read too. Clients' random streams derive from seed, partition and
+round, so a resumed run continues bit for bit; the one exception is EF-signSGD, whose
+clients keep a residual in their node state, which no checkpoint holds (its residuals
+restart at zero). It is written atomically after every evaluated round (``eval-every``)
+and deleted when the run finishes. A damaged checkpoint (unreadable, missing or mistyped
+entries) is moved aside as ``checkpoint.pt.damaged`` and the run starts from round 0.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from flwr.common.logger import log
 from fedsim.config import RunConfig, same_experiment
 from fedsim.run_folder import CHECKPOINT, RunFolder, set_aside
 
-__all__ = ["CHECKPOINT", "Checkpoint", "load_checkpoint", "remove_checkpoint", "restore_strategy", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "Checkpoint", "load_checkpoint", "restore_strategy", "save_checkpoint"]
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The state after ``round`` rounds."""
+    """The state after ``round`` rounds; ``strategy`` is ``{"strategy": ..., "algorithm": ...}``
+    (what ``FedsimStrategy.state_dict`` returns)."""
 
     round: int
     arrays: ArrayRecord
@@ -40,13 +44,15 @@ class Checkpoint:
 def save_checkpoint(
     folder: Path, server_round: int, cfg: RunConfig, arrays: ArrayRecord, strategy_state: dict[str, Any], seconds: float
 ) -> None:
-    """Write ``folder/checkpoint.pt`` (via a temporary file and a rename: never half-written)."""
+    """Write ``folder/checkpoint.pt`` (via a temporary file and a rename: never half-written);
+    ``strategy_state`` is ``FedsimStrategy.state_dict()``."""
     run = RunFolder(folder)
     state = {
         "round": server_round,
         "config": cfg.to_mapping(),
         "arrays": arrays.to_torch_state_dict(),
-        "strategy": strategy_state,
+        "strategy": strategy_state["strategy"],
+        "algorithm": strategy_state["algorithm"],
         "seconds": seconds,
     }
     torch.save(state, run.checkpoint_tmp)
@@ -64,7 +70,7 @@ def load_checkpoint(folder: Path, cfg: RunConfig, expected: ArrayRecord | None =
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         problem = _problem(state, expected)
-    except Exception as err:  # noqa: BLE001 - whatever is wrong with it, the run starts over
+    except Exception as err:
         problem = f"unreadable ({type(err).__name__}: {err})"
     if problem is not None:
         _discard(path, problem)
@@ -73,10 +79,27 @@ def load_checkpoint(folder: Path, cfg: RunConfig, expected: ArrayRecord | None =
         log(WARNING, "fedsim: %s belongs to another run config; starting from round 0", path)
         return None
     try:
-        return Checkpoint(int(state["round"]), ArrayRecord(state["arrays"]), state["strategy"], float(state["seconds"]))
-    except Exception as err:  # noqa: BLE001
+        return Checkpoint(int(state["round"]), ArrayRecord(state["arrays"]), _server_state(state), float(state["seconds"]))
+    except Exception as err:
         _discard(path, f"its arrays cannot be read ({type(err).__name__}: {err})")
         return None
+
+
+# The strategy's own keys in checkpoints written before the namespacing (the rest of that
+# flat dict was the algorithm's state).
+LEGACY_STRATEGY_KEYS = ("rng", "reported_batch_sizes", "reported_devices", "num_examples", "node_partitions")
+
+
+def _server_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``{"strategy": ..., "algorithm": ...}`` of a checkpoint; a checkpoint written before
+    the two were namespaced holds both in one flat ``strategy`` dict."""
+    if "algorithm" in state:
+        return {"strategy": state["strategy"], "algorithm": state["algorithm"]}
+    flat = state["strategy"]
+    return {
+        "strategy": {k: v for k, v in flat.items() if k in LEGACY_STRATEGY_KEYS},
+        "algorithm": {k: v for k, v in flat.items() if k not in LEGACY_STRATEGY_KEYS},
+    }
 
 
 def restore_strategy(strategy: Any, checkpoint: Checkpoint, folder: Path) -> bool:
@@ -85,7 +108,7 @@ def restore_strategy(strategy: Any, checkpoint: Checkpoint, folder: Path) -> boo
     fresh = strategy.state_dict()
     try:
         strategy.load_state_dict(checkpoint.strategy)
-    except Exception as err:  # noqa: BLE001 - a state this strategy cannot take: start over
+    except Exception as err:
         strategy.load_state_dict(fresh)
         _discard(RunFolder(folder).checkpoint, f"its strategy state does not fit ({type(err).__name__}: {err})")
         return False
@@ -96,13 +119,15 @@ def _problem(state: Any, expected: ArrayRecord | None) -> str | None:
     """What is wrong with a loaded checkpoint, or None."""
     if not isinstance(state, dict):
         return f"it holds a {type(state).__name__}, not a checkpoint"
-    kinds = {"round": int, "config": dict, "arrays": dict, "strategy": dict, "seconds": (int, float)}
+    kinds: dict[str, type | tuple[type, ...]] = {"round": int, "config": dict, "arrays": dict, "strategy": dict, "seconds": (int, float)}
     missing = sorted(set(kinds) - set(state))
     if missing:
         return f"missing {', '.join(missing)}"
     wrong = sorted(k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool))
     if wrong:
         return f"wrong type for {', '.join(wrong)}"
+    if "algorithm" in state and not isinstance(state["algorithm"], dict):
+        return "wrong type for algorithm"
     if state["round"] < 0 or not all(isinstance(v, torch.Tensor) for v in state["arrays"].values()):
         return "bad round or arrays"
     if expected is not None:
@@ -120,10 +145,3 @@ def _discard(path: Path, problem: str) -> None:
         log(WARNING, "fedsim: damaged checkpoint %s: %s; cannot move it aside (%s); starting from round 0", path, problem, err)
         return
     log(WARNING, "fedsim: damaged checkpoint %s: %s; moved to %s, starting from round 0", path, problem, aside.name)
-
-
-def remove_checkpoint(folder: Path) -> None:
-    """Remove ``folder``'s checkpoint and a half-written one."""
-    run = RunFolder(folder)
-    run.checkpoint.unlink(missing_ok=True)
-    run.checkpoint_tmp.unlink(missing_ok=True)

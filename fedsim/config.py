@@ -1,36 +1,53 @@
-"""The run config: Flower's flat key/value run config, parsed and validated once.
+"""The run config: Flower's flat key/value run config, parsed and coerced (a leaf module).
 
 The keys and defaults live in pyproject.toml's ``[tool.flwr.app.config]``; README.md
-documents each. Server and client both read the run config through ``RunConfig``.
-Common keys are its fields; an algorithm's own keys (``llr-*``, ``local-epochs``) are
-declared by the algorithm (``fedsim.algorithms``) and read with ``cfg.option(key)``.
+documents each. ``RunConfig`` holds the common keys as fields and the algorithms' own
+keys (``llr-*``, ``local-epochs``, ...) as ``options``; which option keys exist is not known
+here: ``RunConfig.from_mapping(values, options=...)`` is given them by its caller
+(``fedsim.validation.load_config`` passes the algorithm registry's). Checks that need a
+registry (strategy, dataset and model names, attacks) or the data are made above this
+module, by ``fedsim.validation`` and ``fedsim.plan``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 from fedsim.errors import ConfigError
 
-DEFAULT_MODELS = {
-    "digits": "digits-mlp",
-    "mnist": "mnist-cnn",
-    "fashion-mnist": "mnist-cnn",
-    "cifar10": "resnet20",
-}
 MAX_SEED = 2**32 - 1  # flwr-datasets/datasets shuffles take 32-bit seeds
+# Keys that say where results and reports go, not what the experiment is: two runs that
+# differ only in these are the same experiment (config_differences ignores them).
+OUTPUT_KEYS = ("results-dir", "tensorboard", "mlflow", "callbacks")
 
 __all__ = [
-    "ConfigError", "RunConfig", "same_experiment", "config_differences", "read_toml", "read_experiment", "parse_override",
-    "DEFAULT_MODELS", "MAX_SEED", "strategy_names",
+    "MAX_SEED", "OUTPUT_KEYS", "ConfigError", "Option", "RunConfig", "config_differences", "parse_override",
+    "read_experiment", "read_toml", "same_experiment",
 ]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A run-config key an algorithm reads: its default (which fixes its type), the rule a
+    value must meet (``valid``; ``rule`` says it in words for the error message) and the
+    hyperparameter field it fills (``field``; default: the key in snake case)."""
+
+    key: str
+    default: bool | int | float | str
+    valid: Callable[[Any], bool]
+    rule: str
+    help: str = ""
+    field: str = ""
+
+    @property
+    def field_name(self) -> str:
+        return self.field or self.key.replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -61,30 +78,30 @@ class RunConfig:
     attack_scale: float = 10.0
     attack_noise: float = 1.0
     results_dir: str = ""
-    # the algorithms' own keys that differ from their defaults, sorted: (key, value) pairs
+    tensorboard: str = ""
+    mlflow: str = ""
+    callbacks: str = ""
+    # every declared option's value, sorted by key: (key, value) pairs
     options: tuple[tuple[str, Any], ...] = ()
+    # the declared options (key -> Option): what the defaults and rules of ``options`` are
+    declared: Mapping[str, Option] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from a Flower run config (kebab-case keys); unknown keys are an error."""
+    def from_mapping(cls, values: Mapping[str, Any], options: Mapping[str, Option] | None = None) -> RunConfig:
+        """Build from a Flower run config (kebab-case keys), with ``options`` the keys the
+        algorithms declare (key -> Option); an unknown key, a value of the wrong type or out
+        of range is a ConfigError naming it."""
+        declared = dict(options or {})
         known = _common_keys()
-        declared = _declared_options()
         unknown = sorted(set(values) - set(known) - set(declared))
         if unknown:
             raise ConfigError(
                 f"unknown run-config key(s) {unknown}; valid keys: {sorted([*known, *declared])} (see README.md)"
             )
-        kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for key, value in values.items():
-            if key in known:
-                kwargs[known[key]] = _coerce(key, value, type(getattr(_DEFAULT, known[key])))
-            else:
-                value = _coerce(key, value, type(declared[key].default))
-                if value != declared[key].default:
-                    extra[key] = value
-        cfg = cls(**kwargs, options=tuple(sorted(extra.items())))
-        cfg.validate()
+        kwargs = {known[k]: _coerce(k, v, type(getattr(_DEFAULT, known[k]))) for k, v in values.items() if k in known}
+        chosen = {k: _coerce(k, values[k], type(o.default)) if k in values else o.default for k, o in declared.items()}
+        cfg = cls(**kwargs, options=tuple(sorted(chosen.items())), declared=declared)
+        cfg.check_values()
         return cfg
 
     def option(self, key: str) -> Any:
@@ -92,40 +109,27 @@ class RunConfig:
         for k, v in self.options:
             if k == key:
                 return v
-        declared = _declared_options()
-        if key not in declared:
-            raise KeyError(f"{key!r} is not an option of a registered algorithm")
-        return declared[key].default
-
-    @staticmethod
-    def cached(values: Mapping[str, Any]) -> RunConfig:
-        """from_mapping, memoised on the values (a client parses the same config per message)."""
-        return _cached_config(tuple(sorted(values.items())))
+        raise KeyError(f"{key!r} is not an option of a registered algorithm")
 
     def to_mapping(self) -> dict[str, Any]:
         """Back to Flower's kebab-case run config (every key, the algorithms' included)."""
         common = {key: getattr(self, name) for key, name in _common_keys().items()}
-        return {**common, **{key: self.option(key) for key in sorted(_declared_options())}}
+        return {**common, **dict(self.options)}
 
-    @property
-    def model_name(self) -> str:
-        """The model to train: ``model``, or the dataset's default when it is "auto"."""
-        return DEFAULT_MODELS.get(self.dataset, "") if self.model == "auto" else self.model
+    def defaults(self) -> dict[str, Any]:
+        """The run config of every key at its default (the options this config declares)."""
+        return RunConfig.from_mapping({}, self.declared).to_mapping()
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the first invalid value. Checks that need no data; the
-        ones against the dataset (sizes, classes, files) are fedsim.validation's."""
-        from fedsim.attacks import ATTACKS
-        from fedsim.data.load import DATASETS
-        from fedsim.device import DEVICE_FORMS, valid_device_name
-        from fedsim.models import MODELS
-        from fedsim.partitions import PartitionSpec
+    def check_values(self) -> None:
+        """Raise ConfigError naming the first value out of its range (checks that need no
+        registry and no data)."""
+        for ok, message in self._checks():
+            if not ok:
+                raise ConfigError(message)
 
-        per_round = max(1, int(round(self.fraction_train * self.num_nodes))) if math.isfinite(self.fraction_train) else 1
-        checks = [
-            (self.strategy in strategy_names(), f"strategy={self.strategy!r}: choose one of {list(strategy_names())}"),
-            (self.dataset in DATASETS, f"dataset={self.dataset!r}: choose one of {list(DATASETS)}"),
-            (self.model == "auto" or self.model in MODELS, f"model={self.model!r}: choose 'auto' or one of {sorted(MODELS)}"),
+    def _checks(self) -> list[tuple[bool, str]]:
+        per_round = max(1, round(self.fraction_train * self.num_nodes)) if math.isfinite(self.fraction_train) else 1
+        return [
             (0 <= self.seed <= MAX_SEED, f"seed={self.seed}: must be an integer in 0..{MAX_SEED}"),
             (self.num_nodes >= 1, f"num-nodes={self.num_nodes}: must be >= 1"),
             (_finite(self.node_wait) and self.node_wait >= 0, f"node-wait={self.node_wait}: must be a finite number of seconds >= 0"),
@@ -141,52 +145,17 @@ class RunConfig:
             (self.min_replies <= per_round, f"min-replies={self.min_replies}: only {per_round} clients are sampled per round "
              f"(num-nodes={self.num_nodes}, fraction-train={self.fraction_train}); use min-replies <= {per_round}"),
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
-            (valid_device_name(self.device), f"device={self.device!r}: choose {DEVICE_FORMS}"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
-            (self.attack in ATTACKS, f"attack={self.attack!r}: choose one of {list(ATTACKS)}"),
-            (self.attackers == 0 or not _attacks_of(self.strategy) or self.attack in _attacks_of(self.strategy),
-             f"attack={self.attack!r} does not apply to strategy={self.strategy!r}: choose one of {list(_attacks_of(self.strategy))}"),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
-            *((option.valid(self.option(key)), f"{key}={self.option(key)!r}: {option.rule}") for key, option in _declared_options().items()),
+            *((o.valid(self.option(k)), f"{k}={self.option(k)!r}: {o.rule}") for k, o in self.declared.items()),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        try:
-            PartitionSpec.parse(self.partitioning)
-            if self.batch_sizes:
-                from fedsim.partitions.batch_sizes import parse_batch_sizes
-
-                parse_batch_sizes(self.batch_sizes, self.num_nodes)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
 
 
-def strategy_names() -> tuple[str, ...]:
-    """The registered algorithms' names (the ``strategy`` values)."""
-    from fedsim.algorithms import REGISTRY
-
-    return tuple(REGISTRY)
-
-
-def _attacks_of(strategy: str) -> tuple[str, ...]:
-    from fedsim.algorithms import REGISTRY
-
-    return REGISTRY[strategy].attacks if strategy in REGISTRY else ()
-
-
-def _declared_options() -> dict[str, Any]:
-    from fedsim.algorithms import options
-
-    return options()
-
-
-@functools.cache
 def _common_keys() -> dict[str, str]:
     """Run-config key -> RunConfig field name, for the common keys."""
-    return {f.name.replace("_", "-"): f.name for f in fields(RunConfig) if f.name != "options"}
+    return _COMMON_KEYS
 
 
 def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
@@ -198,13 +167,14 @@ def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
 def config_differences(stored: Mapping[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """``{key: (stored value, cfg's value)}`` where a stored run config (a ``config.json``)
     and ``cfg`` differ. A key added to fedsim after the run was made counts as its default;
-    where the results live (``results-dir``) is not part of the experiment. A key only one
-    side has shows ``None`` on the other."""
-    defaults = RunConfig().to_mapping()
+    where the results and reports go (``OUTPUT_KEYS``) is not part of the experiment. A key
+    only one side has shows ``None`` on the other."""
+    defaults = cfg.defaults()
     old = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     new = json.loads(json.dumps(cfg.to_mapping()))
-    old.pop("results-dir", None)
-    new.pop("results-dir", None)
+    for key in OUTPUT_KEYS:
+        old.pop(key, None)
+        new.pop(key, None)
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)}
 
 
@@ -256,11 +226,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 _DEFAULT = RunConfig()
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
-    return RunConfig.from_mapping(dict(items))
+_COMMON_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig) if f.name not in ("options", "declared")}
 
 
 def _finite(x: float) -> bool:

@@ -19,7 +19,6 @@ for the CPU) and ``summary.json`` records the set (``client_devices``).
 from __future__ import annotations
 
 import functools
-import os
 import re
 
 import torch
@@ -104,8 +103,3 @@ def default_gpu_share(num_nodes: int, cpus_per_client: float, num_cpus: int, num
     if num_gpus >= concurrent:
         return 1.0
     return int(num_gpus / concurrent * 10_000) / 10_000
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

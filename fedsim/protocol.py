@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -45,6 +46,9 @@ class BadReply(ValueError):
     """A client reply that cannot be used; the message says why."""
 
 
+P = TypeVar("P")
+
+
 @dataclass(frozen=True)
 class ReplyMetrics:
     """The bookkeeping every train reply carries."""
@@ -54,6 +58,17 @@ class ReplyMetrics:
     partition_id: int
     batch_size: int
     cuda_device: int | None = None  # the CUDA index it trained on, -1 for the CPU; None: not reported
+
+
+@dataclass(frozen=True)
+class Reply(Generic[P]):
+    """A checked reply: who sent it, its bookkeeping and its decoded payload (of the
+    type its algorithm's ``parse`` returns)."""
+
+    node_id: int
+    metrics: ReplyMetrics
+    payload: P
+    buffers: dict[str, np.ndarray] | None = None
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -104,10 +119,14 @@ def _int_metric(key: str, value: object, low: int, high: int | None, bound: str)
     says where high comes from); an int or an integral float (Flower sends whole numbers
     as either), never a bool or a list."""
     integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # NaN, inf: not integral
-    if isinstance(value, bool) or not integral or value < low or (high is not None and value > high):  # type: ignore[operator]
+    if isinstance(value, bool) or not integral or not isinstance(value, (int, float)):
+        number = None
+    else:
+        number = int(value)
+    if number is None or number < low or (high is not None and number > high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high}] ({bound})"
         raise BadReply(f"{key} must be an integer {allowed}, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
+    return number
 
 
 def no_extra_records(msg: Message, expected: Collection[str]) -> None:

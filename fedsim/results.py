@@ -25,7 +25,7 @@ import math
 import platform
 import subprocess
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -101,15 +101,13 @@ class RunWriter:
     def finish(self, state_dict: dict[str, Any] | None, summary: dict[str, Any]) -> None:
         """Write the model and the summary (which marks the run finished), remove the
         checkpoint, release the folder's lock."""
-        from fedsim.checkpoint import remove_checkpoint
-
         try:
             if state_dict is not None:
-                import torch
+                import torch  # lazy: this module is read by notebooks and the CLI, which need no torch
 
                 torch.save(state_dict, self.folder.model)
             self.folder.write_summary(summary)
-            remove_checkpoint(self.path)
+            self.folder.remove_checkpoint()
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -166,7 +164,7 @@ def environment_info() -> dict[str, Any]:
     one that describes it."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("fedsim", "flwr", "torch", "torchvision", "flwr-datasets", "datasets", "numpy", "ray"):
         try:
             versions[pkg] = version(pkg)
@@ -259,7 +257,3 @@ def load_llr_weights(paths: Iterable[str | Path], keys: Iterable[str] = ("zero-s
                      "honest_weight_mean": sum(honest) / len(honest) if honest else math.nan,
                      "honest_weight_min": min(honest, default=math.nan)})
     return pd.DataFrame(rows)
-
-
-def row_dict(row: RoundRow) -> dict[str, Any]:
-    return asdict(row)

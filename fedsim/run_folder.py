@@ -40,8 +40,8 @@ SUMMARY = "summary.json"
 SUMMARY_TMP = SUMMARY + ".tmp"
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_TMP = CHECKPOINT + ".tmp"
-CLAIM = ".claim"  # a sweep worker's claim on a run (fedsim.sweep)
 LOCK = ".lock"
+_OLD_CLAIM = ".claim"  # written by sweep workers of fedsim before issue #14; nothing writes it now
 DAMAGED_SUFFIX = ".damaged"
 
 RUN_FILES = (CONFIG, ROUNDS, LABEL_COUNTS, MODEL, SUMMARY, SUMMARY_TMP, CHECKPOINT, CHECKPOINT_TMP)
@@ -90,11 +90,6 @@ class RunFolder:
     @property
     def checkpoint_tmp(self) -> Path:
         return self.path / CHECKPOINT_TMP
-
-    @property
-    def claim(self) -> Path:
-        """A sweep worker's claim on the run (fedsim.sweep)."""
-        return self.path / CLAIM
 
     @property
     def lock(self) -> Path:
@@ -150,8 +145,9 @@ class RunFolder:
             return "started" if self.rounds.exists() else None
 
     def is_empty(self) -> bool:
-        """Whether the folder is missing or holds nothing but its lock and a claim."""
-        return not self.path.is_dir() or all(p in (self.lock, self.claim) for p in self.path.iterdir())
+        """Whether the folder is missing or holds nothing but its lock (and the ``.claim``
+        file of a sweep worker of fedsim before issue #14, ignored)."""
+        return not self.path.is_dir() or all(p == self.lock or p.name == _OLD_CLAIM for p in self.path.iterdir())
 
     def remove_run_files(self) -> None:
         """Remove the run's files (``RUN_FILES``); other files stay. The caller holds the lock."""
@@ -162,11 +158,16 @@ class RunFolder:
             else:
                 path.unlink(missing_ok=True)
 
-    def remove_all_but_lock_and_claim(self) -> None:
-        """Remove everything in the folder (damaged files and strays too) except the lock
-        and a claim: a run starting over from round 0. The caller holds the lock."""
+    def remove_checkpoint(self) -> None:
+        """Remove the checkpoint and a half-written one (a finished run needs neither)."""
+        self.checkpoint.unlink(missing_ok=True)
+        self.checkpoint_tmp.unlink(missing_ok=True)
+
+    def remove_all_but_lock(self) -> None:
+        """Remove everything in the folder (damaged files and strays too) except the lock:
+        a run starting over from round 0. The caller holds the lock."""
         for item in self.path.iterdir():
-            if item not in (self.lock, self.claim):
+            if item != self.lock:
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
@@ -224,7 +225,7 @@ class RunFolderLock:
     def __del__(self) -> None:
         try:
             self.release()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:
             pass
 
 
@@ -287,16 +288,6 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def stored_config(folder: str | Path) -> dict[str, Any] | None:
-    """``RunFolder(folder).read_config()``."""
-    return RunFolder(Path(folder)).read_config()
-
-
-def run_state(folder: str | Path) -> str | None:
-    """``RunFolder(folder).state()``."""
-    return RunFolder(Path(folder)).state()
-
-
 def check_run_folder(folder: str | Path, cfg: RunConfig) -> None:
     """Raise RunFolderConflict if ``folder`` holds a started or finished run of another
     experiment than ``cfg`` (or one whose config.json cannot be read)."""
@@ -316,17 +307,12 @@ def check_run_folder(folder: str | Path, cfg: RunConfig) -> None:
 
 def clear_run_folder(folder: str | Path) -> None:
     """Remove ``folder``'s run files (``RUN_FILES``), under its lock; other files (the
-    lock, a sweep's claim, anything else) stay."""
+    lock, anything else) stay."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     with lock_run_folder(folder):
         RunFolder(folder).remove_run_files()
-
-
-def remove_run_files(folder: Path) -> None:
-    """``clear_run_folder`` for a caller that holds the lock already."""
-    RunFolder(folder).remove_run_files()
 
 
 def claim_run_folder(folder: str | Path, cfg: RunConfig, overwrite: bool = False) -> RunFolderLock:

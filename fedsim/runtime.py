@@ -6,19 +6,17 @@ this module (and ``fedsim.algorithms``), nothing else of each other.
 Lifetime. A ``Runtime`` holds one dataset on one device and everything built on it in
 this process: the test set as the models see it, every client's index view, and one
 model object per (model, worker thread) into which clients load the global weights. It
-is built on first use by ``runtime(dataset, data_dir, device)`` and lives until
+is built on first use by ``runtime(plan, device)`` and lives until
 ``release_runtimes()``: the in-process engine calls it when a run ends (so a long
-notebook holds no dataset or GPU model between runs); a Flower simulation actor or a
-SuperNode's process keeps its runtime for the process's life. Nothing else in fedsim
-caches tensors.
+notebook holds no dataset or GPU model between runs; the run plans go too); a Flower
+simulation actor or a SuperNode's process keeps its runtime for the process's life.
+Nothing else in fedsim caches tensors.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,37 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedsim.clients.tasks import LocalData
-from fedsim.config import ConfigError, RunConfig
 from fedsim.data.splits import DatasetSplits
-from fedsim.partitions.batch_sizes import client_batch_sizes
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def input_transforms(dataset: str, data_shape: tuple[int, int, int], model_name: str) -> tuple[Augment | None, Transform | None]:
-    """(train augmentation, evaluation transform) for feeding ``dataset`` to the model.
-
-    A model that takes smaller images than the dataset has (the FedAvg paper's CIFAR CNN:
-    24x24 of 32x32) trains on random crops + flips and is evaluated on the centre crop;
-    a full-size CIFAR model trains on pad-4 random crops + flips. A model whose input
-    does not fit the data is a ConfigError that names both shapes.
-    """
-    from fedsim.data import augment_batch, center_crop
-    from fedsim.models import MODEL_INPUT_SHAPES
-
-    c, h, w = MODEL_INPUT_SHAPES[model_name]
-    dc, dh, dw = data_shape
-    if c != dc or h > dh or w > dw or h != w:
-        raise ConfigError(
-            f"model {model_name!r} takes {c}x{h}x{w} inputs but dataset {dataset!r} has {dc}x{dh}x{dw}; "
-            f"set model to one for this dataset (or model='auto')"
-        )
-    if h < dh:
-        return functools.partial(augment_batch, pad=0, flip=True, size=h), functools.partial(center_crop, size=h)
-    if dataset == "cifar10":
-        return augment_batch, None
-    return None, None
+from fedsim.models import build_model
+from fedsim.plan import RunPlan, release_plans
 
 
 @dataclass
@@ -92,78 +62,57 @@ class Runtime:
     x_test: torch.Tensor
     y_test: torch.Tensor
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _partitions: dict[tuple[str, int, int], list[torch.Tensor]] = field(default_factory=dict)
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
-    _clients: dict[tuple, ClientSetup] = field(default_factory=dict)
+    _clients: dict[tuple[object, ...], ClientSetup] = field(default_factory=dict)
     _test_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return self.splits.num_classes
 
-    def partitions(self, partitioning: str, num_partitions: int, seed: int) -> list[torch.Tensor]:
-        """Every client's example indices (flwr-datasets partitioners), on the device."""
-        from fedsim.partitions import partition_indices
-
-        key = (partitioning, num_partitions, seed)
-        with self._lock:
-            if key not in self._partitions:
-                parts = partition_indices(self.splits.y_train.numpy(), partitioning, num_partitions, seed)
-                self._partitions[key] = [torch.as_tensor(p, dtype=torch.long, device=self.device) for p in parts]
-            return self._partitions[key]
-
-    def thread_model(self, model_name: str) -> nn.Module:
-        """This thread's model object of ``model_name`` (worker threads never share one);
+    def thread_model(self, plan: RunPlan) -> nn.Module:
+        """This thread's model object of the plan's model (worker threads never share one);
         weights are loaded into it per message, so its initial values do not matter."""
-        from fedsim.models import build_model
-
-        key = (model_name, threading.get_ident())
+        key = (plan.model_name, threading.get_ident())
         with self._lock:
             if key not in self._models:
-                self._models[key] = build_model(model_name, num_classes=self.num_classes, seed=0).to(self.device)
+                self._models[key] = build_model(plan.model, num_classes=self.num_classes, seed=0).to(self.device)
             return self._models[key]
 
-    def client(self, cfg: RunConfig, partition_id: int, num_partitions: int, node_batch_size: int | None = None) -> ClientSetup:
+    def client(self, plan: RunPlan, partition_id: int, node_batch_size: int | None = None) -> ClientSetup:
         """The client's data view, batch size (the node config's wins) and this thread's model."""
-        if not 0 <= partition_id < num_partitions:
-            raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-        key = (cfg, partition_id, num_partitions, node_batch_size, threading.get_ident())
+        if not 0 <= partition_id < plan.num_partitions:
+            raise ValueError(f"partition-id {partition_id} is outside 0..{plan.num_partitions - 1}")
+        key = (plan.cfg, plan.num_partitions, partition_id, node_batch_size, threading.get_ident())
         setup = self._clients.get(key)
         if setup is None:
-            indices = self.partitions(cfg.partitioning, num_partitions, cfg.seed)[partition_id]
-            if node_batch_size is None:
-                batch_size = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, num_partitions, cfg.seed)[partition_id]
-            else:
-                batch_size = node_batch_size
-            augment, _ = input_transforms(cfg.dataset, self.splits.input_shape, cfg.model_name)
-            data = LocalData(x=self.x_train, y=self.y_train, indices=indices, augment=augment)
-            setup = ClientSetup(partition_id, num_partitions, batch_size, data, self.thread_model(cfg.model_name), self.device)
+            indices = torch.as_tensor(plan.partitions[partition_id], dtype=torch.long, device=self.device)
+            batch_size = plan.batch_sizes[partition_id] if node_batch_size is None else node_batch_size
+            data = LocalData(x=self.x_train, y=self.y_train, indices=indices, augment=plan.augment)
+            setup = ClientSetup(partition_id, plan.num_partitions, batch_size, data, self.thread_model(plan), self.device)
             self._clients[key] = setup
         return setup
 
-    def test_inputs(self, cfg: RunConfig) -> torch.Tensor:
-        """The test images as ``cfg``'s model sees them (its evaluation transform applied)."""
-        name = cfg.model_name
+    def test_inputs(self, plan: RunPlan) -> torch.Tensor:
+        """The test inputs as the plan's model sees them (its evaluation transform applied)."""
         with self._lock:
-            if name not in self._test_inputs:
-                _, transform = input_transforms(cfg.dataset, self.splits.input_shape, name)
-                self._test_inputs[name] = transform(self.x_test) if transform is not None else self.x_test
-            return self._test_inputs[name]
+            if plan.model_name not in self._test_inputs:
+                transform = plan.eval_transform
+                self._test_inputs[plan.model_name] = transform(self.x_test) if transform is not None else self.x_test
+            return self._test_inputs[plan.model_name]
 
 
 _RUNTIMES: dict[tuple[str, str, torch.device], Runtime] = {}
 _RUNTIMES_LOCK = threading.Lock()
 
 
-def runtime(dataset: str, data_dir: str, device: torch.device) -> Runtime:
-    """This process's runtime of ``dataset`` on ``device``, built on first use."""
-    key = (dataset, data_dir, device)
-    with _RUNTIMES_LOCK:  # concurrent first calls (worker threads) would each load the dataset
+def runtime(plan: RunPlan, device: torch.device) -> Runtime:
+    """This process's runtime of the plan's dataset on ``device``, built on first use."""
+    splits = plan.splits
+    key = (plan.cfg.dataset, plan.cfg.data_dir, device)
+    with _RUNTIMES_LOCK:  # concurrent first calls (worker threads) would each copy the dataset
         found = _RUNTIMES.get(key)
-        if found is None:
-            from fedsim.data import load_dataset
-
-            splits = load_dataset(dataset, data_dir or None)
+        if found is None or found.splits is not splits:
             found = _RUNTIMES[key] = Runtime(
                 splits, device, splits.x_train.to(device), splits.y_train.to(device),
                 splits.x_test.to(device), splits.y_test.to(device),
@@ -172,16 +121,17 @@ def runtime(dataset: str, data_dir: str, device: torch.device) -> Runtime:
 
 
 def release_runtimes() -> None:
-    """Drop every runtime of this process (datasets on devices, models, client views);
-    on CUDA also return the cached blocks to the driver."""
+    """Drop every runtime and plan of this process (datasets on devices, models, client
+    views); on CUDA also return the cached blocks to the driver."""
     with _RUNTIMES_LOCK:
         had_cuda = any(d.type == "cuda" for _, _, d in _RUNTIMES)
         _RUNTIMES.clear()
+    release_plans()
     if had_cuda:
         torch.cuda.empty_cache()
 
 
-_FACTS: "weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict[str, torch.Tensor]]]" = weakref.WeakKeyDictionary()
+_FACTS: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict[str, torch.Tensor]]] = weakref.WeakKeyDictionary()
 
 
 def model_facts(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:

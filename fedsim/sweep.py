@@ -22,7 +22,7 @@ Several processes may run one sweep at once (``fedsim sweep`` twice on one machi
 process running a run holds its folder's lock (fedsim.run_folder: released however the
 process ends), and the others skip a run whose folder is locked. To spread a sweep over
 cores, GPUs or machines, ``fedsim sweep --ray`` (fedsim.sweep_ray) runs each run as a Ray
-task. (fedsim before issue #14 also wrote ``<run>/.claim`` files; they are ignored now.)
+task.
 
 Overrides (``fedsim sweep --set key=value``) apply to every run; one on a grid key narrows
 the grid to that value, keeping the sweep's folder names, so that e.g.
@@ -41,9 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.callbacks import check_named_callbacks
 from fedsim.config import ConfigError, RunConfig, read_experiment, read_toml, same_experiment
+from fedsim.plan import server_plan
 from fedsim.run_folder import RunFolder, RunFolderBusy, RunFolderConflict, check_run_folder, lock_run_folder
-from fedsim.validation import check_experiment
+from fedsim.validation import load_config
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,6 @@ class SweepRun:
     def run_folder(self) -> RunFolder:
         return RunFolder(self.folder)
 
-    @property
-    def claim_file(self) -> Path:
-        """Where fedsim before issue #14 wrote a sweep worker's claim; nothing writes it now."""
-        return self.run_folder.claim
-
     def status(self) -> str:
         """``done`` (finished with this config), ``stale`` (finished with another config),
         ``running`` (its folder is locked by a process on this machine), ``partial``
@@ -77,7 +74,7 @@ class SweepRun:
         return stored
 
     def stored_status(self) -> str:
-        """``status`` from the files alone, ignoring claims."""
+        """``status`` from the files alone, ignoring locks."""
         run = self.run_folder
         if run.is_empty():
             return "todo"
@@ -129,8 +126,9 @@ def load_sweep(path: str | Path, results_dir: str | Path | None = None, override
         point = dict(zip(grid, combo, strict=True))
         folder = root / run_name(point)
         try:
-            cfg = RunConfig.from_mapping({**fixed, **point, "results-dir": str(folder)})
-            check_experiment(cfg)  # every point against its data, before the first run starts
+            cfg = load_config({**fixed, **point, "results-dir": str(folder)})
+            server_plan(cfg)  # every point against its data, before the first run starts
+            check_named_callbacks(cfg)
         except ConfigError as err:
             raise ConfigError(f"sweep point {run_name(point)}: {err}") from None
         runs.append(SweepRun(point, folder, cfg))
@@ -144,7 +142,7 @@ def sweep_results(
     """The finished runs of a sweep, after running the missing ones on the in-process engine
     (quietly; ``workers`` and ``threads`` as ``fedsim.engine.run_engine``'s) if
     ``run_missing``; what the notebooks call."""
-    from fedsim.engine import run_engine
+    from fedsim.engine import run_engine  # lazy: fedsim.engine imports this module's users (the CLI) first
 
     runs = load_sweep(path, results_dir)
     if run_missing:
@@ -203,7 +201,7 @@ def prepare_run(run: SweepRun) -> str:
     if status == "partial" and run.run_folder.checkpoint.exists():
         return "partial results found, resuming from its checkpoint"
     if status in ("partial", "stale"):
-        run.run_folder.remove_all_but_lock_and_claim()  # never the lock: it is held
+        run.run_folder.remove_all_but_lock()  # never the lock: it is held
         return f"{status} results found, rerunning from round 0"
     return "fresh"
 

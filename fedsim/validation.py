@@ -1,41 +1,70 @@
-"""Checks of a run config against its data, made before any folder is created or any
-process is started (``fedsim run``, ``fedsim sweep``, the ServerApp).
-
-``RunConfig.validate`` checks values on their own; ``check_experiment`` loads the
-dataset (cached per process, so the run that follows does not load it again) and checks
-what depends on it and on this machine: the device, the data files, the model against the data's shape, the
-partitioning against the number of clients, examples and labels, the batch-size table.
+"""Reading a run config: ``load_config`` parses it with the algorithms' keys and checks
+every value against the registries (algorithms, data sets, models, attacks, devices,
+partitionings), before any data is loaded. What a config means for a run, checked
+against the data, is ``fedsim.plan``'s.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from fedsim.algorithms import REGISTRY, options
+from fedsim.attacks import ATTACKS
 from fedsim.config import ConfigError, RunConfig
+from fedsim.data.load import DATASETS
+from fedsim.device import DEVICE_FORMS, valid_device_name
+from fedsim.models import MODELS
+from fedsim.partitions import PartitionSpec
+from fedsim.partitions.batch_sizes import parse_batch_sizes
+from fedsim.plugins import is_import_path
 
 
-def check_experiment(cfg: RunConfig, num_nodes: int | None = None) -> None:
-    """Raise ConfigError naming the key and what to do if ``cfg`` cannot run on its data
-    with ``num_nodes`` clients (default: the config's ``num-nodes``)."""
-    from fedsim.partitions.batch_sizes import client_batch_sizes
-    from fedsim.runtime import input_transforms
-    from fedsim.data import DataError, load_dataset
-    from fedsim.data.paths import given_dir
-    from fedsim.device import resolve_device
-    from fedsim.partitions import partition_indices
+def load_config(values: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig of a Flower run config (kebab-case keys); ConfigError naming the
+    first unknown key or invalid value, and what to do."""
+    cfg = RunConfig.from_mapping(values, options=options())
+    check_names(cfg)
+    return cfg
 
-    nodes = cfg.num_nodes if num_nodes is None else num_nodes
-    resolve_device(cfg.device)  # CUDA asked for where there is none
+
+def load_config_cached(values: Mapping[str, Any]) -> RunConfig:
+    """``load_config``, memoised on the values (a client reads the same config per message)."""
+    return _cached(tuple(sorted(values.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return load_config(dict(items))
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Raise ConfigError for a value that no registry knows, or that does not apply."""
+    attacks = REGISTRY[cfg.strategy].attacks if cfg.strategy in REGISTRY else ()
+    checks = [
+        (cfg.strategy in REGISTRY, f"strategy={cfg.strategy!r}: choose one of {list(REGISTRY)}"),
+        (cfg.dataset in DATASETS, f"dataset={cfg.dataset!r}: choose one of {list(DATASETS)}"),
+        (cfg.model == "auto" or cfg.model in MODELS or is_import_path(cfg.model),
+         f"model={cfg.model!r}: choose 'auto', one of {sorted(MODELS)}, or a model of yours as 'package.module:attr'"),
+        (valid_device_name(cfg.device), f"device={cfg.device!r}: choose {DEVICE_FORMS}"),
+        (cfg.attack in ATTACKS, f"attack={cfg.attack!r}: choose one of {list(ATTACKS)}"),
+        (cfg.attackers == 0 or cfg.attack in attacks,
+         f"attack={cfg.attack!r} does not apply to strategy={cfg.strategy!r}: choose one of {list(attacks)}"),
+        (all(is_import_path(c) for c in callback_paths(cfg)),
+         f"callbacks={cfg.callbacks!r}: expected comma-separated 'package.module:attr' names"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
     try:
-        if cfg.data_dir:  # checked for every dataset: a mistyped folder is a mistake even where it is not read
-            given_dir(cfg.data_dir)
-        splits = load_dataset(cfg.dataset, cfg.data_dir or None)
-    except DataError as err:
-        raise ConfigError(f"dataset={cfg.dataset!r}, data-dir={cfg.data_dir!r}: {err}") from None
-    input_transforms(cfg.dataset, splits.input_shape, cfg.model_name)  # raises ConfigError naming both shapes
-    try:
-        partition_indices(splits.y_train.numpy(), cfg.partitioning, nodes, cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"partitioning={cfg.partitioning!r} with {nodes} clients on {cfg.dataset}: {err}") from None
-    try:
-        client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, nodes, cfg.seed)
+        PartitionSpec.parse(cfg.partitioning)
+        if cfg.batch_sizes:
+            parse_batch_sizes(cfg.batch_sizes, cfg.num_nodes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def callback_paths(cfg: RunConfig) -> list[str]:
+    """The user callbacks the run config names (``callbacks``, comma-separated)."""
+    return [c.strip() for c in cfg.callbacks.split(",") if c.strip()]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedsim.config import RunConfig
+from fedsim.callbacks import Callback, RoundEnd
 from fedsim.engine.flower_internals import assign_message_id
 from fedsim.protocol import ArraySpec, ModelSpec
 from fedsim.strategies import FedsimStrategy, build_strategy
+from fedsim.validation import load_config
 
 
 def make(
@@ -20,10 +21,10 @@ def make(
 ) -> FedsimStrategy:
     """The strategy of algorithm ``name`` over a model with state ``spec`` and trainable
     ``params``; ``options`` are the algorithm's own keys in snake case (llr_warmup=1)."""
-    cfg = RunConfig(
-        strategy=name, lr=lr, fraction_train=fraction_train, seed=seed, min_replies=min_replies,
-        options=tuple(sorted((k.replace("_", "-"), v) for k, v in options.items())),
-    )
+    cfg = load_config({
+        "strategy": name, "lr": lr, "fraction-train": fraction_train, "seed": seed, "min-replies": min_replies,
+        "num-nodes": 10_000, **{k.replace("_", "-"): v for k, v in options.items()},
+    })
     return build_strategy(cfg, ModelSpec.of(spec, params), num_partitions=num_partitions, max_examples=max_examples, device=device)
 
 
@@ -38,3 +39,13 @@ def sent(strategy: FedsimStrategy, arrays: ArrayRecord, n: int, server_round: in
     for i, m in enumerate(msgs):
         assign_message_id(m, f"id{i}")
     return msgs
+
+
+class each_round(Callback):
+    """A callback that calls ``fn(row)`` after every round (``fn`` may raise to crash the run)."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        self.fn(end.row)

@@ -14,9 +14,10 @@ from torch import nn
 from fedsim.algorithms import REGISTRY, ClientStep
 from fedsim.attacks import HONEST, Attack, attacker_ids
 from fedsim.clients.tasks import LocalData
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError
 from fedsim.core.signs import PACKED, pack_signs, unpack_signs
 from fedsim.engine.runner import run_inprocess
+from fedsim.validation import load_config
 
 
 def test_attackers_are_k_distinct_clients_drawn_from_the_seed():
@@ -62,7 +63,7 @@ def test_a_fedavg_attacker_sends_the_start_minus_c_times_its_update():
         torch.nn.init.zeros_(model.bias)
         step = ClientStep(model, data, 8, torch.Generator().manual_seed(5), ["weight", "bias"], RecordDict(), 1, attack)
         fedavg = REGISTRY["fedavg"]
-        return fedavg.client_step(fedavg.hyperparams(RunConfig(lr=0.5)), step).arrays
+        return fedavg.client_step(fedavg.hyperparams(load_config({"lr": 0.5})), step).arrays
 
     honest, attacked = upload(HONEST), upload(Attack("scale", scale=4.0))
     start = {"weight": np.full((2, 4), 0.1, np.float32), "bias": np.zeros(2, np.float32)}
@@ -83,7 +84,7 @@ def test_a_fedavg_attacker_sends_the_start_minus_c_times_its_update():
 )
 def test_bad_attack_settings_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
-        RunConfig.from_mapping(values)
+        load_config(values)
 
 
 def test_bit_flippers_get_negative_llr_weights_and_the_summary_names_them(tmp_path):

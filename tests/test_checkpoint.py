@@ -12,11 +12,12 @@ import time
 
 import pytest
 import torch
+from strategy_kit import each_round
 
 from fedsim.checkpoint import CHECKPOINT, load_checkpoint
-from fedsim.config import RunConfig
-from fedsim.run_folder import RunFolderConflict, claim_run_folder, clear_run_folder
 from fedsim.engine.runner import run_inprocess
+from fedsim.run_folder import RunFolderConflict, claim_run_folder, clear_run_folder
+from fedsim.validation import load_config
 
 BASE = {"num-nodes": 6, "num-server-rounds": 24, "eval-every": 5, "seed": 3, "batch-mode": 2}
 
@@ -39,23 +40,37 @@ def crash_at(round_):
     return hook
 
 
+def as_written_before_namespacing(path) -> None:
+    """Rewrite a checkpoint as fedsim wrote it before issue #19: the strategy's and the
+    algorithm's state in one flat ``strategy`` dict, and a config without the keys added since."""
+    state = torch.load(path, weights_only=True)
+    state["strategy"] = {**state["strategy"], **state.pop("algorithm")}
+    for key in ("tensorboard", "mlflow", "callbacks"):
+        del state["config"][key]
+    torch.save(state, path)
+
+
 @pytest.mark.parametrize(
-    "strategy, extra",
+    "strategy, extra, legacy",
     [
-        ("llr-vote", {"lr": 0.01, "llr-warmup": 8, "fraction-train": 0.5}),  # counts and node sampling carry over
-        ("fedavg", {"lr": 0.1}),
-        ("fedsgd", {"lr": 0.5, "fraction-train": 0.7}),
+        ("llr-vote", {"lr": 0.01, "llr-warmup": 8, "fraction-train": 0.5}, False),  # counts and node sampling carry over
+        ("llr-vote", {"lr": 0.01, "llr-warmup": 8, "fraction-train": 0.5}, True),  # ... from a checkpoint of older fedsim
+        ("sign-fd", {"lr": 0.01, "fd-warmup": 8, "fraction-train": 0.5}, True),
+        ("fedavg", {"lr": 0.1}, False),
+        ("fedsgd", {"lr": 0.5, "fraction-train": 0.7}, False),
     ],
 )
-def test_a_crashed_run_resumes_to_the_same_result(strategy, extra, tmp_path):
+def test_a_crashed_run_resumes_to_the_same_result(strategy, extra, legacy, tmp_path):
     cfg = {**BASE, **extra, "strategy": strategy}
     whole = run_inprocess({**cfg, "results-dir": str(tmp_path / "whole")})
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Crash):
-        run_inprocess({**cfg, "results-dir": str(resumed)}, on_round=crash_at(17))
+        run_inprocess({**cfg, "results-dir": str(resumed)}, callbacks=[each_round(crash_at(17))])
     assert (resumed / CHECKPOINT).exists() and not (resumed / "summary.json").exists()
     assert [r["round"] for r in metric_rows(resumed)][-1] == "17"  # rows 16-17 were written before the crash
+    if legacy:
+        as_written_before_namespacing(resumed / CHECKPOINT)
     run_inprocess({**cfg, "results-dir": str(resumed)})
 
     assert metric_rows(resumed) == metric_rows(whole)
@@ -70,8 +85,8 @@ def test_a_run_of_another_config_is_refused_and_its_checkpoint_ignored(tmp_path,
     folder = tmp_path / "run"
     cfg = {**BASE, "strategy": "sign-mv", "lr": 0.01, "results-dir": str(folder)}
     with pytest.raises(Crash):
-        run_inprocess(cfg, on_round=crash_at(12))
-    other = RunConfig.from_mapping({**cfg, "lr": 0.02})
+        run_inprocess(cfg, callbacks=[each_round(crash_at(12))])
+    other = load_config({**cfg, "lr": 0.02})
     with pytest.raises(RunFolderConflict, match=r"holds a started run of another config \(lr: 0.01 -> 0.02\)"):
         claim_run_folder(folder, other)
     with caplog.at_level(logging.WARNING):

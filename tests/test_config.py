@@ -5,16 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.partitions.batch_sizes import batch_mode_sizes, client_batch_sizes, num_small_clients, parse_batch_sizes
 from fedsim.config import ConfigError, RunConfig
+from fedsim.partitions.batch_sizes import batch_mode_sizes, client_batch_sizes, num_small_clients, parse_batch_sizes
+from fedsim.validation import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_defaults_are_the_runconfig_defaults():
     app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert app_config == RunConfig().to_mapping()
-    assert RunConfig.from_mapping(app_config) == RunConfig()
+    assert app_config == load_config({}).to_mapping()
+    assert load_config(app_config) == load_config({})
+    assert {k: v for k, v in app_config.items() if k in RunConfig().to_mapping()} == RunConfig().to_mapping()
 
 
 @pytest.mark.parametrize(
@@ -32,12 +34,14 @@ def test_pyproject_defaults_are_the_runconfig_defaults():
 )
 def test_bad_config_names_the_problem(values, message):
     with pytest.raises(ConfigError, match=message):
-        RunConfig.from_mapping(values)
+        load_config(values)
 
 
 def test_model_auto_follows_dataset():
-    assert RunConfig.from_mapping({"dataset": "mnist"}).model_name == "mnist-cnn"
-    assert RunConfig.from_mapping({"dataset": "mnist", "model": "mnist-2nn"}).model_name == "mnist-2nn"
+    from fedsim.data.load import DATASETS
+
+    assert DATASETS["mnist"].default_model == "mnist-cnn"
+    assert load_config({"model": "mnist-2nn"}).model == "mnist-2nn"
 
 
 def test_batch_modes_match_the_paper_at_m15():
@@ -71,11 +75,16 @@ def test_explicit_batch_sizes():
 
 
 def test_input_transforms_by_model_and_dataset():
-    from fedsim.runtime import input_transforms
-
-    train, evaluate = input_transforms("cifar10", (3, 32, 32), "cifar-cnn")
     import torch
 
+    from fedsim.data.load import DATASETS
+    from fedsim.models import MODELS
+    from fedsim.plan import input_transforms as transforms
+
+    def input_transforms(dataset, shape, model):
+        return transforms(DATASETS[dataset], shape, MODELS[model])
+
+    train, evaluate = input_transforms("cifar10", (3, 32, 32), "cifar-cnn")
     x = torch.zeros(5, 3, 32, 32)
     assert train(x, torch.Generator().manual_seed(0)).shape == (5, 3, 24, 24)
     assert evaluate(x).shape == (5, 3, 24, 24)

@@ -45,9 +45,9 @@ def test_digits_shapes_split_and_range():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(DataError, match="imagenet.*digits, mnist, fashion-mnist, cifar10"):
+    with pytest.raises(DataError, match=r"imagenet.*digits, mnist, fashion-mnist, cifar10"):
         load_dataset("imagenet")
-    assert DATASETS == ("digits", "mnist", "fashion-mnist", "cifar10")
+    assert tuple(DATASETS) == ("digits", "mnist", "fashion-mnist", "cifar10")
 
 
 def test_missing_data_dir_is_named(tmp_path):
@@ -215,7 +215,7 @@ def test_cifar_extracted_folder(tmp_path):
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
     assert d.input_shape == (3, 32, 32) and d.num_classes == 10
     assert d.x_train.dtype == torch.float32 and d.y_test.dtype == torch.int64
-    assert d.y_train.tolist() == sum((batches[f"data_batch_{k}"][b"labels"] for k in range(1, 6)), [])
+    assert d.y_train.tolist() == [label for k in range(1, 6) for label in batches[f"data_batch_{k}"][b"labels"]]
     raw = batches["test_batch"][b"data"][1]  # 1024 red, 1024 green, 1024 blue, row-major
     green_5_7 = int(raw[1024 + 5 * 32 + 7])
     assert float(d.x_test[1, 1, 5, 7]) == pytest.approx((green_5_7 / 255 - 0.4822) / 0.2435, abs=1e-5)
@@ -313,7 +313,7 @@ def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
         flips += matches[0][2]
     assert 0 < flips < len(x)
     mirrored = augment_batch(x, torch.Generator().manual_seed(3), pad=0)
-    assert all(m.equal(xi) or m.equal(xi.flip(-1)) for m, xi in zip(mirrored, x))
+    assert all(m.equal(xi) or m.equal(xi.flip(-1)) for m, xi in zip(mirrored, x, strict=True))
 
 
 def test_augment_crop_to_smaller_size_and_center_crop():

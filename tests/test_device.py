@@ -14,11 +14,12 @@ import torch
 
 from fedsim import device as dev
 from fedsim.client_app import app as client_app
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError
 from fedsim.device import ClientDeviceError, client_device, default_gpu_share, device_code, device_label, resolve_device
 from fedsim.engine.inprocess import InProcessGrid
 from fedsim.errors import RunFailed
 from fedsim.server_app import run_experiment
+from fedsim.validation import load_config
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
 
@@ -42,7 +43,7 @@ def test_auto_and_cuda_indices_with_faked_gpus(monkeypatch):
 
 def test_a_client_of_a_cuda_server_without_a_gpu_fails_with_the_fix(monkeypatch):
     monkeypatch.setattr(dev, "cuda_count", lambda: 0)
-    with pytest.raises(ClientDeviceError, match="client-resources-num-gpus=0.25") as err:
+    with pytest.raises(ClientDeviceError, match=r"client-resources-num-gpus=0\.25") as err:
         client_device("auto", "cuda")
     assert "--gpus-per-client 0.25" in str(err.value) and "device='cpu'" in str(err.value)
     assert client_device("auto", "cpu") == torch.device("cpu")
@@ -72,10 +73,10 @@ def test_default_gpu_share_fits_every_concurrent_client(nodes, cpus_per_client, 
 
 
 def _run(tmp_path, name: str, **extra):
-    cfg = RunConfig.from_mapping(
+    cfg = load_config(
         {"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 2, "num-nodes": 3, "results-dir": str(tmp_path / name), **extra}
     ).to_mapping()
-    run_experiment(InProcessGrid(client_app, 3, cfg), RunConfig.from_mapping(cfg), engine="inprocess")
+    run_experiment(InProcessGrid(client_app, 3, cfg), load_config(cfg), engine="inprocess")
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
+from strategy_kit import each_round
 
 from fedsim import protocol
 from fedsim.client_app import app as fedsim_client
-from fedsim.config import RunConfig
 from fedsim.engine.inprocess import InProcessGrid
 from fedsim.server_app import run_experiment
+from fedsim.validation import load_config
 
 BAD_PARTITION = 2
 faulty = ClientApp()
@@ -37,12 +38,12 @@ def _rows(path):
 
 
 def test_truncated_reply_is_rejected_logged_and_round_goes_on(tmp_path, caplog):
-    cfg = RunConfig.from_mapping(
+    cfg = load_config(
         {"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 3, "num-nodes": 5, "results-dir": str(tmp_path)}
     ).to_mapping()
     grid = InProcessGrid(faulty, 5, cfg)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        run_experiment(grid, RunConfig.from_mapping(cfg), engine="inprocess")
+        run_experiment(grid, load_config(cfg), engine="inprocess")
     rows = _rows(tmp_path)
     assert [int(r["clients"]) for r in rows[1:]] == [4, 4, 4]
     assert [int(r["rejected"]) for r in rows[1:]] == [1, 1, 1]
@@ -66,12 +67,12 @@ def _broken_train(msg: Message, context: Context) -> Message:
 
 
 def _run_broken(tmp_path, min_replies: int, name: str):
-    cfg = RunConfig.from_mapping(
+    cfg = load_config(
         {"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 3, "num-nodes": 4, "min-replies": min_replies,
          "results-dir": str(tmp_path / name)}
     ).to_mapping()
     grid = InProcessGrid(broken, 4, cfg)
-    run_experiment(grid, RunConfig.from_mapping(cfg), engine="inprocess")
+    run_experiment(grid, load_config(cfg), engine="inprocess")
     return tmp_path / name
 
 
@@ -102,9 +103,7 @@ def test_cli_exits_1_when_no_round_met_min_replies(tmp_path, monkeypatch, capsys
     from fedsim.engine import runner
 
     def run_with_broken_clients(run_config, **kwargs):
-        import fedsim.client_app
-
-        monkeypatch.setattr(fedsim.client_app, "app", broken)
+        monkeypatch.setattr(runner, "client_app", broken)
         return real(run_config, **kwargs)
 
     real = runner.run_inprocess
@@ -126,10 +125,10 @@ def test_a_sweep_reports_a_failed_run_goes_on_and_exits_1(tmp_path, monkeypatch,
 
     real_client = Runtime.client
 
-    def client_failing_for_lr_0_5(self, cfg, *args):
-        if cfg.lr == 0.5:
+    def client_failing_for_lr_0_5(self, plan, *args):
+        if plan.cfg.lr == 0.5:
             raise RuntimeError("this client is broken")
-        return real_client(self, cfg, *args)
+        return real_client(self, plan, *args)
 
     monkeypatch.setattr(Runtime, "client", client_failing_for_lr_0_5)
     sweep = tmp_path / "s.toml"
@@ -212,8 +211,9 @@ def _write_small_cifar(root, n_train=40, n_test=20):
 
 
 def test_cifar_models_run_end_to_end_with_crops_and_batchnorm_buffers(tmp_path):
-    from fedsim.engine.runner import run_inprocess
     import torch
+
+    from fedsim.engine.runner import run_inprocess
 
     data = _write_small_cifar(tmp_path / "cifar")
     base = {"dataset": "cifar10", "data-dir": str(data), "num-nodes": 3, "num-server-rounds": 2, "batch-size": 8}
@@ -225,8 +225,8 @@ def test_cifar_models_run_end_to_end_with_crops_and_batchnorm_buffers(tmp_path):
     state = torch.load(out / "model.pt")
     # BatchNorm running statistics were averaged from the clients, not left at their init
     assert not torch.allclose(state["bn1.running_mean"], torch.zeros_like(state["bn1.running_mean"]))
-    from fedsim.models import build_model
     from fedsim.core.signs import packed_size
+    from fedsim.models import build_model
 
     model = build_model("resnet20")
     params = {n for n, _ in model.named_parameters()}
@@ -270,7 +270,7 @@ def test_summary_records_the_commit_read_before_the_run_not_at_its_end(tmp_path,
 
     results.environment_info.cache_clear()
     try:
-        out = run_inprocess({"num-server-rounds": 2, "results-dir": str(tmp_path / "run")}, on_round=commit_meanwhile)
+        out = run_inprocess({"num-server-rounds": 2, "results-dir": str(tmp_path / "run")}, callbacks=[each_round(commit_meanwhile)])
         assert json.loads((out / "summary.json").read_text())["git_commit"] == "loaded-commit"
     finally:
         results.environment_info.cache_clear()

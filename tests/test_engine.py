@@ -5,6 +5,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 
 from fedsim.engine.inprocess import FIRST_NODE_ID, InProcessGrid
+from fedsim.validation import load_config
 
 toy = ClientApp()
 
@@ -55,9 +56,8 @@ def test_raising_client_gives_error_reply_and_keeps_old_state():
 
 def test_fedsim_client_without_partition_in_node_config_replies_with_a_clear_error():
     from fedsim.client_app import app as fedsim_client
-    from fedsim.config import RunConfig
 
-    cfg = RunConfig().to_mapping()
+    cfg = load_config({}).to_mapping()
     grid = InProcessGrid(fedsim_client, 1, cfg)
     grid.contexts[FIRST_NODE_ID].node_config = {}
     content = RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(2, np.float32))}), "config": ConfigRecord({"task": "sign", "server-round": 1})})

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from fedsim.cli import read_experiment
-from fedsim.config import RunConfig
 from fedsim.sweep import load_sweep
+from fedsim.validation import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.toml"))
@@ -15,7 +15,7 @@ SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.toml"))
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_is_a_valid_run_config(path):
-    RunConfig.from_mapping(read_experiment(path))
+    load_config(read_experiment(path))
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

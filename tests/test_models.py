@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.models import MODEL_INPUT_SHAPES, MODELS, build_model, count_parameters
+from fedsim.models import MODELS, build_model, count_parameters
 
 PARAMETER_COUNTS = {
     "digits-logreg": 650,
@@ -20,7 +20,8 @@ PARAMETER_COUNTS = {
 
 
 def test_registry_is_complete():
-    assert set(MODELS) == set(MODEL_INPUT_SHAPES) == set(PARAMETER_COUNTS)
+    assert set(MODELS) == set(PARAMETER_COUNTS)
+    assert all(e.name == name and e.input_shape is not None for name, e in MODELS.items())
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
@@ -37,7 +38,7 @@ def test_count_parameters_skips_frozen_and_buffers():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_gives_logits_and_gradients_flow(name):
     model = build_model(name, seed=0)
-    x = torch.randn(3, *MODEL_INPUT_SHAPES[name], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, *MODELS[name].input_shape, generator=torch.Generator().manual_seed(1))
     logits = model(x)
     assert logits.shape == (3, 10) and logits.dtype == torch.float32
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
@@ -49,7 +50,7 @@ def test_forward_gives_logits_and_gradients_flow(name):
 @pytest.mark.parametrize("name", ["mnist-cnn", "resnet20"])
 def test_num_classes_sets_the_output_width(name):
     model = build_model(name, num_classes=62)
-    assert model(torch.zeros(2, *MODEL_INPUT_SHAPES[name])).shape == (2, 62)
+    assert model(torch.zeros(2, *MODELS[name].input_shape)).shape == (2, 62)
 
 
 @pytest.mark.parametrize("name", ["digits-mlp", "cifar-cnn", "resnet20"])

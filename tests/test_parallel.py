@@ -11,13 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.clients import tasks
-from fedsim.clients.tasks import LocalData, MICRO_BATCH, flat_gradient, micro_batches, part_map
+from fedsim.clients.tasks import MICRO_BATCH, LocalData, flat_gradient, micro_batches, part_map
 from fedsim.core import votes
 from fedsim.engine import inprocess
 from fedsim.engine.inprocess import RoundPlan, _Workers, plan_round
 from fedsim.models import build_model
 from fedsim.seeding import generator
-
 
 # --- the plan ------------------------------------------------------------------------------
 
@@ -146,12 +145,12 @@ def test_any_worker_count_gives_the_same_bits_as_one_thread(tmp_path, monkeypatc
         original(grid)
 
     monkeypatch.setattr(inprocess.InProcessGrid, "close", record)
-    vote_threads = []  # the LLR estimator's threads: the engine's cores (fedsim.core.votes.vote_cores)
+    vote_threads = []  # the LLR estimator's threads: the engine's cores (fedsim.server_app.set_up)
     init = votes.CrossProbabilityEstimator.__init__
 
     def record_threads(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        vote_threads.append(self.threads)
+        vote_threads.append(self.map_blocks.threads)
 
     monkeypatch.setattr(votes.CrossProbabilityEstimator, "__init__", record_threads)
     cfg = {"strategy": "llr-vote", "lr": 0.01, "num-nodes": 10, "num-server-rounds": 4, "batch-mode": mode,
@@ -169,19 +168,18 @@ def test_any_worker_count_gives_the_same_bits_as_one_thread(tmp_path, monkeypatc
 
 
 def test_workers_setting_is_auto_or_a_positive_integer():
-    from fedsim.engine.runner import parse_workers
+    from fedsim.engine.settings import parse_workers
 
     assert parse_workers("auto") == parse_workers(" AUTO ") == "auto"
     assert parse_workers("3") == parse_workers(3) == 3
     for bad in ("0", "-1", "two", "1.5", 0, True, 2.0):
         with pytest.raises(ValueError, match="workers must be 'auto' or an integer >= 1"):
             parse_workers(bad)
-    with pytest.raises(ValueError, match="workers must be 'auto' or an int >= 1"):
-        inprocess.InProcessGrid(None, 2, {}, workers=0)
+
 
 
 def test_threads_setting_is_a_positive_integer():
-    from fedsim.engine.runner import parse_threads
+    from fedsim.engine.settings import parse_threads
 
     assert parse_threads(1) == 1 and parse_threads(4) == 4
     for bad in (0, -1, 1.5, True, "2"):

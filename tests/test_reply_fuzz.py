@@ -12,13 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategy_kit import make
 
 from fedsim import protocol
+from fedsim.algorithms import REGISTRY
 from fedsim.arrays import NUMPY_STYPE
 from fedsim.engine.flower_internals import assign_message_id, set_server_identity
-from fedsim.algorithms import REGISTRY, ef_sign
 from fedsim.strategies import FedsimStrategy
-from strategy_kit import make
 
 set_server_identity(run_id=11)
 
@@ -50,18 +50,12 @@ def make_strategy(name: str) -> FedsimStrategy:
 
 
 def valid_parts(s: FedsimStrategy, pid: int, n: int, rng: np.random.Generator) -> Parts:
-    """What an honest client of partition ``pid`` with ``n`` examples could send."""
-    floats = {k: rng.standard_normal(shape).astype(dtype) for k, (shape, dtype) in SPEC.items() if dtype.kind == "f"}
-    buffers = {"bn.running_mean": floats["bn.running_mean"]}
-    records: dict[str, dict] = {
-        protocol.ARRAYS: lambda: {protocol.ARRAYS: {**floats, "bn.num_batches_tracked": np.array(rng.integers(0, 50), np.int64)}},
-        protocol.GRADS: lambda: {protocol.GRADS: {k: floats[k] for k in PARAMS}, protocol.BUFFERS: buffers},
-        protocol.SIGNS: lambda: {protocol.SIGNS: {protocol.PACKED: rng.integers(0, 256, 1).astype(np.uint8)}, protocol.BUFFERS: buffers},
-        ef_sign.RECORD: lambda: {
-            ef_sign.RECORD: {protocol.PACKED: rng.integers(0, 256, 1).astype(np.uint8), ef_sign.SCALE: np.array([rng.uniform(0, 1)], np.float32)},
-            protocol.BUFFERS: buffers,
-        },
-    }[s.algorithm.record]()
+    """What an honest client of partition ``pid`` with ``n`` examples could send: the
+    algorithm's own sample upload (``Algorithm.sample_upload``) and, where it sends them,
+    the float buffers."""
+    records: dict[str, dict] = {s.algorithm.record: s.algorithm.sample_upload(rng)}
+    if s.buffer_spec:
+        records[protocol.BUFFERS] = {k: rng.standard_normal(shape).astype(dtype) for k, (shape, dtype) in s.buffer_spec.items()}
     metrics = {"num-examples": n, "train-loss": float(rng.uniform(0, 3)), "partition-id": pid, "batch-size": int(rng.integers(0, 65))}
     return {"records": records, "metrics": metrics}
 
@@ -116,7 +110,7 @@ def drop_record(parts: Parts, r: random.Random, ctx: dict) -> None:
 
 
 def extra_record(parts: Parts, r: random.Random, ctx: dict) -> None:
-    name = r.choice([protocol.ARRAYS, protocol.GRADS, protocol.SIGNS, ef_sign.RECORD, protocol.BUFFERS, "extra"])
+    name = r.choice([*sorted({cls.record for cls in REGISTRY.values()}), protocol.BUFFERS, "extra"])
     if name in parts["records"]:
         name = "extra"
     parts["records"][name] = {"x": np.zeros(2, np.float32)}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from strategy_kit import each_round
 
 from fedsim.config import ConfigError, RunConfig, config_differences, same_experiment
 from fedsim.engine.runner import run_inprocess
@@ -31,6 +32,7 @@ from fedsim.run_folder import (
     clear_run_folder,
     lock_run_folder,
 )
+from fedsim.validation import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "experiments" / "quick.toml"
@@ -108,7 +110,7 @@ def test_two_fedsim_runs_on_one_folder(tmp_path):
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"results folder {folder} is in use by another fedsim process (pid {first.pid})" in second.stderr
         assert "Traceback" not in second.stderr
-        out, err = first.communicate(timeout=600)
+        _, err = first.communicate(timeout=600)
         assert first.returncode == 0, err[-2000:]
     finally:
         stop(first)
@@ -142,7 +144,7 @@ TAKE = "import sys; from fedsim.run_folder import lock_run_folder; hold = lock_r
 def test_the_lock_is_reentrant_in_a_process_and_its_children(tmp_path):
     folder = tmp_path / "run"
     with lock_run_folder(folder):
-        with lock_run_folder(folder), claim_run_folder(folder, RunConfig()):  # the CLI, run_experiment, ...
+        with lock_run_folder(folder), claim_run_folder(folder, load_config({})):  # the CLI, run_experiment, ...
             pass
         # still held by the outer hold: a child process (the Flower engine's ServerApp) runs under it ...
         child = subprocess.run([sys.executable, "-c", TAKE, str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -181,7 +183,7 @@ def test_a_changed_config_on_a_finished_folder_is_refused(tmp_path):
 
 def test_check_run_folder(tmp_path):
     folder = tmp_path / "run"
-    cfg = RunConfig.from_mapping({**SMALL, "results-dir": str(folder)})
+    cfg = load_config({**SMALL, "results-dir": str(folder)})
     check_run_folder(folder, cfg)  # no folder yet
     folder.mkdir()
     (folder / CONFIG).write_text(json.dumps({**cfg.to_mapping(), "lr": 0.5}))
@@ -192,12 +194,12 @@ def test_check_run_folder(tmp_path):
     (folder / CONFIG).write_text(json.dumps({**cfg.to_mapping(), "results-dir": "elsewhere"}))
     check_run_folder(folder, cfg)  # where the results live is not part of the experiment
     (folder / CONFIG).unlink()
-    with pytest.raises(RunFolderConflict, match="without a readable config.json"):
+    with pytest.raises(RunFolderConflict, match=r"without a readable config\.json"):
         check_run_folder(folder, cfg)
 
 
 def test_config_differences_agree_with_same_experiment():
-    cfg = RunConfig.from_mapping(SMALL)
+    cfg = load_config(SMALL)
     stored = {k: v for k, v in cfg.to_mapping().items() if k != "min-replies"}  # a key added later: its default
     assert config_differences(stored, cfg) == {} and same_experiment(stored, cfg)
     stored = {**stored, "lr": 0.2, "results-dir": "x", "gone": 1}
@@ -218,11 +220,11 @@ def test_clear_run_folder_removes_run_files_only(tmp_path):
 def test_a_finished_folder_rerun_with_another_config_after_clearing_is_clean(tmp_path):
     folder = tmp_path / "run"
     run_inprocess({**SMALL, "results-dir": str(folder)})
-    with pytest.raises(RunFolderConflict, match="lr: 0.1 -> 0.05"):
-        claim_run_folder(folder, RunConfig.from_mapping({**SMALL, "lr": 0.05}))
+    with pytest.raises(RunFolderConflict, match=r"lr: 0\.1 -> 0\.05"):
+        claim_run_folder(folder, load_config({**SMALL, "lr": 0.05}))
     clear_run_folder(folder)
     with pytest.raises(Crash):  # killed early: no summary of the old run beside the new config
-        run_inprocess({**SMALL, "lr": 0.05, "results-dir": str(folder)}, on_round=crash_at(1))
+        run_inprocess({**SMALL, "lr": 0.05, "results-dir": str(folder)}, callbacks=[each_round(crash_at(1))])
     assert not (folder / SUMMARY).exists() and json.loads((folder / CONFIG).read_text())["lr"] == 0.05
     run_inprocess({**SMALL, "lr": 0.05, "results-dir": str(folder)})
     summary = json.loads((folder / SUMMARY).read_text())
@@ -234,7 +236,7 @@ def test_a_rerun_of_the_same_config_removes_the_old_summary_first(tmp_path):
     folder = tmp_path / "run"
     run_inprocess({**SMALL, "results-dir": str(folder)})
     with pytest.raises(Crash):
-        run_inprocess({**SMALL, "results-dir": str(folder)}, on_round=crash_at(0))
+        run_inprocess({**SMALL, "results-dir": str(folder)}, callbacks=[each_round(crash_at(0))])
     assert not (folder / SUMMARY).exists() and not (folder / "model.pt").exists() and (folder / CONFIG).exists()
 
 
@@ -244,7 +246,7 @@ def test_a_rerun_of_the_same_config_removes_the_old_summary_first(tmp_path):
 def crashed_run(folder):
     """A run killed after round 3 (its checkpoint: round 2; rows 0-3)."""
     with pytest.raises(Crash):
-        run_inprocess({**SMALL, "results-dir": str(folder)}, on_round=crash_at(3))
+        run_inprocess({**SMALL, "results-dir": str(folder)}, callbacks=[each_round(crash_at(3))])
     assert (folder / CHECKPOINT).exists() and rounds(folder) == [0, 1, 2, 3]
 
 
@@ -363,7 +365,7 @@ def test_a_sweep_run_holds_its_folders_lock_and_skips_a_folder_in_use(tmp_path):
         stop(holder)
     assert results == ["busy", "ran"] and held == ["seed=1"]
     assert f"in use by another fedsim process (pid {holder.pid})" in echoed[0]
-    assert not runs[0].claim_file.exists() and runs[0].status() == "todo"  # the lock file alone is no result
+    assert not (runs[0].folder / ".claim").exists() and runs[0].status() == "todo"  # the lock file alone is no result
     lock_run_folder(runs[1].folder).release()  # released after the run
 
 
@@ -382,7 +384,7 @@ def test_a_run_that_raises_releases_its_folders_lock(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FedsimStrategy, "run", crash)
     folder = tmp_path / "run"
-    cfg = RunConfig.from_mapping({**SMALL, "results-dir": str(folder)}).to_mapping()
+    cfg = load_config({**SMALL, "results-dir": str(folder)}).to_mapping()
     try:
         server_app(InProcessGrid(client_app, 4, cfg), Context(1, 1, {}, RecordDict(), cfg))
     except Crash as err:
@@ -398,7 +400,7 @@ def test_run_folder_names_each_file_of_the_layout(tmp_path):
     assert run.path == tmp_path / "run"
     names = {
         "config": "config.json", "rounds": "rounds.csv", "summary": "summary.json", "checkpoint": "checkpoint.pt",
-        "claim": ".claim", "lock": ".lock", "model": "model.pt", "label_counts": "label_counts.csv",
+        "lock": ".lock", "model": "model.pt", "label_counts": "label_counts.csv",
     }
     assert {prop: getattr(run, prop) for prop in names} == {prop: tmp_path / "run" / name for prop, name in names.items()}
     with pytest.raises(AttributeError):
@@ -410,8 +412,8 @@ def test_a_finished_run_folder_and_add_to_summary(tmp_path):
     run = RunFolder(tmp_path / "run")
     assert run.is_empty() and not run.finished and run.state() is None and run.read_summary() is None
     with lock_run_folder(run.path):
-        run.claim.write_text("host 1\n")
-        assert run.is_empty()  # its lock and a claim are no result
+        (run.path / ".claim").write_text("host 1\n")
+        assert run.is_empty()  # its lock and an old claim file (fedsim before issue #14) are no result
         run.write_config({"lr": 0.1})
         assert not run.is_empty() and run.read_config() == {"lr": 0.1} and not run.finished
         run.write_summary({"rounds": 3, "seed": 0})
@@ -466,15 +468,15 @@ def test_a_missing_or_damaged_summary(tmp_path, content):
     assert (run.summary.read_bytes() if run.summary.exists() else None) == content
 
 
-def test_remove_all_but_lock_and_claim(tmp_path):
+def test_remove_all_but_lock(tmp_path):
     run = RunFolder(tmp_path / "run")
     with lock_run_folder(run.path):
-        run.claim.write_text("host 1\n")
+        (run.path / ".claim").write_text("host 1\n")
         run.write_config({"lr": 0.1})
         (run.path / "checkpoint.pt.damaged").mkdir()
         (run.path / "notes.txt").write_text("x")
-        run.remove_all_but_lock_and_claim()
-    assert sorted(p.name for p in run.path.iterdir()) == [".claim", LOCK]
+        run.remove_all_but_lock()
+    assert sorted(p.name for p in run.path.iterdir()) == [LOCK]
 
 
 # --- engine settings in summary.json ------------------------------------------------
@@ -511,7 +513,7 @@ def test_run_engine_on_flower_records_its_resources_and_raises_for_a_failed_run(
         return Path(cfg.results_dir)
 
     monkeypatch.setattr(flower_runtime, "run_flower", fake_run_flower)
-    cfg = RunConfig.from_mapping({**SMALL, "device": "cpu", "results-dir": str(tmp_path)})
+    cfg = load_config({**SMALL, "device": "cpu", "results-dir": str(tmp_path)})
     with pytest.raises(RunFailed, match="no round had min-replies=1"):
         run_engine(cfg, "flower", cpus_per_client=2.0, quiet=True)
     assert calls == [(RunConfig, 2.0, 0.0, False)]  # the typed config; device cpu: no GPU share

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from strategy_kit import each_round
 
 from fedsim.config import ConfigError
 from fedsim.sweep import load_sweep
@@ -83,7 +84,7 @@ def test_two_workers_share_a_sweep_without_running_a_run_twice(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     runs = load_sweep(sweep)
     assert all(r.status() == "done" for r in runs)
-    assert not any(r.claim_file.exists() for r in runs)  # claim files are gone: the folder's lock does their job
+    assert not any((r.folder / ".claim").exists() for r in runs)  # claim files are gone: the folder's lock does their job
     for r in runs:  # each run was run by exactly one worker
         assert sum(out.count(f"{r.name}: running") for out in outs) == 1, outs
     assert any("is in use by another fedsim process" in out for out in outs), outs
@@ -103,7 +104,7 @@ def test_a_run_locked_by_a_live_process_is_running_and_skipped_and_a_dead_ones_l
         dead = subprocess.run([sys.executable, "-c", hold.replace("time.sleep(120)", "pass"), str(runs[0].folder)], capture_output=True, text=True)
         assert dead.stdout.strip() == "held" and (runs[0].folder / ".lock").exists()
         runs[2].folder.mkdir(parents=True)
-        runs[2].claim_file.write_text("some-other-host 1\n")  # an old claim from another host
+        (runs[2].folder / ".claim").write_text("some-other-host 1\n")  # an old claim from another host
         assert [r.status() for r in runs] == ["todo", "running", "todo"]
         executed = []
 
@@ -159,7 +160,7 @@ def test_a_killed_run_of_a_sweep_resumes_from_its_checkpoint(tmp_path):
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_inprocess(runs[0].config.to_mapping(), on_round=crash)
+        run_inprocess(runs[0].config.to_mapping(), callbacks=[each_round(crash)])
     assert runs[0].status() == "partial"
     said = []
     outcome = [w for _, w in run_sweep(runs, lambda cfg: run_inprocess(cfg.to_mapping()), echo=said.append)]
@@ -171,7 +172,7 @@ def test_store_copies_finished_runs_small_files_only(tmp_path):
     from fedsim.cli import main
 
     runs = load_sweep(_write(tmp_path, grid='seed = [0, 1]'))
-    for run, finished in zip(runs, [True, False]):
+    for run, finished in zip(runs, [True, False], strict=True):
         run.folder.mkdir(parents=True)
         for name in ["config.json", "rounds.csv", "model.pt", "checkpoint.pt"] + (["summary.json"] if finished else []):
             (run.folder / name).write_text(name)

@@ -8,6 +8,8 @@ one line below.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload
 from fedsim.algorithms.ef_sign import EFSignSGD
 from fedsim.algorithms.fedavg import FedAvg
@@ -16,7 +18,7 @@ from fedsim.algorithms.llr_vote import LLRWeightedVote
 from fedsim.algorithms.sign_fd import SignFederatedDefense
 from fedsim.algorithms.sign_mv import SignMajorityVote
 
-REGISTRY: dict[str, type[Algorithm]] = {
+REGISTRY: dict[str, type[Algorithm[Any, Any]]] = {
     cls.name: cls
     for cls in (
         FedSGD,
@@ -30,10 +32,10 @@ REGISTRY: dict[str, type[Algorithm]] = {
 
 
 def options() -> dict[str, Option]:
-    """Every registered algorithm's own run-config keys (key -> Option)."""
+    """Every registered algorithm's run-config keys (key -> Option)."""
     out: dict[str, Option] = {}
     for cls in REGISTRY.values():
-        for option in cls.options:
+        for option in cls.all_options():
             known = out.setdefault(option.key, option)
             if known is not option:
                 raise RuntimeError(f"run-config key {option.key!r} is declared by two algorithms; declare it once")

@@ -4,47 +4,38 @@ An algorithm module defines one ``Algorithm`` subclass and is listed once in
 ``fedsim.algorithms.REGISTRY``. The ClientApp calls its ``client_step``; the generic
 Flower strategy (``fedsim.strategies.FedsimStrategy``) samples clients, checks the
 replies' bookkeeping and identity, and calls its ``parse`` (one untrusted reply -> a
-checked payload) and ``server_rule`` (the checked payloads -> the next global model).
-Run-config keys of its own are ``options``: the config reads them from the registry (a
-new key also needs a line in pyproject.toml's ``[tool.flwr.app.config]``, because Flower
-drops run-config keys that are not declared there; a test keeps the two equal).
+checked payload of type ``P``) and ``server_rule`` (the checked payloads -> the next
+global model). Its hyperparameters (type ``H``, a frozen dataclass named by ``params``)
+are built from the run config: ``lr`` and one field per ``Option``; a subclass declares
+only its own new options (``all_options`` collects them along the class hierarchy). A new
+option also needs a line in pyproject.toml's ``[tool.flwr.app.config]``, because Flower
+drops run-config keys that are not declared there (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
-from fedsim.attacks import HONEST, Attack
 from fedsim.arrays import to_array_record, to_state
+from fedsim.attacks import HONEST, Attack
 from fedsim.clients.tasks import LocalData
+from fedsim.config import Option, RunConfig
+from fedsim.core.blocks import BlockMap, sequential_blocks
 from fedsim.core.model_vector import flatten, unflatten_into
-from fedsim.protocol import ModelSpec
-
-if TYPE_CHECKING:
-    from fedsim.config import RunConfig
-    from fedsim.strategies.base import Reply
+from fedsim.protocol import ModelSpec, Reply
 
 H = TypeVar("H")
+P = TypeVar("P")
 
-
-@dataclass(frozen=True)
-class Option:
-    """A run-config key an algorithm reads: its default (which fixes its type) and the
-    rule a value must meet (``valid``; ``rule`` says it in words for the error message)."""
-
-    key: str
-    default: bool | int | float | str
-    valid: Callable[[Any], bool]
-    rule: str
-    help: str = ""
+__all__ = ["Algorithm", "ClientStep", "Option", "Upload", "descend"]
 
 
 @dataclass
@@ -78,29 +69,44 @@ def descend(current: ArrayRecord, keys: tuple[str, ...], direction: torch.Tensor
     return to_array_record({k: v.numpy() for k, v in state.items()})
 
 
-class Algorithm(ABC, Generic[H]):
+class Algorithm(ABC, Generic[H, P]):
     """One federated algorithm. ``hp`` are its typed hyperparameters, ``model`` what the
     server knows of the model, ``device`` where server-side state and math live,
-    ``max_clients`` the most partitions (clients) whose state the server may keep."""
+    ``max_clients`` the most partitions (clients) whose state the server may keep,
+    ``map_blocks`` how its server math runs blocks of coordinates (fedsim.core.blocks)."""
 
     name: ClassVar[str]  # the run config's ``strategy`` value
     record: ClassVar[str]  # the ArrayRecord its replies carry (fedsim.protocol)
-    options: ClassVar[tuple[Option, ...]] = ()
+    params: ClassVar[type]  # the hyperparameter dataclass H
+    options: ClassVar[tuple[Option, ...]] = ()  # run-config keys this class adds to its parents'
     sends_buffers: ClassVar[bool] = True  # float buffers (BatchNorm statistics) travel beside the payload
     attacks: ClassVar[tuple[str, ...]] = ()  # the fedsim.attacks kinds its client step applies
 
-    def __init__(self, hp: H, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None) -> None:
+    def __init__(
+        self, hp: H, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None,
+        map_blocks: BlockMap = sequential_blocks,
+    ) -> None:
         self.hp = hp
         self.model = model
         self.device = torch.device(device)
         self.max_clients = max_clients
+        self.map_blocks = map_blocks
 
     # --- hyperparameters ---------------------------------------------------------------
 
     @classmethod
-    @abstractmethod
+    def all_options(cls) -> tuple[Option, ...]:
+        """Its run-config keys: its own ``options`` after those of the classes it extends."""
+        out: list[Option] = []
+        for klass in reversed(cls.__mro__):
+            out += [o for o in vars(klass).get("options", ()) if o not in out]
+        return tuple(out)
+
+    @classmethod
     def hyperparams(cls, cfg: RunConfig) -> H:
-        """This algorithm's hyperparameters from the run config."""
+        """``params`` built from the run config: ``lr`` and each option's value by its field."""
+        values = {"lr": cfg.lr, **{o.field_name: cfg.option(o.key) for o in cls.all_options()}}
+        return cls.params(**{f.name: values[f.name] for f in fields(cls.params)})
 
     # --- client half ---------------------------------------------------------------------
 
@@ -112,13 +118,18 @@ class Algorithm(ABC, Generic[H]):
     # --- server half ---------------------------------------------------------------------
 
     @abstractmethod
-    def parse(self, msg: Message) -> Any:
+    def parse(self, msg: Message) -> P:
         """Decode and check the payload of one reply; raise BadReply if unusable."""
 
     @abstractmethod
-    def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply]) -> ArrayRecord:
+    def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[P]]) -> ArrayRecord:
         """The new global model from the current one and this round's checked replies
         (sorted by partition id)."""
+
+    @abstractmethod
+    def sample_upload(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Arrays an honest client could send in its record for this model (random
+        values): what tests build valid replies from."""
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state a checkpoint must keep (lists, dicts, numbers, tensors)."""
@@ -134,3 +145,15 @@ class Algorithm(ABC, Generic[H]):
     def describe(self) -> str:
         """One log line of settings beyond the common ones."""
         return ""
+
+
+def random_floats(spec: Mapping[str, tuple[tuple[int, ...], np.dtype]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Standard-normal arrays of the spec's shapes; integer entries get small integers."""
+    out = {}
+    for key, (shape, dtype) in spec.items():
+        if np.issubdtype(dtype, np.floating):
+            out[key] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[key] = rng.integers(0, 50, size=shape).astype(dtype)
+    return out
+

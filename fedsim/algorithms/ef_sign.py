@@ -14,7 +14,7 @@ the scale ||p_m||_1 / N. Server: x^{t+1} = x^t - (1/M) sum_m Delta_m, the plain 
 the M valid replies (each client one worker, as in the distributed EF-signSGD variants).
 
 The residual lives in the node's ``context.state`` (a node that is not sampled keeps
-it). It is not in fedsim's checkpoints: a run resumed from a checkpoint restarts every
+it): EF-signSGD is the one algorithm here whose clients keep state between rounds. It is not in fedsim's checkpoints: a run resumed from a checkpoint restarts every
 residual at zero, so it is not bit-identical to an uninterrupted run (the only
 algorithm here for which that holds).
 """
@@ -28,13 +28,12 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend
-from fedsim.attacks import SIGN_ATTACKS
 from fedsim.arrays import to_array_record
+from fedsim.attacks import SIGN_ATTACKS
 from fedsim.clients.tasks import flat_gradient
-from fedsim.config import RunConfig
 from fedsim.core.aggregate import weighted_mean
 from fedsim.core.signs import pack_signs, packed_size, unpack_signs
-from fedsim.protocol import PACKED, BadReply, checked_arrays
+from fedsim.protocol import PACKED, ArraySpec, BadReply, Reply, checked_arrays
 
 RECORD = "scaled-signs"
 SCALE = "scale"
@@ -61,16 +60,16 @@ def error_feedback_step(gradient: torch.Tensor, residual: torch.Tensor, lr: floa
     return signs, scale, p - scale * signs
 
 
-class EFSignSGD(Algorithm[EFParams]):
+ScaledSigns = tuple[np.ndarray, float]  # (packed signs, scale)
+
+
+class EFSignSGD(Algorithm[EFParams, ScaledSigns]):
     """EF-signSGD: scaled signs up, the clients' residuals fed back into their next round."""
 
     name = "ef-sign"
     record = RECORD
+    params = EFParams
     attacks = SIGN_ATTACKS
-
-    @classmethod
-    def hyperparams(cls, cfg: RunConfig) -> EFParams:
-        return EFParams(cfg.lr)
 
     @classmethod
     def client_step(cls, hp: EFParams, step: ClientStep) -> Upload:
@@ -85,15 +84,19 @@ class EFSignSGD(Algorithm[EFParams]):
         arrays = step.attack.signs({PACKED: pack_signs(signs)}, g.numel(), step.generator)
         return Upload({**arrays, SCALE: np.array([scale], np.float32)}, loss)
 
-    def parse(self, msg: Message) -> tuple[np.ndarray, float]:
-        spec = {PACKED: ((packed_size(self.model.num_params),), np.dtype(np.uint8)), SCALE: ((1,), np.dtype(np.float32))}
+    def parse(self, msg: Message) -> ScaledSigns:
+        spec: ArraySpec = {PACKED: ((packed_size(self.model.num_params),), np.dtype(np.uint8)), SCALE: ((1,), np.dtype(np.float32))}
         arrays = checked_arrays(msg, RECORD, spec)  # finite scale, exact byte count
         scale = float(arrays[SCALE][0])
         if scale < 0:
             raise BadReply(f"{RECORD}[{SCALE!r}] is {scale}, a scale ||p||_1 / N is >= 0")
         return arrays[PACKED], scale
 
-    def server_rule(self, server_round: int, current: ArrayRecord, replies: list) -> ArrayRecord:
+    def sample_upload(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=self.model.num_params).astype(np.float32))
+        return {PACKED: pack_signs(signs), SCALE: np.array([rng.uniform(0, 1)], np.float32)}
+
+    def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[ScaledSigns]]) -> ArrayRecord:
         n = self.model.num_params
         updates = [scale * unpack_signs(packed, n).to(torch.float32) for packed, scale in (r.payload for r in replies)]
         delta = weighted_mean(updates, [1.0] * len(updates))  # (1/M) sum_m Delta_m, summed in float64

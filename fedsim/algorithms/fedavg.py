@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload
-from fedsim.attacks import UPDATE_ATTACKS
+from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload, random_floats
 from fedsim.arrays import to_array_record
+from fedsim.attacks import UPDATE_ATTACKS
 from fedsim.clients.tasks import local_epochs
-from fedsim.config import RunConfig
 from fedsim.core.aggregate import weighted_mean
-from fedsim.protocol import ARRAYS, checked_arrays
+from fedsim.protocol import ARRAYS, Reply, checked_arrays
+
+State = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -30,20 +31,17 @@ class LocalSGD:
     local_epochs: int
 
 
-class FedAvg(Algorithm[LocalSGD]):
+class FedAvg(Algorithm[LocalSGD, State]):
     """Example-weighted mean of the clients' locally trained models."""
 
     name = "fedavg"
     record = ARRAYS
+    params = LocalSGD
     sends_buffers = False  # the whole state_dict travels in ARRAYS
     attacks = UPDATE_ATTACKS
     options = (
         Option("local-epochs", 1, lambda v: v >= 1, "must be >= 1", "E: local epochs per round (FedAvg)"),
     )
-
-    @classmethod
-    def hyperparams(cls, cfg: RunConfig) -> LocalSGD:
-        return LocalSGD(cfg.lr, int(cfg.option("local-epochs")))
 
     @classmethod
     def client_step(cls, hp: LocalSGD, step: ClientStep) -> Upload:
@@ -54,10 +52,13 @@ class FedAvg(Algorithm[LocalSGD]):
             state = {k: start[k] + step.attack.update(v - start[k], step.generator) if v.is_floating_point() else v for k, v in state.items()}
         return Upload({k: v.detach().cpu().numpy() for k, v in state.items()}, loss)
 
-    def parse(self, msg: Message) -> dict[str, np.ndarray]:
+    def parse(self, msg: Message) -> State:
         return checked_arrays(msg, ARRAYS, self.model.arrays)
 
-    def server_rule(self, server_round: int, current: ArrayRecord, replies: list) -> ArrayRecord:
+    def sample_upload(self, rng: np.random.Generator) -> State:
+        return random_floats(self.model.arrays, rng)
+
+    def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[State]]) -> ArrayRecord:
         weights = [r.metrics.num_examples for r in replies]
         out: dict[str, np.ndarray] = {}
         for key, (_, dtype) in self.model.arrays.items():

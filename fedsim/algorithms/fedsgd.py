@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend
+from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend, random_floats
 from fedsim.attacks import UPDATE_ATTACKS
 from fedsim.clients.tasks import minibatch_gradient
-from fedsim.config import RunConfig
 from fedsim.core.aggregate import weighted_mean
-from fedsim.protocol import GRADS, checked_arrays
+from fedsim.protocol import GRADS, Reply, checked_arrays
+
+Grads = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,13 @@ class StepSize:
     lr: float
 
 
-class FedSGD(Algorithm[StepSize]):
+class FedSGD(Algorithm[StepSize, Grads]):
     """One server SGD step on the example-weighted mean of the clients' gradients."""
 
     name = "fedsgd"
     record = GRADS
+    params = StepSize
     attacks = UPDATE_ATTACKS
-
-    @classmethod
-    def hyperparams(cls, cfg: RunConfig) -> StepSize:
-        return StepSize(cfg.lr)
 
     @classmethod
     def client_step(cls, hp: StepSize, step: ClientStep) -> Upload:
@@ -45,10 +43,13 @@ class FedSGD(Algorithm[StepSize]):
         grads = [step.attack.update(g, step.generator) for g in grads]
         return Upload({k: g.detach().cpu().numpy() for k, g in zip(step.param_names, grads, strict=True)}, loss)
 
-    def parse(self, msg: Message) -> dict[str, np.ndarray]:
+    def parse(self, msg: Message) -> Grads:
         return checked_arrays(msg, GRADS, self.model.param_spec)
 
-    def server_rule(self, server_round: int, current: ArrayRecord, replies: list) -> ArrayRecord:
+    def sample_upload(self, rng: np.random.Generator) -> Grads:
+        return random_floats(self.model.param_spec, rng)
+
+    def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[Grads]]) -> ArrayRecord:
         keys = self.model.param_keys
         # np.concatenate copies the read-only message views into one writable vector per client
         grads = [torch.from_numpy(np.concatenate([r.payload[k].reshape(-1) for k in keys])) for r in replies]

@@ -4,28 +4,23 @@ code: github.com/chanho26/SignSGD_Codec, Algorithms/train_signSGD_FD.py).
 
 Client: as signSGD-MV (one packed sign vector of its minibatch gradient; a zero
 coordinate as ``zero-sign`` says: ``abstain`` is the authors' sign(0) = 0, which adds
-nothing to the vote and matches only a tied decision). Server: U = sign(sum_m w_m Y_m), x^{t+1} = x^t - delta * U, where the weights are
-clipped LLRs of each worker's rate of agreement with past decoded signs
-(fedsim.core.fd.FederatedDefense): 1 in the first round, one weight per worker (its rate
-pooled over all coordinates) until round ``fd-warmup`` (T_in), one per worker and
-coordinate after. A worker that mostly disagrees gets a negative weight, so its votes are
-flipped rather than dropped. A worker is its partition id.
+nothing to the vote and matches only a tied decision). Server: U = sign(sum_m w_m Y_m),
+x^{t+1} = x^t - delta * U, where the weights are clipped LLRs of each worker's rate of
+agreement with past decoded signs (fedsim.core.fd.FederatedDefense): 1 in the first
+round, one weight per worker (its rate pooled over all coordinates) until round
+``fd-warmup`` (T_in), one per worker and coordinate after. A worker that mostly disagrees
+gets a negative weight, so its votes are flipped rather than dropped. A worker is its
+partition id.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from fedsim.algorithms.base import Option
-from fedsim.algorithms.sign_mv import SignMajorityVote, SignStep
-from fedsim.config import RunConfig
+from fedsim.algorithms.sign_vote import SignStep, WeightedSignVote
 from fedsim.core.fd import FederatedDefense
-from fedsim.protocol import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -36,37 +31,25 @@ class FDParams(SignStep):
     max_llr: float
 
 
-class SignFederatedDefense(SignMajorityVote):
+class SignFederatedDefense(WeightedSignVote[FDParams]):
     """signSGD-FD: the sign vote with LLR weights that may flip a worker's votes."""
 
     name = "sign-fd"
-    options = SignMajorityVote.options + (
+    params = FDParams
+    state_key = "defense"
+    options = (
         Option("fd-warmup", 100, lambda v: v >= 1, "must be >= 1",
-               "T_in: rounds 2..T_in weight each worker by its pooled agreement rate, later rounds per coordinate"),
-        Option("fd-max", 10.0, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "clip |w| at this"),
+               "T_in: rounds 2..T_in weight each worker by its pooled agreement rate, later rounds per coordinate", field="warmup_rounds"),
+        Option("fd-max", 10.0, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "clip |w| at this", field="max_llr"),
     )
+    estimator: FederatedDefense
 
-    @classmethod
-    def hyperparams(cls, cfg: RunConfig) -> FDParams:  # type: ignore[override]
-        return FDParams(cfg.lr, str(cfg.option("zero-sign")), int(cfg.option("fd-warmup")), float(cfg.option("fd-max")))
-
-    def __init__(self, hp: FDParams, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None) -> None:
-        """``device``: where the M x N match counts live and the vote runs; ``max_clients``:
-        the most partitions that may hold counts."""
-        super().__init__(hp, model, device, max_clients)  # type: ignore[arg-type]
-        self.defense = FederatedDefense(
-            model.num_params, warmup_rounds=hp.warmup_rounds, max_llr=hp.max_llr, device=device, max_clients=max_clients,
+    def build_estimator(self) -> FederatedDefense:
+        return FederatedDefense(
+            self.model.num_params, warmup_rounds=self.hp.warmup_rounds, max_llr=self.hp.max_llr, device=self.device,
+            max_clients=self.max_clients, map_blocks=self.map_blocks,
         )
 
-    def vote(self, client_ids: list[int], signs: torch.Tensor) -> torch.Tensor:
-        return self.defense.vote(client_ids, signs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"defense": self.defense.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.defense.load_state_dict(state["defense"])
-
     def describe(self) -> str:
-        d = self.defense
+        d = self.estimator
         return f"federated defense: T_in {d.warmup_rounds} rounds, max |w| {d.max_llr:g}, eps {d.eps:g}"

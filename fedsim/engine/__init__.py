@@ -15,62 +15,19 @@ checks its options with it before it creates a folder or loads an engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedsim.config import ConfigError, RunConfig
+from fedsim.engine.settings import ENGINES, check_engine_options, engine_settings, parse_threads, parse_workers
 from fedsim.errors import RunFailed
 from fedsim.run_folder import RunFolder
 
-ENGINES = ("inprocess", "flower")
+if TYPE_CHECKING:
+    from fedsim.callbacks import Callback
 
 __all__ = ["ENGINES", "check_engine_options", "engine_settings", "parse_threads", "parse_workers", "run_engine"]
-
-
-def engine_settings(
-    engine: str, threads: int | None = None, workers: int | str | None = None,
-    cpus_per_client: float | None = None, gpus_per_client: float | None = None,
-) -> dict[str, Any]:
-    """What summary.json records as ``engine_settings``: every key, None where the engine
-    does not take the setting."""
-    return {"engine": engine, "threads": threads, "workers": workers, "cpus_per_client": cpus_per_client, "gpus_per_client": gpus_per_client}
-
-
-def parse_workers(value: int | str) -> int | str:
-    """"auto" or an int >= 1 (also as text); ConfigError (one line, exit 2 from the CLI) otherwise."""
-    number = value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        number = int(text) if text.isdigit() else 0
-    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ConfigError(f"workers must be 'auto' or an integer >= 1, got {value!r} (--workers)")
-    return number
-
-
-def parse_threads(value: int) -> int:
-    """An int >= 1; ConfigError (one line, exit 2 from the CLI) otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"threads must be an integer >= 1, got {value!r} (--threads)")
-    return value
-
-
-def check_engine_options(engine: str, workers: int | str | None = None, threads: int | None = None) -> None:
-    """Raise ConfigError for an unknown engine, a bad ``workers`` or ``threads``, or either
-    given for an engine that does not take them (None: not given)."""
-    if engine not in ENGINES:
-        raise ConfigError(f"engine {engine!r}: choose one of {list(ENGINES)} (--engine)")
-    if engine != "inprocess" and (workers is not None or threads is not None):
-        raise ConfigError(
-            "--workers and --threads set the inprocess engine; on --engine flower each client gets "
-            "--cpus-per-client CPUs and --gpus-per-client of a GPU"
-        )
-    if workers is not None:
-        parse_workers(workers)
-    if threads is not None:
-        parse_threads(threads)
 
 
 def run_engine(
@@ -81,7 +38,7 @@ def run_engine(
     threads: int | None = None,
     cpus_per_client: float = 1.0,
     gpus_per_client: float | None = None,
-    on_round: Callable[[Any], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     quiet: bool = False,
 ) -> Path:
     """Run ``cfg`` (``results_dir`` set) to the end on ``engine`` and return its results
@@ -89,13 +46,14 @@ def run_engine(
     in-process engine writes them with the summary, Flower's runtime (whose ServerApp
     cannot see these settings) gets them added here.
 
-    inprocess: ``workers`` (default "auto"), ``threads`` (default 1), ``on_round`` (called
-    with each round's row), ``quiet`` (hide Flower's per-round INFO lines). flower:
+    inprocess: ``workers`` (default "auto"), ``threads`` (default 1), ``callbacks`` (your
+    own fedsim.callbacks objects, beside those the run config names), ``quiet`` (hide
+    Flower's per-round INFO lines). flower:
     ``cpus_per_client``, ``gpus_per_client`` (None: fedsim.device's share), ``quiet``
     (Flower's streamed log is shown only if the run fails). Raises ConfigError for a bad
     option, RunFailed when the run ended without a usable result (summary.json says why).
     """
-    check_engine_options(engine, workers, threads)
+    workers, threads = check_engine_options(engine, workers, threads)
     if not cfg.results_dir:
         raise ValueError("run_engine needs results_dir: the folder the run's results go to")
     if engine == "inprocess":
@@ -103,11 +61,14 @@ def run_engine(
 
         return runner.run_inprocess(
             cfg, threads=1 if threads is None else threads, workers="auto" if workers is None else workers,
-            on_round=on_round, quiet=quiet,
+            callbacks=callbacks, quiet=quiet,
         )
-    if on_round is not None:
-        raise ValueError("on_round is the inprocess engine's; Flower's runtime reports rounds in its log")
-    from fedsim.engine import flower_runtime
+    if callbacks:
+        raise ConfigError(
+            "callback objects run in this process, on the inprocess engine only; on --engine flower name them in the "
+            "run config (tensorboard, mlflow, callbacks = 'module:attr')"
+        )
+    from fedsim.engine import flower_runtime  # lazy: the CLI imports this module before any engine
 
     gpus = flower_runtime.gpu_share(cfg, cpus_per_client, gpus_per_client)
     settings = engine_settings(engine, cpus_per_client=cpus_per_client, gpus_per_client=gpus)

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.callbacks.mlflow import default_tracking_uri
 from fedsim.config import RunConfig
 from fedsim.device import cuda_count, default_gpu_share
 from fedsim.run_folder import RunFolder
+from fedsim.validation import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # How long processes that name a stopped SuperLink (Flower's detached SuperExec) get to exit
@@ -319,18 +321,21 @@ def run_flower(
     flwr_home: Path | None = None,
     echo: bool = True,
 ) -> Path:
-    """Run ``run_config`` (a RunConfig, or a run-config mapping that RunConfig validates)
-    through ``flwr run`` on Flower's simulation runtime with ``num-nodes`` SuperNodes;
-    return the results folder (``results-dir``, made absolute). ``gpus_per_client``: see
-    ``gpu_share``."""
-    cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
+    """Run ``run_config`` (a RunConfig, or a run-config mapping that ``load_config``
+    checks) through ``flwr run`` on Flower's simulation runtime with ``num-nodes``
+    SuperNodes; return the results folder (``results-dir``, made absolute).
+    ``gpus_per_client``: see ``gpu_share``."""
+    cfg = run_config if isinstance(run_config, RunConfig) else load_config(run_config)
     if not cfg.results_dir:
         raise ValueError("run_flower needs results-dir: the folder the run's results go to")
     gpus_per_client = gpu_share(cfg, cpus_per_client, gpus_per_client)
     mapping = cfg.to_mapping()  # Flower's boundary: the run config goes to `flwr run` as TOML
     mapping["results-dir"] = str(Path(cfg.results_dir).resolve())
-    if cfg.data_dir:  # Flower's processes run elsewhere: a relative path means "from here"
-        mapping["data-dir"] = str(Path(cfg.data_dir).resolve())
+    for key in ("data-dir", "tensorboard"):  # Flower's processes run elsewhere: a relative path means "from here"
+        if mapping[key]:
+            mapping[key] = str(Path(mapping[key]).resolve())
+    if mapping["mlflow"] == "auto":
+        mapping["mlflow"] = default_tracking_uri()
     home = flwr_home or Path(tempfile.mkdtemp(prefix="fedsim-flwr-"))
     home.mkdir(parents=True, exist_ok=True)
     config_file = home / "run-config.toml"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import itertools
 import os
 import threading
@@ -32,8 +33,8 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
 from logging import ERROR
+from typing import Any, TypeVar
 
 from flwr.app import Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
@@ -41,7 +42,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedsim.clients.tasks import part_map
-from fedsim.device import available_cores
 from fedsim.engine.flower_internals import (
     Run,
     assign_message_id,
@@ -50,6 +50,7 @@ from fedsim.engine.flower_internals import (
     message_with_metadata,
     set_server_identity,
 )
+from fedsim.parallel import available_cores
 
 FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
 # "auto" runs a round on one thread when its clients' work (as last measured) is below this:
@@ -130,11 +131,11 @@ class _Workers:
     def map_parts(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """[fn(i) for i in items]: the first here, the others by whichever thread is free first."""
         items = list(items)
-        futures = [self.submit(lambda item=item: fn(item), front=True) for item in reversed(items[1:])][::-1]
+        futures = [self.submit(functools.partial(fn, item), front=True) for item in reversed(items[1:])][::-1]
         try:
             results: list[Any] = [fn(items[0])] if items else []
             pending = []
-            for item, future in zip(items[1:], futures):
+            for item, future in zip(items[1:], futures, strict=True):
                 if future.cancel():  # nobody started it: run it here
                     results.append(fn(item))
                 else:
@@ -186,7 +187,7 @@ class _Workers:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
-                    except BaseException as ex:  # noqa: BLE001 - handed to whoever waits
+                    except BaseException as ex:
                         future.set_exception(ex)
             finally:
                 with self._ready:
@@ -209,11 +210,10 @@ class InProcessGrid(Grid):
         workers: int | str = 1,
     ) -> None:
         """``workers``: "auto" (plan each round with ``plan_round`` on the available cores)
-        or a fixed number of threads (1: one client after another)."""
+        or a fixed number of threads (1: one client after another), as checked by
+        ``fedsim.engine.parse_workers``."""
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
-        if workers != "auto" and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be 'auto' or an int >= 1, got {workers!r}")
         self.workers = workers
         threads = available_cores() if workers == "auto" else int(workers)
         self._pool = _Workers(threads) if threads > 1 else None  # plus as many spare threads
@@ -281,7 +281,7 @@ class InProcessGrid(Grid):
             return replies
         pool = self._pool
         t0 = time.perf_counter()
-        futures = {i: pool.submit(lambda m=msgs[i]: self._parallel_deliver(m, pool.map_parts)) for i in plan.order}
+        futures = {i: pool.submit(functools.partial(self._parallel_deliver, msgs[i], pool.map_parts)) for i in plan.order}
         replies = [futures[i].result() for i in range(len(msgs))]
         if self._trial:
             one_thread = [self._seconds.get(m.metadata.dst_node_id) for m in msgs]
@@ -328,7 +328,7 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(inbound, ctx)
             node.state = ctx.state
-        except Exception as ex:  # noqa: BLE001 - a raising client is an error reply, as in Flower
+        except Exception as ex:
             # One line; the traceback only on request (a client's failure is often a setup problem, not a bug)
             detail = "\n" + traceback.format_exc() if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0") else ""
             log(ERROR, "node %d raised %s: %s%s", node.node_id, type(ex).__name__, ex, detail)

@@ -1,20 +1,31 @@
 """fedsim's Flower strategy: ``FedsimStrategy`` drives any registered algorithm
-(fedsim.algorithms); ``build_strategy`` makes the one a run config names."""
+(fedsim.algorithms); ``build_strategy`` makes the one a run config names.
+
+This is the public entry point for a Flower user's own ServerApp: build a run config with
+``fedsim.validation.load_config``, then ``build_strategy(cfg, ModelSpec.of(...))`` and run it
+with ``FedsimStrategy.run`` (or Flower's ``Strategy.start``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from fedsim.algorithms import REGISTRY, Algorithm
 from fedsim.config import RunConfig
-from fedsim.protocol import ModelSpec
-from fedsim.strategies.base import FedsimStrategy, Reply, RoundEndHook
+from fedsim.core.blocks import BlockMap, sequential_blocks
+from fedsim.protocol import ModelSpec, Reply
+from fedsim.strategies.base import FedsimStrategy, RoundEndHook
 
 
-def build_algorithm(cfg: RunConfig, model: ModelSpec, max_clients: int | None = None, device: torch.device | str = "cpu") -> Algorithm:
+def build_algorithm(
+    cfg: RunConfig, model: ModelSpec, max_clients: int | None = None, device: torch.device | str = "cpu",
+    map_blocks: BlockMap = sequential_blocks,
+) -> Algorithm[Any, Any]:
     """The server half of the algorithm named by the run config's ``strategy`` key."""
     cls = REGISTRY[cfg.strategy]
-    return cls(cls.hyperparams(cfg), model, device, max_clients)
+    return cls(cls.hyperparams(cfg), model, device, max_clients, map_blocks=map_blocks)
 
 
 def build_strategy(
@@ -23,12 +34,14 @@ def build_strategy(
     num_partitions: int | None = None,
     max_examples: int | None = None,
     device: torch.device | str = "cpu",
+    map_blocks: BlockMap = sequential_blocks,
 ) -> FedsimStrategy:
     """The strategy for ``cfg``. ``num_partitions`` and ``max_examples`` bound what replies
     may claim (see FedsimStrategy); ``device`` is where the algorithm keeps server-side
-    state (the LLR vote's counts)."""
+    state (the LLR vote's counts); ``map_blocks`` runs its blocks of coordinates
+    (fedsim.parallel.block_map for several threads)."""
     return FedsimStrategy(
-        build_algorithm(cfg, model, num_partitions, device), fraction_train=cfg.fraction_train, seed=cfg.seed,
+        build_algorithm(cfg, model, num_partitions, device, map_blocks), fraction_train=cfg.fraction_train, seed=cfg.seed,
         num_partitions=num_partitions, max_examples=max_examples, min_replies=cfg.min_replies,
     )
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -39,32 +38,27 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.algorithms.base import Algorithm
+from fedsim.core.aggregate import weighted_mean
 from fedsim.protocol import (
     ARRAYS,
     BUFFERS,
     CONFIG,
     METRICS,
     BadReply,
-    ReplyMetrics,
+    Reply,
     checked_arrays,
     content_bytes,
     no_extra_records,
     reply_metrics,
 )
-from fedsim.core.aggregate import weighted_mean
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A checked reply: who sent it, its bookkeeping and its decoded payload."""
-
-    node_id: int
-    metrics: ReplyMetrics
-    payload: Any
-    buffers: dict[str, np.ndarray] | None = None
-
 
 RoundEndHook = Callable[[int, ArrayRecord, MetricRecord | None], bool]
+
+
+def _buffers(reply: Reply[Any]) -> dict[str, np.ndarray]:
+    """A reply's checked float buffers (present whenever the strategy expects them)."""
+    assert reply.buffers is not None
+    return reply.buffers
 
 
 class FedsimStrategy(Strategy):
@@ -72,7 +66,7 @@ class FedsimStrategy(Strategy):
 
     def __init__(
         self,
-        algorithm: Algorithm,
+        algorithm: Algorithm[Any, Any],
         fraction_train: float = 1.0,
         seed: int = 0,
         num_partitions: int | None = None,
@@ -144,19 +138,26 @@ class FedsimStrategy(Strategy):
     # --- Flower Strategy interface ------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue this strategy exactly: the node-sampling RNG
-        and what clients reported (lists, dicts, ints: readable with weights_only=True)."""
+        """What a checkpoint needs to continue this strategy exactly: ``{"strategy": the
+        node-sampling RNG and what clients reported, "algorithm": the algorithm's state}``
+        (lists, dicts, ints, tensors: readable with weights_only=True)."""
         version, internal, gauss = self._rng.getstate()
-        return {
+        own = {
             "rng": [version, list(internal), gauss],
             "reported_batch_sizes": dict(self.reported_batch_sizes),
             "reported_devices": dict(self.reported_devices),
             "num_examples": dict(self.pinned_num_examples),
             "node_partitions": dict(self.node_partitions),
-            **self.algorithm.state_dict(),
         }
+        return {"strategy": own, "algorithm": self.algorithm.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s result."""
+        self._load_own(state["strategy"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self._prune_bindings = True
+
+    def _load_own(self, state: dict[str, Any]) -> None:
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self.reported_batch_sizes = {int(k): int(v) for k, v in state["reported_batch_sizes"].items()}
@@ -164,8 +165,6 @@ class FedsimStrategy(Strategy):
         # checkpoints written before num-examples was pinned lack the key: pins start afresh
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
-        self.algorithm.load_state_dict(state)
-        self._prune_bindings = True
 
     def summary(self) -> None:
         log(INFO, "\t└──> fedsim %s, fraction-train %g, %d trainable parameters", self.algorithm.name, self.fraction_train, self.model.num_params)
@@ -180,7 +179,7 @@ class FedsimStrategy(Strategy):
         if not nodes:
             log(WARNING, "round %d: no nodes are connected; skipping training", server_round)
             return []
-        k = max(1, int(round(self.fraction_train * len(nodes))))
+        k = max(1, round(self.fraction_train * len(nodes)))
         chosen = sorted(self._rng.sample(nodes, k)) if k < len(nodes) else nodes
         self._global = arrays
         cfg = ConfigRecord(dict(config))
@@ -194,7 +193,7 @@ class FedsimStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, drop and log the bad ones, and apply the good ones if there are
         at least ``min_replies`` of them (else the global model is unchanged: None)."""
-        checked: list[Reply] = []
+        checked: list[Reply[Any]] = []
         bytes_up = 0
         received = 0
         for msg in replies:
@@ -239,12 +238,12 @@ class FedsimStrategy(Strategy):
         new = self.algorithm.server_rule(server_round, self._global, good)
         if self._sends_buffers:
             for key in self.buffer_spec:
-                mean = weighted_mean([torch.from_numpy(r.buffers[key].copy()) for r in good], weights)
+                mean = weighted_mean([torch.from_numpy(_buffers(r)[key].copy()) for r in good], weights)
                 new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
         metrics["updated"] = 1
         return new, metrics
 
-    def _check(self, msg: Message, node: int) -> Reply:
+    def _check(self, msg: Message, node: int) -> Reply[Any]:
         """One reply's metrics and payload, checked (BadReply if unusable)."""
         metrics = reply_metrics(msg, num_partitions=self.num_partitions, max_examples=self.max_examples)
         payload = self.algorithm.parse(msg)
@@ -257,11 +256,11 @@ class FedsimStrategy(Strategy):
         log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
 
     def _keep(
-        self, server_round: int, replies: list[Reply], why_not: Callable[[Reply, list[Reply]], str | None]
-    ) -> list[Reply]:
+        self, server_round: int, replies: list[Reply[Any]], why_not: Callable[[Reply[Any], list[Reply[Any]]], str | None]
+    ) -> list[Reply[Any]]:
         """The replies for which ``why_not(reply, kept so far)`` gives no reason; the others
         are rejected with that reason (one log line each)."""
-        out: list[Reply] = []
+        out: list[Reply[Any]] = []
         for r in replies:
             reason = why_not(r, out)
             if reason is None:
@@ -270,13 +269,13 @@ class FedsimStrategy(Strategy):
                 self._reject(server_round, r.node_id, reason)
         return out
 
-    def _not_bound_elsewhere(self) -> Callable[[Reply, list[Reply]], str | None]:
+    def _not_bound_elsewhere(self) -> Callable[[Reply[Any], list[Reply[Any]]], str | None]:
         """Rule: a reply may claim only its node's bound partition, and no partition bound to
         another node (a node cannot take over another's partition or its LLR history, nor
         wander between partitions)."""
         owner = {pid: node for node, pid in self.node_partitions.items()}
 
-        def why_not(r: Reply, _: list[Reply]) -> str | None:
+        def why_not(r: Reply[Any], _: list[Reply[Any]]) -> str | None:
             pid, bound, holder = r.metrics.partition_id, self.node_partitions.get(r.node_id), owner.get(r.metrics.partition_id)
             if bound is not None and bound != pid:
                 held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
@@ -291,7 +290,7 @@ class FedsimStrategy(Strategy):
         return why_not
 
     @staticmethod
-    def _first_of_partition(r: Reply, kept: list[Reply]) -> str | None:
+    def _first_of_partition(r: Reply[Any], kept: list[Reply[Any]]) -> str | None:
         """Rule (replies sorted): the first reply per partition id; two nodes holding one
         partition is a deployment mistake, and its data must not count twice."""
         if kept and kept[-1].metrics.partition_id == r.metrics.partition_id:
@@ -301,7 +300,7 @@ class FedsimStrategy(Strategy):
             )
         return None
 
-    def _pinned_num_examples(self, r: Reply, _: list[Reply]) -> str | None:
+    def _pinned_num_examples(self, r: Reply[Any], _: list[Reply[Any]]) -> str | None:
         """Rule: num-examples as pinned for the partition by its first used reply (a local
         set does not change size within a run)."""
         pinned = self.pinned_num_examples.get(r.metrics.partition_id, r.metrics.num_examples)
