@@ -26,12 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fedsim.callbacks import Callback, check_named_callbacks
 from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
 from fedsim.data.errors import DataError
 from fedsim.engine import ENGINES, check_engine_options, run_engine
 from fedsim.errors import RunFailed
+from fedsim.plan import server_plan
 from fedsim.run_folder import RunFolder, claim_run_folder
-from fedsim.validation import check_experiment
+from fedsim.validation import load_config
 
 
 def default_results_dir(experiment: Path) -> Path:
@@ -49,14 +51,30 @@ def default_results_dir(experiment: Path) -> Path:
     raise RuntimeError(f"could not create a new results folder next to {stem}")
 
 
+def tracking_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys that ``--tensorboard``, ``--mlflow`` and ``--callback`` set."""
+    out: dict[str, Any] = {}
+    if args.tensorboard:
+        out["tensorboard"] = str(Path(args.tensorboard).resolve())
+    if args.mlflow is not None:
+        from fedsim.callbacks.mlflow import default_tracking_uri  # lazy: only for --mlflow (mlflow itself loads later)
+
+        out["mlflow"] = args.mlflow or default_tracking_uri()
+    if args.callback:
+        out["callbacks"] = ",".join(args.callback)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    check_engine_options(args.engine, args.workers, args.threads)
+    args.workers, args.threads = check_engine_options(args.engine, args.workers, args.threads)
     values = read_experiment(args.experiment)
     for item in args.set or []:
         key, value = parse_override(item)
         values[key] = value
-    cfg = RunConfig.from_mapping(values)  # a bad config fails here or in the next line, before any folder is made
-    check_experiment(cfg)
+    values.update(tracking_overrides(args))
+    cfg = load_config(values)  # a bad config fails here or in the next lines, before any folder is made
+    server_plan(cfg)
+    check_named_callbacks(cfg)
     # --results-dir, else results-dir from --set or the experiment file, else a new folder
     given = args.results_dir or cfg.results_dir
     if given and Path(given).exists() and not Path(given).is_dir():
@@ -81,40 +99,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
     """Run ``cfg`` (results-dir set) on the engine and settings ``args`` names; its results
     folder. Raises RunFailed when the run ended without a usable result (summary.json says why)."""
-    with _progress_bar(cfg, args.engine) as on_round:
+    with _progress_bar(cfg, args.engine) as bar:
         return run_engine(
             cfg, args.engine, workers=args.workers, threads=args.threads, cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client, on_round=on_round, quiet=on_round is not None,
+            gpus_per_client=args.gpus_per_client, callbacks=bar, quiet=bool(bar),
         )
 
 
 @contextmanager
-def _progress_bar(cfg: RunConfig, engine: str) -> Iterator[Callable[[Any], None] | None]:
-    """On the in-process engine, a progress bar's per-round hook (it replaces Flower's
-    per-round INFO lines); None on Flower's runtime, whose log shows the rounds."""
+def _progress_bar(cfg: RunConfig, engine: str) -> Iterator[list[Callback]]:
+    """On the in-process engine, a progress bar callback (it replaces Flower's per-round
+    INFO lines); none on Flower's runtime, whose log shows the rounds."""
     if engine != "inprocess":
-        yield None
+        yield []
         return
-    from tqdm.auto import tqdm
+    from fedsim.callbacks.builtin import ProgressBar  # lazy: tqdm is only needed for an in-process run
 
-    bar = tqdm(total=cfg.num_server_rounds, unit="round", disable=None, dynamic_ncols=True)
-
-    def on_round(row: Any) -> None:
-        bar.update(row.round - bar.n)  # a resumed run starts at its checkpoint's round
-        if row.test_accuracy == row.test_accuracy:  # not NaN
-            bar.set_postfix(acc=f"{row.test_accuracy:.4f}", loss=f"{row.train_loss:.3f}")
-
+    bar = ProgressBar(cfg.num_server_rounds)
     try:
-        yield on_round
+        yield [bar]
     finally:
-        bar.close()
+        bar.bar.close()  # also when the run raised before its callbacks started
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import load_sweep, run_sweep
+    from fedsim.sweep import load_sweep, run_sweep  # lazy: only sweeps need it
 
-    check_engine_options(args.engine, args.workers, args.threads)
-    overrides = dict(parse_override(item) for item in args.set or [])
+    args.workers, args.threads = check_engine_options(args.engine, args.workers, args.threads)
+    overrides = {**dict(parse_override(item) for item in args.set or []), **tracking_overrides(args)}
     runs = load_sweep(args.sweep, args.results_dir, overrides)
     if args.dry_run:
         for run in runs:
@@ -149,7 +161,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _sweep_on_ray(runs: list[Any], args: argparse.Namespace) -> int:
     """``fedsim sweep --ray``: the runs as Ray tasks (fedsim.sweep_ray)."""
-    from fedsim.sweep_ray import RayOptions, run_sweep_on_ray
+    from fedsim.sweep_ray import RayOptions, run_sweep_on_ray  # lazy: imports Ray, only for --ray
 
     if args.engine != "inprocess":
         raise ConfigError("--ray runs each run of the sweep on the inprocess engine in a Ray task; --engine flower starts its own Ray")
@@ -173,7 +185,7 @@ def _sweep_on_ray(runs: list[Any], args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from fedsim.results import STORED_FILES, store_runs
+    from fedsim.results import STORED_FILES, store_runs  # lazy: only `fedsim store` needs it
 
     copied = store_runs(args.source, args.dest)
     if not copied:
@@ -189,7 +201,7 @@ def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="inprocess")
     parser.add_argument("--results-dir", help=results_help)
     parser.add_argument(
-        "--workers", type=_workers,
+        "--workers",
         help="inprocess engine: auto (default: every core, planned per round) or clients on this many threads; same results; recorded in summary.json",
     )
     parser.add_argument(
@@ -203,11 +215,12 @@ def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
         help="flower engine: Ray GPU share per client (>= 0; default: a share that fits all concurrent clients on the GPUs when CUDA is present, else 0)",
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also FEDSIM_DEBUG=1)")
-
-
-def _workers(text: str) -> int | str:
-    """An argparse type: "auto" or an integer >= 1."""
-    return "auto" if text.strip().lower() == "auto" else _number(int, 1)(text)
+    parser.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files of each run under DIR (pip install 'fedsim[tensorboard]')")
+    parser.add_argument(
+        "--mlflow", nargs="?", const="", metavar="TRACKING_URI",
+        help="log each run to MLflow (default: $MLFLOW_TRACKING_URI, else ./mlflow.db with artifacts in ./mlruns; pip install 'fedsim[mlflow]')",
+    )
+    parser.add_argument("--callback", action="append", metavar="MODULE:ATTR", help="a callback of yours (fedsim.callbacks.Callback), repeatable")
 
 
 def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], Any]:
@@ -232,9 +245,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fedsim: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command; a mistake in the user's input is one line on stderr and exit code 2,
-    a run that learned nothing exit code 1; tracebacks only with --debug or FEDSIM_DEBUG=1."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedsim`` command line: ``run``, ``sweep`` and ``store``."""
     parser = _Parser(prog="fedsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run an experiment TOML")
@@ -266,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     store.add_argument("source", help="a run folder or a folder of runs (a sweep's results-dir)")
     store.add_argument("dest", help="where the copies go")
     store.set_defaults(func=cmd_store)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; a mistake in the user's input is one line on stderr and exit code 2,
+    a run that learned nothing exit code 1; tracebacks only with --debug or FEDSIM_DEBUG=1."""
+    args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("FEDSIM_DEBUG", "") not in ("", "0")
     before = os.environ.get("FEDSIM_DEBUG")
     if debug:
@@ -286,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - a bug or an environment problem: one line, the traceback on request
+    except Exception as err:
         if debug:
             raise
         print(

@@ -1,18 +1,20 @@
 """fedsim's ServerApp: build the strategy the run config names and run its rounds.
 
-The global model is evaluated on the server's test set before round 1, every
-``eval-every`` rounds and after the last round. After each round fedsim's loop
-(``FedsimStrategy.run``) calls one hook, which builds the round's row (``RoundEnd``) and
-hands it to the round hooks in order: record the row (rounds.csv), the caller's hooks
-(e.g. a progress bar), save a checkpoint (when evaluated), log the progress line, stop at
-``stop-at-accuracy``. A hook returns True to end the run after that round.
+``run_experiment`` is setup -> start or resume -> rounds -> summary, each a small
+function. The global model is evaluated on the server's test set before round 1, every
+``eval-every`` rounds and after the last round. After each round the ``Evaluator`` builds
+the round's row (``RoundEnd``) and hands it to the run's callbacks in order
+(fedsim.callbacks): collect the row, append it to rounds.csv, the caller's callbacks
+(e.g. a progress bar), the run config's (TensorBoard, MLflow, a user's), save a
+checkpoint (when evaluated), log the progress line, stop at ``stop-at-accuracy``. A
+callback returns True to end the run after that round.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -25,46 +27,35 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.arrays import load_into
-from fedsim.attacks import attacker_ids
-from fedsim.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+from fedsim.callbacks import Callback, RoundEnd, RunEnd, RunStart, named_callbacks
+from fedsim.callbacks.builtin import Checkpointer, CollectRows, LogLine, RoundsCsv, StopAtAccuracy
+from fedsim.checkpoint import load_checkpoint, restore_strategy
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data.errors import DataError
-from fedsim.device import device_label, resolve_device
+from fedsim.device import device_label
 from fedsim.errors import RunFailed
-from fedsim.partitions import format_label_counts
-from fedsim.partitions.batch_sizes import client_batch_sizes
+from fedsim.models import build_model, count_parameters
+from fedsim.parallel import available_cores, block_map
+from fedsim.partitions import format_label_counts, label_counts
+from fedsim.plan import RunPlan, server_plan
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.run_folder import claim_run_folder
 from fedsim.runtime import Runtime, evaluate, runtime
 from fedsim.strategies import FedsimStrategy, build_strategy
-from fedsim.validation import check_experiment
+from fedsim.validation import load_config
 
 app = ServerApp()
-
-
-@dataclass(frozen=True)
-class RoundEnd:
-    """What the round hooks see after a round (round 0: the initial model, not trained)."""
-
-    row: RoundRow  # the round's metrics; test metrics are NaN unless ``evaluated``
-    arrays: ArrayRecord  # the global model after the round
-    evaluated: bool
-
-
-RoundHook = Callable[[RoundEnd], "bool | None"]  # True: end the run after this round
 
 
 class Evaluator:
     """Turns (round, arrays, the strategy's round metrics) into a RoundEnd, evaluating the
     model on the test set when the round is due (round 0, every eval-every, the last)."""
 
-    def __init__(self, cfg: RunConfig, rt: Runtime) -> None:
-        from fedsim.models import build_model
-
-        self.cfg = cfg
-        self.x_test, self.y_test = rt.test_inputs(cfg), rt.y_test
-        self.model = build_model(cfg.model_name, num_classes=rt.num_classes, seed=0).to(rt.device)
+    def __init__(self, plan: RunPlan, rt: Runtime) -> None:
+        self.cfg = plan.cfg
+        self.x_test, self.y_test = rt.test_inputs(plan), rt.y_test
+        self.model = build_model(plan.model, num_classes=rt.num_classes, seed=0).to(rt.device)
         self.t0 = time.perf_counter()
 
     def resume(self, seconds: float) -> None:
@@ -74,9 +65,9 @@ class Evaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> RoundEnd:
         row = RoundRow(round=server_round, seconds=time.perf_counter() - self.t0)
         if metrics is not None:
-            row.train_loss = float(metrics.get("train-loss", math.nan))
+            row.train_loss = _number(metrics.get("train-loss", math.nan))
             for key in ("bytes-up", "bytes-down", "clients", "rejected"):
-                setattr(row, key.replace("-", "_"), int(metrics.get(key, 0)))
+                setattr(row, key.replace("-", "_"), int(_number(metrics.get(key, 0))))
         due = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
         if due:
             load_into(self.model, arrays)
@@ -84,45 +75,153 @@ class Evaluator:
         return RoundEnd(row, arrays, due)
 
 
-def record_rows(writer: RunWriter) -> RoundHook:
-    """Hook: append the round's row to rounds.csv."""
-    return lambda end: writer.add(end.row)
+def _number(value: object) -> float:
+    """A metric the strategy wrote (an int or float) as a float."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def save_checkpoints(writer: RunWriter, cfg: RunConfig, strategy: FedsimStrategy) -> RoundHook:
-    """Hook: after each evaluated round, the checkpoint a killed run resumes from."""
+@dataclass
+class ServerSetup:
+    """What the server resolved for a run: plan, connected nodes, data, model, strategy."""
 
-    def hook(end: RoundEnd) -> None:
-        if end.evaluated and end.row.round > 0:
-            save_checkpoint(writer.path, end.row.round, cfg, end.arrays, strategy.state_dict(), end.row.seconds)
+    cfg: RunConfig
+    plan: RunPlan
+    nodes: list[int]
+    rt: Runtime
+    initial: ArrayRecord
+    num_params: int
+    strategy: FedsimStrategy
+    evaluator: Evaluator
 
-    return hook
-
-
-def log_progress(cfg: RunConfig) -> RoundHook:
-    """Hook: one log line per evaluated round."""
-
-    def hook(end: RoundEnd) -> None:
-        if end.evaluated:
-            r = end.row
-            log(
-                INFO, "fedsim round %d/%d: test accuracy %.4f, test loss %.4f, train loss %.4f, up %d B, %.1f s",
-                r.round, cfg.num_server_rounds, r.test_accuracy, r.test_loss, r.train_loss, r.bytes_up, r.seconds,
-            )
-
-    return hook
+    @property
+    def device(self) -> torch.device:
+        assert self.plan.device is not None  # a server plan resolves it
+        return self.plan.device
 
 
-def stop_at_accuracy(target: float) -> RoundHook:
-    """Hook: end the run at the first evaluated round (> 0) reaching ``target`` (0: never)."""
+@dataclass
+class Start:
+    """Where the rounds start: from round 1, or after a checkpoint's round."""
 
-    def hook(end: RoundEnd) -> bool:
-        reached = 0 < target <= end.row.test_accuracy and end.evaluated and end.row.round > 0
-        if reached:
-            log(INFO, "fedsim: stop-at-accuracy %.4f reached at round %d; stopping", target, end.row.round)
-        return reached
+    first_round: int
+    arrays: ArrayRecord
+    rows: list[RoundRow]
+    resumed_after: int | None
 
-    return hook
+
+def set_up(grid: Grid, cfg: RunConfig, cores: int | None = None) -> ServerSetup:
+    """The plan (for the nodes that connected), model, strategy and evaluator of a run.
+    ``cores``: the server's share of the machine (the LLR vote's threads on a CPU)."""
+    plan = server_plan(cfg)  # before waiting for nodes or touching the results folder
+    nodes = wait_for_nodes(grid, cfg.num_nodes, cfg.node_wait)
+    if len(nodes) != cfg.num_nodes:
+        log(WARNING, "fedsim: num-nodes is %d but the federation has %d nodes; using %d", cfg.num_nodes, len(nodes), len(nodes))
+        plan = server_plan(cfg, len(nodes))
+    device = plan.device
+    assert device is not None
+    rt = runtime(plan, device)
+    model = build_model(plan.model, num_classes=plan.num_classes, seed=cfg.seed)
+    initial = ArrayRecord(model.state_dict())
+    param_keys = [n for n, p in model.named_parameters() if p.requires_grad]
+    threads = 1 if device.type != "cpu" else max(1, (cores or available_cores()) // max(1, torch.get_num_threads()))
+    # Replies may claim partition ids below max(num-nodes, connected nodes) and at most the
+    # training set's size as num-examples: a node cannot grow the server's state at will.
+    strategy = build_strategy(
+        cfg, ModelSpec.of(array_spec(initial), param_keys), num_partitions=max(cfg.num_nodes, len(nodes)),
+        max_examples=len(rt.y_train), device=device, map_blocks=block_map(threads),
+    )
+    return ServerSetup(cfg, plan, nodes, rt, initial, count_parameters(model), strategy, Evaluator(plan, rt))
+
+
+def log_setup(setup: ServerSetup) -> np.ndarray:
+    """Log what the run is (model size, batch sizes, attackers, label counts); returns the
+    label counts per client [clients, classes]."""
+    cfg, plan = setup.cfg, setup.plan
+    log(INFO, "fedsim: %s on %s (%s, %d parameters), %d nodes, batch sizes by partition %s",
+        cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), list(plan.batch_sizes))
+    if plan.attackers:
+        log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, list(plan.attackers))
+    counts = label_counts(plan.splits.y_train.numpy(), list(plan.partitions), plan.num_classes)
+    log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
+    return counts
+
+
+def start_or_resume(setup: ServerSetup, writer: RunWriter | None, counts: np.ndarray) -> Start:
+    """Resume from the folder's checkpoint when it holds one of this config (and its
+    rounds.csv continues it), else start the folder afresh."""
+    if writer is not None:
+        checkpoint = load_checkpoint(writer.path, setup.cfg, setup.initial)
+        stored = writer.resume(checkpoint.round) if checkpoint is not None else None  # None: rounds.csv cannot continue it
+        if checkpoint is not None and stored is not None and restore_strategy(setup.strategy, checkpoint, writer.path):
+            log(INFO, "fedsim: resuming from the checkpoint after round %d in %s", checkpoint.round, writer.path)
+            setup.evaluator.resume(checkpoint.seconds)
+            return Start(checkpoint.round + 1, checkpoint.arrays, list(stored), checkpoint.round)
+        writer.start(setup.cfg.to_mapping())
+        np.savetxt(writer.folder.label_counts, counts, fmt="%d", delimiter=",")
+    return Start(1, setup.initial, [], None)
+
+
+def run_callbacks(setup: ServerSetup, writer: RunWriter | None, rows: list[RoundRow], extra: Sequence[Callback]) -> list[Callback]:
+    """The run's callbacks in order (module docstring), ``extra`` (the caller's and the run
+    config's) after rounds.csv and before the checkpoint; ``rows`` collects every row."""
+    cfg = setup.cfg
+    out: list[Callback] = [CollectRows(rows)]
+    if writer is not None:
+        out.append(RoundsCsv(writer))
+    out += extra
+    if writer is not None:
+        out.append(Checkpointer(writer, cfg, setup.strategy.state_dict))
+    return [*out, LogLine(cfg.num_server_rounds), StopAtAccuracy(cfg.stop_at_accuracy)]
+
+
+def run_rounds(grid: Grid, setup: ServerSetup, start: Start, callbacks: Sequence[Callback]) -> tuple[ArrayRecord, float]:
+    """Every round from ``start``, each followed by the callbacks; (final model, wall seconds)."""
+
+    def on_round_end(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> bool:
+        end = setup.evaluator(server_round, arrays, metrics)
+        return any([bool(cb.on_round_end(end)) for cb in callbacks])  # a list: every callback runs
+
+    t0 = time.perf_counter()
+    final = setup.strategy.run(
+        grid, start.arrays, setup.cfg.num_server_rounds, on_round_end, timeout=setup.cfg.round_timeout,
+        train_config=train_config(setup.device), first_round=start.first_round,
+    )
+    return final, time.perf_counter() - t0
+
+
+def failure(rows: list[RoundRow], min_replies: int) -> str | None:
+    """Why a run learned nothing (no trained round had min-replies valid replies), else None;
+    logs how many rounds were short when only some were."""
+    short = rounds_below_min_replies(rows, min_replies)
+    trained = sum(1 for r in rows if r.round > 0)
+    if trained and len(short) == trained:
+        return (
+            f"no round had min-replies={min_replies} valid replies, so the model never changed "
+            f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
+            f"columns of rounds.csv)"
+        )
+    if short:
+        log(WARNING, "fedsim: %d of %d rounds had fewer than min-replies=%d valid replies and left the model unchanged", len(short), trained, min_replies)
+    return None
+
+
+def summarise(setup: ServerSetup, start: Start, rows: list[RoundRow], wall: float, failed: str | None) -> dict[str, Any]:
+    """summary.json's figures of a finished run (the caller adds engine and environment)."""
+    cfg, plan, strategy, device = setup.cfg, setup.plan, setup.strategy, setup.device
+    last = rows[-1]
+    return {
+        "seed": cfg.seed, "device": str(device),
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "client_devices": sorted({device_label(code) for code in strategy.reported_devices.values()}),
+        "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
+        "rounds": last.round, "stopped_early_at_round": last.round if last.round < cfg.num_server_rounds else None,
+        "num_nodes": len(setup.nodes), "batch_sizes": list(plan.batch_sizes),
+        "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
+        "resumed_after_round": start.resumed_after, "rounds_below_min_replies": len(rounds_below_min_replies(rows, cfg.min_replies)),
+        "failed": failed, "attackers": list(plan.attackers), "attack": cfg.attack if plan.attackers else None,
+        "algorithm": strategy.algorithm.report(), "model": plan.model_name, "num_parameters": setup.num_params,
+        "wall_seconds": wall,
+    }
 
 
 def run_experiment(
@@ -130,118 +229,48 @@ def run_experiment(
     cfg: RunConfig,
     *,
     engine: str = "flower",
-    hooks: Sequence[RoundHook] = (),
+    callbacks: Sequence[Callback] = (),
     engine_settings: Mapping[str, Any] | None = None,
+    cores: int | None = None,
 ) -> list[RoundRow]:
-    """Build model, strategy and round hooks from ``cfg`` and run all rounds on ``grid``.
+    """Run all rounds of ``cfg`` on ``grid``: setup, start or resume, rounds, summary.
     ``engine`` and ``engine_settings`` (e.g. threads, workers) are recorded in summary.json;
-    ``hooks`` run after each round, after the row is recorded and before the checkpoint."""
-    from fedsim.models import build_model
-
-    check_experiment(cfg)  # before waiting for nodes or touching the results folder
+    ``callbacks`` run after each round, after the row is recorded and before the
+    checkpoint; ``cores``: the server's share of the machine (default: every core).
+    Raises RunFailed when no round changed the model (summary.json says so too)."""
     environment = environment_info()  # before any round: the code this process runs
-    device = resolve_device(cfg.device)
-    rt = runtime(cfg.dataset, cfg.data_dir, device)
-    model = build_model(cfg.model_name, num_classes=rt.num_classes, seed=cfg.seed)
-    initial = ArrayRecord(model.state_dict())
-    param_keys = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    nodes = wait_for_nodes(grid, cfg.num_nodes, cfg.node_wait)
-    if len(nodes) != cfg.num_nodes:
-        log(WARNING, "fedsim: num-nodes is %d but the federation has %d nodes; using %d", cfg.num_nodes, len(nodes), len(nodes))
-        check_experiment(cfg, num_nodes=len(nodes))
-    # Replies may claim partition ids below max(num-nodes, connected nodes) and at most the
-    # training set's size as num-examples: a node cannot grow the server's state at will.
-    strategy = build_strategy(
-        cfg, ModelSpec.of(array_spec(initial), param_keys),
-        num_partitions=max(cfg.num_nodes, len(nodes)), max_examples=len(rt.y_train), device=device,
-    )
-    sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, max(len(nodes), 1), cfg.seed)
-    log(INFO, "fedsim: %s on %s (%s), %d nodes, batch sizes by partition %s", cfg.strategy, cfg.dataset, cfg.model_name, len(nodes), sizes)
-
-    attackers = attacker_ids(cfg.seed, max(len(nodes), 1), min(cfg.attackers, max(len(nodes), 1)))
-    if attackers:
-        log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(attackers), cfg.attack, attackers)
-    counts = _label_counts(cfg, rt, max(len(nodes), 1))
-    log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
-    # The folder's lock is held from here until writer.finish has written the summary
-    # (re-entrant: the CLI or a sweep in this process may hold it already).
+    setup = set_up(grid, cfg, cores)
+    counts = log_setup(setup)
+    # The folder's lock is held from here until the summary is written (re-entrant: the CLI
+    # or a sweep in this process may hold it already).
     folder = Path(cfg.results_dir) if cfg.results_dir else None
     writer = RunWriter(folder, lock=claim_run_folder(folder, cfg)) if folder is not None else None
+    rows: list[RoundRow] = []
+    cbs: list[Callback] = []
+    failed: str | None = None
+    end = RunEnd("error", rows, None, folder)
     try:  # the lock goes with the run, however it ends (finish releases it on success)
-        evaluator = Evaluator(cfg, rt)
-        rows: list[RoundRow] = []
-        checkpoint = load_checkpoint(writer.path, cfg, initial) if writer is not None else None
-        stored = writer.resume(checkpoint.round) if checkpoint is not None else None  # None: rounds.csv cannot continue it
-        if checkpoint is not None and stored is not None and restore_strategy(strategy, checkpoint, writer.path):
-            log(INFO, "fedsim: resuming from the checkpoint after round %d in %s", checkpoint.round, writer.path)
-            initial = checkpoint.arrays
-            rows = list(stored)
-            evaluator.resume(checkpoint.seconds)
-        else:
-            checkpoint = None
-            if writer is not None:
-                writer.start(cfg.to_mapping())
-                np.savetxt(writer.folder.label_counts, counts, fmt="%d", delimiter=",")
-        round_hooks: list[RoundHook] = [rows_of(rows)]
+        named = named_callbacks(cfg)  # a user's that fails to build fails before the folder is written
+        start = start_or_resume(setup, writer, counts)
+        rows += start.rows
+        cbs = run_callbacks(setup, writer, rows, [*callbacks, *named])
+        for cb in cbs:
+            cb.on_run_start(RunStart(cfg, folder, start.first_round, setup.num_params, {"num_nodes": len(setup.nodes)}))
+        final, wall = run_rounds(grid, setup, start, cbs)
+        log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", rows[-1].test_accuracy, rows[-1].round, wall)
+        failed = failure(rows, cfg.min_replies)
+        summary = {**summarise(setup, start, rows, wall, failed), "engine": engine, "engine_settings": dict(engine_settings or {}), **environment}
         if writer is not None:
-            round_hooks.append(record_rows(writer))
-        round_hooks += list(hooks)
-        if writer is not None:
-            round_hooks.append(save_checkpoints(writer, cfg, strategy))
-        round_hooks += [log_progress(cfg), stop_at_accuracy(cfg.stop_at_accuracy)]
-
-        def on_round_end(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> bool:
-            end = evaluator(server_round, arrays, metrics)
-            return any([bool(hook(end)) for hook in round_hooks])  # a list: every hook runs
-
-        t0 = time.perf_counter()
-        final_arrays = strategy.run(
-            grid, initial, cfg.num_server_rounds, on_round_end, timeout=cfg.round_timeout,
-            train_config=train_config(device), first_round=checkpoint.round + 1 if checkpoint is not None else 1,
-        )
-        wall = time.perf_counter() - t0
-        last = rows[-1]
-        stopped_at = last.round if last.round < cfg.num_server_rounds else None
-        log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", last.test_accuracy, last.round, wall)
-        short = rounds_below_min_replies(rows, cfg.min_replies)
-        trained = sum(1 for r in rows if r.round > 0)
-        failed = None
-        if trained and len(short) == trained:
-            failed = (
-                f"no round had min-replies={cfg.min_replies} valid replies, so the model never changed "
-                f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
-                f"columns of rounds.csv)"
-            )
-        elif short:
-            log(WARNING, "fedsim: %d of %d rounds had fewer than min-replies=%d valid replies and left the model unchanged", len(short), trained, cfg.min_replies)
-        if writer is not None:
-            writer.finish(
-                final_arrays.to_torch_state_dict(),
-                {
-                    "seed": cfg.seed, "engine": engine, "engine_settings": dict(engine_settings or {}), "device": str(device),
-                    "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "client_devices": sorted({device_label(code) for code in strategy.reported_devices.values()}),
-                    "final_test_accuracy": last.test_accuracy, "final_test_loss": last.test_loss,
-                    "rounds": last.round, "stopped_early_at_round": stopped_at, "num_nodes": len(nodes), "batch_sizes": sizes,
-                    "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
-                    "resumed_after_round": checkpoint.round if checkpoint is not None else None,
-                    "rounds_below_min_replies": len(short), "failed": failed,
-                    "attackers": attackers, "attack": cfg.attack if attackers else None, "algorithm": strategy.algorithm.report(),
-                    "wall_seconds": wall, **environment,
-                },
-            )
+            writer.finish(final.to_torch_state_dict(), summary)
+        end = RunEnd("failed" if failed else "finished", rows, summary, folder)
     finally:
         if writer is not None and writer.lock is not None:
             writer.lock.release()  # idempotent
+        for cb in cbs:
+            cb.on_run_end(end)
     if failed:
-        raise RunFailed(failed + (f"; results in {writer.path}" if writer is not None else ""))
+        raise RunFailed(failed + (f"; results in {folder}" if folder is not None else ""))
     return rows
-
-
-def rows_of(rows: list[RoundRow]) -> RoundHook:
-    """Hook: collect the rows in ``rows`` (what run_experiment returns)."""
-    return lambda end: rows.append(end.row)
 
 
 def train_config(device: torch.device) -> ConfigRecord:
@@ -276,20 +305,12 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
     return nodes
 
 
-def _label_counts(cfg: RunConfig, rt: Runtime, num_clients: int) -> np.ndarray:
-    """Each client's label histogram [clients, classes] under the run's partition."""
-    from fedsim.partitions import label_counts, partition_indices
-
-    labels = rt.splits.y_train.numpy()
-    return label_counts(labels, partition_indices(labels, cfg.partitioning, num_clients, cfg.seed), rt.num_classes)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point (``flwr run .``, a deployment). A bad run config (or a run that
     learned nothing) is one ERROR line, not a traceback, and the run ends there. (fedsim's
     in-process engine calls ``run_experiment`` itself, and its caller reports errors.)"""
     try:
-        run_experiment(grid, RunConfig.from_mapping(context.run_config), engine="flower")
+        run_experiment(grid, load_config(context.run_config), engine="flower")
     except (ConfigError, DataError, RunFailed) as err:
         log(ERROR, "fedsim: error: %s", err)

@@ -40,7 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import ConfigError
-from fedsim.sweep import SweepRun
+from fedsim.data.errors import DataError
+from fedsim.engine import run_engine
+from fedsim.errors import RunFailed
+from fedsim.run_folder import RunFolderBusy, lock_run_folder
+from fedsim.sweep import SweepRun, prepare_run
 
 LOCK_WAIT_S = 60.0
 """How long a run's task waits for its folder's lock (held by a task of a driver that was
@@ -127,8 +131,9 @@ def folder_problem(root: Path, token_name: str, token: str, mark: str) -> str:
 
 def _check_folder_here(root: str, token_name: str, token: str) -> dict[str, Any]:
     """The storage check's task on one node: ``folder_problem`` there, and which fedsim it imports."""
-    import fedsim
     import ray
+
+    import fedsim  # in the Ray worker: which fedsim that node imports
 
     node_id = ray.get_runtime_context().get_node_id()
     return {"node_id": node_id, "fedsim": fedsim.__file__, "error": folder_problem(Path(root), token_name, token, node_id[:16])}
@@ -188,11 +193,6 @@ def _run_here(
     failure: returns what happened, with the error text."""
     import ray
 
-    from fedsim.data.errors import DataError
-    from fedsim.engine import run_engine
-    from fedsim.errors import RunFailed
-    from fedsim.run_folder import RunFolderBusy, lock_run_folder
-    from fedsim.sweep import prepare_run
 
     node = f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
     deadline = time.monotonic() + lock_wait
@@ -213,7 +213,7 @@ def _run_here(
         progress.started.remote(run.name, node, "" if start == "fresh" else start)
         try:
             run_engine(run.config, "inprocess", workers=workers, threads=threads, quiet=True)
-        except Exception as err:  # noqa: BLE001 - reported with the run's folder; the sweep goes on
+        except Exception as err:
             text = str(err) if isinstance(err, RunFailed | ConfigError | DataError) else f"{type(err).__name__}: {err}"
             if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0"):
                 text += "\n" + traceback.format_exc()
@@ -281,98 +281,126 @@ def _init_ray(address: str) -> str | None:
     return None
 
 
+class _Tally:
+    """What each run of a ``--ray`` sweep did, and one progress line per change of state
+    (counts done / running / pending, and the run's folder)."""
+
+    def __init__(self, runs: list[SweepRun], echo: Callable[[str], None]) -> None:
+        self.runs, self.echo = runs, echo
+        self.outcomes: dict[str, RunOutcome] = {r.name: RunOutcome(r, "skipped") for r in runs if r.status() == "done"}
+        self.running: dict[str, str] = {}
+
+    @property
+    def pending(self) -> list[SweepRun]:
+        return [r for r in self.runs if r.name not in self.outcomes]
+
+    def announce(self) -> None:
+        """The sweep's first lines: how many runs are done, and each run's folder and state."""
+        root = self.runs[0].folder.parent
+        self.echo(f"fedsim: sweep of {len(self.runs)} runs in {root}: {len(self.outcomes)} already done, {len(self.pending)} to run on Ray")
+        for run in self.runs:
+            self.echo(f"  {'done' if run.name in self.outcomes else 'pending':8s} {run.folder}")
+
+    def line(self, run: SweepRun, what: str) -> None:
+        total = len(self.runs)
+        done = sum(o.what in ("ran", "skipped") for o in self.outcomes.values())
+        failed = sum(o.what == "failed" for o in self.outcomes.values())
+        waiting = total - len(self.outcomes) - len(self.running)
+        counts = f"{done}/{total} done, {len(self.running)} running, {waiting} pending" + (f", {failed} failed" if failed else "")
+        self.echo(f"[{counts}] {run.folder}: {what}")
+
+    def started(self, run: SweepRun, node: str, note: str) -> None:
+        if run.name not in self.outcomes and run.name not in self.running:
+            self.running[run.name] = node
+            self.line(run, f"running on {node}" + (f"; {note}" if note else ""))
+
+    def ended(self, run: SweepRun, result: dict[str, Any]) -> None:
+        self.running.pop(run.name, None)
+        outcome = RunOutcome(run, result["what"], result.get("error", ""), result.get("node", ""), result.get("note", ""), result.get("summary", {}))
+        self.outcomes[run.name] = outcome
+        if outcome.what == "ran":
+            acc = outcome.summary.get("final_test_accuracy")
+            self.line(run, "done" + (f", final test accuracy {acc:.4f}" if isinstance(acc, float) else ""))
+        elif outcome.what == "skipped":
+            self.line(run, "done by another process meanwhile, skipped")
+        elif outcome.what == "busy":
+            self.line(run, f"left to another process: {outcome.error}")
+        else:
+            self.line(run, f"FAILED: {outcome.error.splitlines()[0] if outcome.error else '?'}")
+
+    def in_order(self) -> list[RunOutcome]:
+        return [self.outcomes[r.name] for r in self.runs]
+
+
 def run_sweep_on_ray(runs: list[SweepRun], options: RayOptions, echo: Callable[[str], None] = print) -> list[RunOutcome]:
     """Run the sweep's runs that are not finished as Ray tasks (see the module's notes);
-    one line per change of state (counts done / running / pending, and the run's folder);
-    returns one outcome per run, in the sweep's order. Raises ConfigError (before any run
-    starts) for an unreachable cluster, a node that cannot see the sweep folder, or
-    resources that no node has."""
-    import ray
+    one line per change of state; returns one outcome per run, in the sweep's order.
+    Raises ConfigError (before any run starts) for an unreachable cluster, a node that
+    cannot see the sweep folder, or resources that no node has."""
+    import ray  # lazy: Ray is big, and only --ray needs it
 
-    outcomes: dict[str, RunOutcome] = {}
-    pending = []
-    for run in runs:
-        if run.status() == "done":
-            outcomes[run.name] = RunOutcome(run, "skipped")
-        else:
-            pending.append(run)
-    total = len(runs)
-    root = runs[0].folder.parent
-    running: dict[str, str] = {}
-
-    def line(run: SweepRun, what: str) -> None:
-        done = sum(o.what in ("ran", "skipped") for o in outcomes.values())
-        failed = sum(o.what == "failed" for o in outcomes.values())
-        waiting = total - len(outcomes) - len(running)
-        counts = f"{done}/{total} done, {len(running)} running, {waiting} pending" + (f", {failed} failed" if failed else "")
-        echo(f"[{counts}] {run.folder}: {what}")
-
-    skipped = len(outcomes)
-    echo(f"fedsim: sweep of {total} runs in {root}: {skipped} already done, {len(pending)} to run on Ray")
-    for run in runs:
-        echo(f"  {'done' if run.name in outcomes else 'pending':8s} {run.folder}")
-    if not pending:
-        return [outcomes[r.name] for r in runs]
+    tally = _Tally(runs, echo)
+    tally.announce()
+    if not tally.pending:
+        return tally.in_order()
     temp_dir = _init_ray(options.address)
     try:
         nodes = alive_nodes()
-        gpus = options.gpus_per_run
-        if gpus is None:
-            gpus = default_gpus_per_run(nodes, options.cpus_per_run, pending)
-        fits = [
-            n for n in nodes
-            if float(n["Resources"].get("CPU", 0)) >= options.cpus_per_run and float(n["Resources"].get("GPU", 0)) >= gpus
-        ]
-        if not fits:
-            have = ", ".join(f"{node_name(n)}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
-            raise ConfigError(
-                f"no Ray node has {options.cpus_per_run:g} CPU(s) and {gpus:g} GPU(s) for a run "
-                f"(--ray-cpus-per-run, --ray-gpus-per-run); the cluster has {have}"
-            )
-        check_nodes(root, nodes)
+        gpus = _gpus_per_run(nodes, options, tally.pending)
+        check_nodes(runs[0].folder.parent, nodes)
         workers = options.workers if options.workers is not None else max(1, int(options.cpus_per_run))
         echo(
             f"fedsim: Ray cluster of {len(nodes)} node(s), {sum(float(n['Resources'].get('CPU', 0)) for n in nodes):g} CPUs, "
             f"{sum(float(n['Resources'].get('GPU', 0)) for n in nodes):g} GPUs; each run takes {options.cpus_per_run:g} CPU(s), "
             f"{gpus:g} GPU(s), {workers} worker(s); the sweep folder is visible on every node"
         )
-        progress = ray.remote(num_cpus=0)(_Progress).remote()
-        task = ray.remote(max_retries=0)(_run_here)
-        refs = {
-            task.options(num_cpus=options.cpus_per_run, num_gpus=gpus, name=f"fedsim-run:{run.name}").remote(
-                run, workers, options.threads, progress, LOCK_WAIT_S
-            ): run
-            for run in pending
-        }
-        by_name = {r.name: r for r in pending}
-        left = list(refs)
-        while left:
-            ready, left = ray.wait(left, num_returns=1, timeout=1.0)
-            for name, node, note in ray.get(progress.take.remote()):
-                if name not in outcomes and name not in running:
-                    running[name] = node
-                    line(by_name[name], f"running on {node}" + (f"; {note}" if note else ""))
-            for ref in ready:
-                run = refs[ref]
-                running.pop(run.name, None)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as err:  # the task's worker died (OOM, node lost, ...)
-                    text = str(err).strip()
-                    result = {"what": "failed", "error": text.splitlines()[-1] if text else type(err).__name__, "node": ""}
-                outcome = RunOutcome(run, result["what"], result.get("error", ""), result.get("node", ""), result.get("note", ""), result.get("summary", {}))
-                outcomes[run.name] = outcome
-                if outcome.what == "ran":
-                    acc = outcome.summary.get("final_test_accuracy")
-                    line(run, "done" + (f", final test accuracy {acc:.4f}" if isinstance(acc, float) else ""))
-                elif outcome.what == "skipped":
-                    line(run, "done by another process meanwhile, skipped")
-                elif outcome.what == "busy":
-                    line(run, f"left to another process: {outcome.error}")
-                else:
-                    line(run, f"FAILED: {outcome.error.splitlines()[0] if outcome.error else '?'}")
+        _run_tasks(tally, options, gpus, workers)
     finally:
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    return [outcomes[r.name] for r in runs]
+    return tally.in_order()
+
+
+def _gpus_per_run(nodes: list[dict[str, Any]], options: RayOptions, pending: list[SweepRun]) -> float:
+    """The GPU share each run's task declares; ConfigError if no node has the resources of one run."""
+    gpus = options.gpus_per_run if options.gpus_per_run is not None else default_gpus_per_run(nodes, options.cpus_per_run, pending)
+    fits = [
+        n for n in nodes
+        if float(n["Resources"].get("CPU", 0)) >= options.cpus_per_run and float(n["Resources"].get("GPU", 0)) >= gpus
+    ]
+    if not fits:
+        have = ", ".join(f"{node_name(n)}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
+        raise ConfigError(
+            f"no Ray node has {options.cpus_per_run:g} CPU(s) and {gpus:g} GPU(s) for a run "
+            f"(--ray-cpus-per-run, --ray-gpus-per-run); the cluster has {have}"
+        )
+    return gpus
+
+
+def _run_tasks(tally: _Tally, options: RayOptions, gpus: float, workers: int | str) -> None:
+    """Submit every pending run as a task and report each as it starts and ends."""
+    import ray  # lazy: as run_sweep_on_ray
+
+    progress: Any = ray.remote(num_cpus=0)(_Progress).remote()  # an actor handle
+    task = ray.remote(max_retries=0)(_run_here)
+    pending = tally.pending
+    refs = {
+        task.options(num_cpus=options.cpus_per_run, num_gpus=gpus, name=f"fedsim-run:{run.name}").remote(
+            run, workers, options.threads, progress, LOCK_WAIT_S
+        ): run
+        for run in pending
+    }
+    by_name = {r.name: r for r in pending}
+    left = list(refs)
+    while left:
+        ready, left = ray.wait(left, num_returns=1, timeout=1.0)
+        for name, node, note in ray.get(progress.take.remote()):
+            tally.started(by_name[name], node, note)
+        for ref in ready:
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:  # the task's worker died (OOM, node lost, ...)
+                text = str(err).strip()
+                result = {"what": "failed", "error": text.splitlines()[-1] if text else type(err).__name__, "node": ""}
+            tally.ended(refs[ref], result)

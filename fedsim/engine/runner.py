@@ -7,64 +7,62 @@ import ctypes
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fedsim.callbacks import Callback
+from fedsim.client_app import app as client_app
 from fedsim.config import RunConfig
-from fedsim.engine import engine_settings, parse_threads, parse_workers
-from fedsim.device import available_cores
 from fedsim.engine.inprocess import InProcessGrid
+from fedsim.engine.settings import engine_settings
+from fedsim.parallel import available_cores
+from fedsim.runtime import release_runtimes
+from fedsim.server_app import run_experiment
+from fedsim.validation import load_config
 
 
 def run_inprocess(
     run_config: RunConfig | Mapping[str, Any],
     node_configs: list[dict[str, Any]] | None = None,
     threads: int = 1,
-    on_round: Callable[[Any], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     quiet: bool = False,
     workers: int | str = "auto",
 ) -> Path:
-    """Run ``run_config`` (a RunConfig, or a run-config mapping that RunConfig validates;
-    must set ``results-dir``) to the end and return the results folder. ``threads``: torch
-    intra-op threads per worker (more than 1 lets torch split its sums, so results then
-    depend on it). ``quiet``: hide Flower's per-round INFO log lines (warnings, e.g.
-    rejected replies, still show). ``workers``: "auto" plans each round on the available
-    cores (``fedsim.engine.inprocess.plan_round``), a number runs clients on that many
-    threads; the LLR vote's blocks use as many cores (``fedsim.core.votes.vote_cores``);
-    results are the same bits for any value. Both are recorded in the run's
-    summary.json (``engine_settings``)."""
-    import torch
-
-    from fedsim.client_app import app as client_app
-    from fedsim.core.votes import vote_cores
-    from fedsim.runtime import release_runtimes
-    from fedsim.server_app import run_experiment
-
-    cfg = run_config if isinstance(run_config, RunConfig) else RunConfig.from_mapping(run_config)
+    """Run ``run_config`` (a RunConfig, or a run-config mapping that ``load_config``
+    checks; ``results-dir`` set) to the end and return the results folder.
+    ``threads``: torch intra-op threads per worker (more than 1 lets torch split its sums,
+    so results then depend on it). ``callbacks``: the caller's (fedsim.callbacks), after
+    the row is recorded. ``quiet``: hide Flower's per-round INFO log lines (warnings,
+    e.g. rejected replies, still show). ``workers``: "auto" plans each round on the
+    available cores (``fedsim.engine.inprocess.plan_round``), a number runs clients on
+    that many threads; the LLR vote's blocks use as many cores; results are the same bits
+    for any value. Both are recorded in the run's summary.json (``engine_settings``).
+    ``threads`` and ``workers`` are taken as checked (``fedsim.engine.check_engine_options``)."""
+    cfg = run_config if isinstance(run_config, RunConfig) else load_config(run_config)
     if not cfg.results_dir:
         raise ValueError("run_inprocess needs results-dir: the folder the run's results go to")
-    torch.set_num_threads(parse_threads(threads))
+    torch.set_num_threads(threads)
     keep_freed_memory()
     mapping = cfg.to_mapping()  # Flower's boundary: the grid and the clients' Contexts carry the mapping
-    worker_setting = parse_workers(workers)
-    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=worker_setting)
-    hooks = [] if on_round is None else [lambda end: on_round(end.row)]  # type: ignore[misc]
+    grid = InProcessGrid(client_app, cfg.num_nodes, mapping, node_configs, workers=workers)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if quiet:
         flwr_logger.setLevel(logging.WARNING)
-    cores = available_cores() if worker_setting == "auto" else int(worker_setting)
+    cores = available_cores() if workers == "auto" else int(workers)
     try:
-        with vote_cores(cores * torch.get_num_threads()):  # the server's vote gets the cores the clients get
-            run_experiment(
-                grid, cfg, engine=InProcessGrid.engine_name, hooks=hooks,
-                engine_settings=engine_settings(InProcessGrid.engine_name, threads=torch.get_num_threads(), workers=worker_setting),
-            )
+        run_experiment(
+            grid, cfg, engine=InProcessGrid.engine_name, callbacks=callbacks, cores=cores * threads,
+            engine_settings=engine_settings(InProcessGrid.engine_name, threads=threads, workers=workers),
+        )
     finally:
         flwr_logger.setLevel(level)
         grid.close()
-        release_runtimes()  # the run's datasets and models go with it (fedsim.runtime)
+        release_runtimes()  # the run's datasets, models and plans go with it (fedsim.runtime)
     return Path(cfg.results_dir)
 
 

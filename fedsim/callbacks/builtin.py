@@ -1,0 +1,94 @@
+"""fedsim's own per-round work, one callback each: collect the rows, append them to
+rounds.csv, save the checkpoint, log the progress line, stop at an accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+from typing import Any
+
+from flwr.common.logger import log
+
+from fedsim.callbacks.base import Callback, RoundEnd
+from fedsim.checkpoint import save_checkpoint
+from fedsim.config import RunConfig
+from fedsim.results import RoundRow, RunWriter
+
+
+class CollectRows(Callback):
+    """Keeps every round's row in ``rows`` (what run_experiment returns)."""
+
+    def __init__(self, rows: list[RoundRow]) -> None:
+        self.rows = rows
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        self.rows.append(end.row)
+
+
+class RoundsCsv(Callback):
+    """Appends each round's row to the run's rounds.csv."""
+
+    def __init__(self, writer: RunWriter) -> None:
+        self.writer = writer
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        self.writer.add(end.row)
+
+
+class Checkpointer(Callback):
+    """After each evaluated round, the checkpoint a killed run resumes from; ``state``
+    returns the strategy's state (``FedsimStrategy.state_dict``)."""
+
+    def __init__(self, writer: RunWriter, cfg: RunConfig, state: Callable[[], dict[str, Any]]) -> None:
+        self.writer, self.cfg, self.state = writer, cfg, state
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        if end.evaluated and end.row.round > 0:
+            save_checkpoint(self.writer.path, end.row.round, self.cfg, end.arrays, self.state(), end.row.seconds)
+
+
+class LogLine(Callback):
+    """One log line per evaluated round."""
+
+    def __init__(self, num_rounds: int) -> None:
+        self.num_rounds = num_rounds
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        if end.evaluated:
+            r = end.row
+            log(
+                INFO, "fedsim round %d/%d: test accuracy %.4f, test loss %.4f, train loss %.4f, up %d B, %.1f s",
+                r.round, self.num_rounds, r.test_accuracy, r.test_loss, r.train_loss, r.bytes_up, r.seconds,
+            )
+
+
+class StopAtAccuracy(Callback):
+    """Ends the run at the first evaluated round (> 0) reaching ``target`` (0: never)."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_round_end(self, end: RoundEnd) -> bool:
+        reached = 0 < self.target <= end.row.test_accuracy and end.evaluated and end.row.round > 0
+        if reached:
+            log(INFO, "fedsim: stop-at-accuracy %.4f reached at round %d; stopping", self.target, end.row.round)
+        return reached
+
+
+class ProgressBar(Callback):
+    """A tqdm progress bar of the rounds, with the last test accuracy and train loss (what
+    ``fedsim run`` shows on the in-process engine instead of Flower's per-round lines)."""
+
+    def __init__(self, num_rounds: int) -> None:
+        from tqdm.auto import tqdm  # lazy: tqdm.auto probes for a notebook front end at import
+
+        self.bar = tqdm(total=num_rounds, unit="round", disable=None, dynamic_ncols=True)
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        row = end.row
+        self.bar.update(row.round - self.bar.n)  # a resumed run starts at its checkpoint's round
+        if row.test_accuracy == row.test_accuracy:  # not NaN
+            self.bar.set_postfix(acc=f"{row.test_accuracy:.4f}", loss=f"{row.train_loss:.3f}")
+
+    def on_run_end(self, end: Any) -> None:
+        self.bar.close()
