@@ -222,14 +222,15 @@ def bare_loop(cfg: dict[str, Any], device: str, workers: int = 1) -> dict[str, A
 
     import torch
 
-    from fedsim.partitions.batch_sizes import client_batch_sizes
     from fedsim.clients.tasks import LocalData, flat_gradient
-    from fedsim.data import load_dataset
-    from fedsim.models import build_model
-    from fedsim.partitions import partition_indices
-    from fedsim.seeding import generator
-    from fedsim.engine.runner import keep_freed_memory
     from fedsim.core.votes import CrossProbabilityEstimator
+    from fedsim.data import load_dataset
+    from fedsim.engine.runner import keep_freed_memory
+    from fedsim.models import build_model
+    from fedsim.parallel import block_map
+    from fedsim.partitions import partition_indices
+    from fedsim.partitions.batch_sizes import client_batch_sizes
+    from fedsim.seeding import generator
 
     torch.set_num_threads(1)
     keep_freed_memory()  # the same malloc settings as run_inprocess: a difference in allocators is not the framework's
@@ -243,7 +244,7 @@ def bare_loop(cfg: dict[str, Any], device: str, workers: int = 1) -> dict[str, A
     model = build_model(cfg["model"], num_classes=splits.num_classes, seed=seed).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
-    est = CrossProbabilityEstimator(n, warmup_rounds=cfg["llr-warmup"], device=dev, threads=workers)  # one thread: truly one
+    est = CrossProbabilityEstimator(n, warmup_rounds=cfg["llr-warmup"], device=dev, map_blocks=block_map(workers))  # one thread: truly one
     clients = list(range(m))
     signs = torch.empty(m, n, dtype=torch.int8, device=dev)
     stamps = []
@@ -280,7 +281,7 @@ def bare_loop(cfg: dict[str, Any], device: str, workers: int = 1) -> dict[str, A
             else:
                 with torch.no_grad():
                     weights = torch.nn.utils.parameters_to_vector(params).detach()
-                futures = [pool.submit(lambda pid=pid, rnd=rnd: on_worker(pid, rnd, weights)) for pid in order]
+                futures = [pool.submit(lambda pid=pid, rnd=rnd, weights=weights: on_worker(pid, rnd, weights)) for pid in order]
                 for f in futures:
                     f.result()
             u = est.vote(clients, signs)
@@ -353,7 +354,7 @@ def compare_row2(
     return out
 
 
-def _record_plans() -> "collections.Counter[int]":
+def _record_plans() -> collections.Counter[int]:
     """A counter that every InProcessGrid adds its round plans to when it closes (how many
     rounds ran on how many workers), for the JSON."""
     from fedsim.engine import inprocess
@@ -371,7 +372,7 @@ def _record_plans() -> "collections.Counter[int]":
     return _PLANS
 
 
-_PLANS: "collections.Counter[int] | None" = None
+_PLANS: collections.Counter[int] | None = None
 
 
 # --- machine and table ------------------------------------------------------------------

@@ -42,7 +42,7 @@ def measure(tuned: bool) -> str:
                 continue
             tasks.MICRO_BATCH = micro
             flat_gradient(model, data, b, generator(0, 1, 0))  # warm-up
-            best = min(_timed(lambda r=r: flat_gradient(model, data, b, generator(0, 1, r))) for r in range(5))
+            best = min(_timed(lambda r=r, b=b: flat_gradient(model, data, b, generator(0, 1, r))) for r in range(5))
             out.append(f"B={b} {label} {best / b * 1e6:.0f}")
     return f"{'keep_freed_memory' if tuned else 'default malloc':17s} us/example: " + ", ".join(out)
 

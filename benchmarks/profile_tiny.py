@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_engines as be  # noqa: E402 - the benchmark's configs and bare loop
+import bench_engines as be
 
 
 def parts() -> list[tuple[str, list[tuple[Any, str]]]]:
@@ -37,24 +37,24 @@ def parts() -> list[tuple[str, list[tuple[Any, str]]]]:
     in that namespace only (a module: the calls made from that module; a class: every call).
     No part's function calls another part's, so the parts do not overlap."""
     from fedsim import client_app
-    from fedsim.algorithms import sign_mv
+    from fedsim.algorithms import sign_vote
     from fedsim.clients import tasks
     from fedsim.engine import inprocess
     from fedsim.strategies.base import FedsimStrategy
 
     return [
         ("client: forward/backward and minibatch draw (the model's work)", [(tasks, "minibatch_gradient")]),
-        ("client: signs packed to 1 bit", [(sign_mv, "pack_signs"), (sign_mv, "fill_zeros")]),
+        ("client: signs packed to 1 bit", [(sign_vote, "pack_signs"), (sign_vote, "fill_zeros")]),
         ("client: global model loaded into the local model", [(client_app, "load_into")]),
         ("client: reply built (ArrayRecord, MetricRecord, RecordDict, Message)", [
             (client_app, "to_array_record"), (client_app, "MetricRecord"), (client_app, "RecordDict"), (client_app, "Message")]),
         ("client: config, hyperparameters, runtime, device and seed lookups", [
-            (client_app.RunConfig, "cached"), (client_app, "_hyperparams"), (client_app, "runtime"),
-            (client_app, "generator"), (client_app, "client_device")]),
+            (client_app, "load_config_cached"), (client_app, "client_plan"), (client_app, "_hyperparams"),
+            (client_app, "runtime"), (client_app, "generator"), (client_app, "client_device")]),
         ("engine: per-client message copy and delivery (content copy, metadata, ids)", [
             (inprocess, "_copy_content"), (inprocess, "message_with_metadata"), (inprocess, "assign_message_id")]),
         ("server: reply checks (metrics, payload decoded and validated)", [(FedsimStrategy, "_check")]),
-        ("server: vote and model update", [(sign_mv.SignMajorityVote, "server_rule")]),
+        ("server: vote and model update", [(sign_vote.SignVote, "server_rule")]),
         ("server: train messages built", [(FedsimStrategy, "configure_train")]),
     ]
 

@@ -42,14 +42,14 @@ def _layout(dtype_str: str, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int
     for this declared dtype and shape; None where the fast path does not apply."""
     try:
         dtype = np.dtype(dtype_str)
-        shape = tuple(operator.index(d) for d in shape)
-        if dtype.hasobject or dtype.itemsize == 0 or any(d < 0 for d in shape):
+        dims = tuple(operator.index(d) for d in shape)
+        if dtype.hasobject or dtype.itemsize == 0 or any(d < 0 for d in dims):
             return None
-        header = _header(np.lib.format.dtype_to_descr(dtype), shape)
+        header = _header(str(np.lib.format.dtype_to_descr(dtype)), dims)
     except (TypeError, ValueError):
         return None
-    count = math.prod(shape)
-    return dtype, shape, header, count, len(header) + dtype.itemsize * count
+    count = math.prod(dims)
+    return dtype, dims, header, count, len(header) + dtype.itemsize * count
 
 
 def _fast_view(a: Array) -> np.ndarray | None:
@@ -73,7 +73,7 @@ def to_flwr_array(x: np.ndarray) -> Array:
     x = x if x.flags.c_contiguous else x.copy(order="C")  # ascontiguousarray would make 0-d arrays 1-d
     if x.dtype.hasobject:
         return Array(x)
-    data = _header(np.lib.format.dtype_to_descr(x.dtype), tuple(x.shape)) + x.tobytes()
+    data = _header(str(np.lib.format.dtype_to_descr(x.dtype)), tuple(x.shape)) + x.tobytes()
     return Array(dtype=str(x.dtype), shape=tuple(int(d) for d in x.shape), stype=NUMPY_STYPE, data=data)
 
 
@@ -127,11 +127,6 @@ def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: to_flwr_array(v) for k, v in arrays.items()})
 
 
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> {key: numpy array} (read-only views where possible)."""
-    return {k: from_flwr_array(v) for k, v in record.items()}
-
-
 def to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.Tensor]:
     """ArrayRecord -> {key: tensor} (decodes every array once).
 
@@ -171,10 +166,10 @@ class _Stage:
     of the last copies out of it (None: no copy in flight)."""
 
     buffer: torch.Tensor
-    done: "torch.cuda.Event | None" = None
+    done: torch.cuda.Event | None = None
 
 
-_STAGES: "weakref.WeakKeyDictionary[torch.nn.Module, _Stage]" = weakref.WeakKeyDictionary()
+_STAGES: weakref.WeakKeyDictionary[torch.nn.Module, _Stage] = weakref.WeakKeyDictionary()
 
 
 def load_staged(model: torch.nn.Module, targets: Mapping[str, torch.Tensor], arrays: ArrayRecord, pin: bool) -> None:
@@ -203,7 +198,7 @@ def load_staged(model: torch.nn.Module, targets: Mapping[str, torch.Tensor], arr
         stage.done.record()
 
 
-_VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_VIEWS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def _state_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ def make_tls_files(folder: Path, host: str = "127.0.0.1", days: int = 2) -> TLSF
     """A CA (``ca.crt``) and a server certificate for ``host`` (``server.crt``,
     ``server.key``) signed by it; the server certificate names ``host`` as an IP SAN."""
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedsim test CA")])
     ca_cert = (

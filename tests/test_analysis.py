@@ -33,7 +33,7 @@ def test_rounds_to_target_grows_with_the_target(acc, t1, t2):
     r = list(range(len(acc)))
     a, b = rounds_to_target(r, acc, lo), rounds_to_target(r, acc, hi)
     assert math.isnan(b) or (not math.isnan(a) and a <= b + 1e-9)
-    assert all(x <= y for x, y in zip(best_so_far(acc), best_so_far(acc)[1:]))
+    assert all(x <= y for x, y in zip(best_so_far(acc), best_so_far(acc)[1:], strict=False))
 
 
 def _df():

@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from fedsim.arrays import decode_exact, from_flwr_array, to_flwr_array
+from fedsim.arrays import decode_exact, from_flwr_array, load_into, to_flwr_array
 from fedsim.models import build_model
-from fedsim.arrays import load_into
 
 dtypes = st.sampled_from([np.float32, np.float64, np.int64, np.int8, np.uint8, np.float16, ">f4"])
 
@@ -41,10 +40,10 @@ def test_load_into_equals_load_state_dict_and_is_strict():
     a, b = build_model("resnet20", seed=2), build_model("resnet20", seed=2)
     load_into(a, record)
     b.load_state_dict(record.to_torch_state_dict())
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     del record["fc.bias"]
-    with pytest.raises(RuntimeError, match="fc.bias"):
+    with pytest.raises(RuntimeError, match=r"fc\.bias"):
         load_into(a, record)
 
 
@@ -59,7 +58,7 @@ def test_staged_load_equals_load_state_dict_and_reuses_its_buffer():
         src = build_model("resnet20", seed=seed)
         src.state_dict()["bn1.num_batches_tracked"].fill_(seed)
         load_staged(a, _state_views(a), ArrayRecord(src.state_dict()), pin=False)
-        for (ka, va), (kb, vb) in zip(a.state_dict().items(), src.state_dict().items()):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), src.state_dict().items(), strict=True):
             assert ka == kb and va.dtype == vb.dtype and torch.equal(va, vb), ka
         buffer = _STAGES[a].buffer
         if seed == 1:

@@ -72,8 +72,8 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> SecureRun:
     with LocalSuperLink(home, simulation=False, tls=tls, supernode_auth=True) as link:
         try:
             registered = sorted((link.register(keys[k].public), k) for k in "abcd")
-            node_ids = {name: node for (node, _), (name, _) in zip(registered, [*HONEST, ("impostor", IMPOSTOR)])}
-            for (_, key), (name, node_config) in zip(registered, [*HONEST, ("impostor", IMPOSTOR)]):
+            node_ids = {name: node for (node, _), (name, _) in zip(registered, [*HONEST, ("impostor", IMPOSTOR)], strict=True)}
+            for (_, key), (name, node_config) in zip(registered, [*HONEST, ("impostor", IMPOSTOR)], strict=True):
                 link.start_supernode(name, node_config, private_key=keys[key].private)
             link.start_supernode("unregistered", HONEST[1][1], private_key=keys["unregistered"].private)
             link.start_supernode("insecure", HONEST[1][1], insecure=True, extra=["--max-retries", "1"])

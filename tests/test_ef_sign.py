@@ -12,13 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategy_kit import make, sent
 
 from fedsim import protocol
 from fedsim.algorithms.ef_sign import RECORD, SCALE, error_feedback_step, scaled_sign
 from fedsim.core.signs import pack_signs
 from fedsim.engine.flower_internals import set_server_identity
 from fedsim.engine.runner import run_inprocess
-from strategy_kit import make, sent
 
 set_server_identity(run_id=5)
 

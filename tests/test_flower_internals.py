@@ -128,8 +128,8 @@ def test_client_app_error_has_flowers_error_code():
 
 def test_fab_functions_keep_their_signatures():
     # flwr.cli.build.build_fab_from_disk and flwr.cli.install.install_from_fab (tests/test_fab.py runs them).
-    from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415 - the non-public API under test
-    from flwr.cli.install import install_from_fab  # noqa: PLC0415
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
 
     assert list(inspect.signature(build_fab_from_disk).parameters) == ["app"], "flwr.cli.build.build_fab_from_disk changed"
     params = inspect.signature(install_from_fab).parameters

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from fedsim.core.signs import packed_size
 from fedsim.engine.flower_runtime import PROJECT_ROOT, flower_env, free_port, run_flower, stop_stragglers
 from fedsim.engine.runner import run_inprocess
-from fedsim.core.signs import packed_size
 
 pytestmark = pytest.mark.flower
 
@@ -89,7 +89,7 @@ def test_strategy_learns_on_flower_runtime_and_inprocess_engine_agrees(strategy,
     inproc = run_inprocess({**config, "results-dir": str(tmp_path / "inprocess")})
     a, b = rows(flower), rows(inproc)
     assert len(a) == len(b) == 9
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert math.isclose(float(ra["test_accuracy"]), float(rb["test_accuracy"]), abs_tol=1e-6), (ra, rb)
         if ra["train_loss"]:
             assert math.isclose(float(ra["train_loss"]), float(rb["train_loss"]), rel_tol=1e-6)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.engine.runner import run_inprocess
 from fedsim.core.signs import pack_on_device, pack_signs
 from fedsim.core.votes import CrossProbabilityEstimator
+from fedsim.engine.runner import run_inprocess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -46,7 +46,7 @@ def test_weights_go_to_the_gpu_through_a_pinned_buffer_asynchronously():
     for seed in (1, 3):  # the second load waits for the first one's copies, then reuses the buffer
         src = build_model("resnet20", seed=seed)
         load_into(model, ArrayRecord(src.state_dict()))
-        for (ka, va), (kb, vb) in zip(model.state_dict().items(), src.state_dict().items()):
+        for (ka, va), (kb, vb) in zip(model.state_dict().items(), src.state_dict().items(), strict=True):
             assert ka == kb and torch.equal(va.cpu(), vb), ka
     stage = _STAGES[model]
     assert stage.buffer.is_pinned() and stage.done is not None

@@ -95,7 +95,7 @@ def test_partition_errors():
         partition_indices(LABELS[:5], "iid", 6, 0)
     with pytest.raises(ValueError, match="use at most 5 partitions"):
         partition_indices(LABELS[:5], "full", 6, 0)
-    with pytest.raises(ValueError, match="unknown partitioning 'random'.*valid forms"):
+    with pytest.raises(ValueError, match=r"unknown partitioning 'random'.*valid forms"):
         partition_indices(LABELS, "random", 10, 0)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         partition_indices(LABELS, "iid", 10, -1)
@@ -305,7 +305,7 @@ def test_label_counts_rows_and_columns():
     assert counts.shape == (10, 10) and np.issubdtype(counts.dtype, np.integer)
     assert counts.sum(axis=1).tolist() == [len(p) for p in parts]
     assert counts.sum(axis=0).tolist() == np.bincount(LABELS, minlength=10).tolist()
-    with pytest.raises(ValueError, match="0..4"):
+    with pytest.raises(ValueError, match=r"0\.\.4"):
         label_counts(LABELS, parts, 5)
 
 

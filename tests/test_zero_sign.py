@@ -77,10 +77,10 @@ def test_mean_weights_average_the_llr_over_coordinates():
 # --- abstaining replies through the strategy --------------------------------------------
 
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from strategy_kit import make, sent  # noqa: E402
 
 from fedsim import protocol  # noqa: E402
 from fedsim.engine.flower_internals import set_server_identity  # noqa: E402
-from strategy_kit import make, sent  # noqa: E402
 
 set_server_identity(run_id=9)
 GLOBAL = ArrayRecord({"w": Array(np.zeros((2, 5), np.float32))})

@@ -132,13 +132,13 @@ def minibatch_gradient(
     b = int(rows.numel())
     grads = []
     for j, p in enumerate(params):
-        total = None
+        summed: torch.Tensor | None = None
         for g_parts, _ in parts:  # summed in part order: the same bits wherever the parts ran
             g = g_parts[j] if g_parts[j] is not None else torch.zeros_like(p)
-            total = g.clone() if total is None else total.add_(g)
-        grads.append(total.div_(b))
-    loss = sum(float(l) for _, l in parts) / b
-    return grads, loss, b
+            summed = g.clone() if summed is None else summed.add_(g)
+        assert summed is not None  # there are at least two parts here
+        grads.append(summed.div_(b))
+    return grads, sum(float(part_loss) for _, part_loss in parts) / b, b
 
 
 def batch_separable(model: nn.Module) -> bool:
@@ -151,10 +151,10 @@ def batch_separable(model: nn.Module) -> bool:
     return flag
 
 
-_SEPARABLE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_SEPARABLE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-_PARAMS: "weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]]" = weakref.WeakKeyDictionary()
+_PARAMS: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

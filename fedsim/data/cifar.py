@@ -128,7 +128,7 @@ def parse_batch(data: bytes, source: str) -> Batch:
     expected = 'a pickled dict with b"data" (uint8 [n, 3072]) and b"labels" (n ints in 0..9)'
     try:
         batch = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as exc:  # noqa: BLE001 - corrupt pickles raise many types
+    except Exception as exc:
         raise DataError(
             f"{source} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc}); expected {expected}. "
             f"{how_to_get()}"

@@ -43,7 +43,7 @@ def probe(repo: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
 
             HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).dataset_info(repo, timeout=timeout)
             outcome.append(None)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        except Exception as exc:
             outcome.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
 
     thread = threading.Thread(target=ask, name="fedsim-hub-probe", daemon=True)
@@ -59,6 +59,7 @@ def load_hub_arrays(name: str, how_to: str) -> dict[str, tuple[np.ndarray, np.nd
     import datasets as hf
 
     var = offline_env()
+    reason: str | None
     if var is not None and not hf.config.HF_HUB_OFFLINE:
         # Set after `datasets` was imported: the library would still go online, so stop here.
         reason = f"{var} is set"
@@ -73,7 +74,7 @@ def load_hub_arrays(name: str, how_to: str) -> dict[str, tuple[np.ndarray, np.nd
     try:
         splits = hf.load_dataset(repo)
         return {split: hub_split_arrays(splits[split]) for split in ("train", "test")}
-    except Exception as exc:  # noqa: BLE001 - the library raises many types
+    except Exception as exc:
         raise DataError(f"{no_local} and loading {repo} from the Hugging Face hub failed ({exc}). {how_to}") from exc
 
 

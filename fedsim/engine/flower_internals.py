@@ -45,8 +45,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
     "CLIENT_APP_RAISED_EXCEPTION",
-    "Run",
     "SUPERLINK_NODE_ID",
+    "Run",
     "assign_message_id",
     "build_fab",
     "client_app_error",
@@ -65,7 +65,7 @@ def copy_record(record: R) -> R:
     """A new record container holding the same (immutable) values: a private shallow copy.
     List values (config and metric records may hold lists) are copied too, so editing one
     in the copy leaves the original as it was."""
-    new = type(record).__new__(type(record))  # type: ignore[call-overload]
+    new = type(record).__new__(type(record))
     new.__dict__.update(record.__dict__)
     data = dict(record.__dict__["_data"])
     for key, value in data.items():
@@ -89,7 +89,7 @@ def assign_message_id(msg: Message, message_id: str) -> None:
 
 def message_with_metadata(metadata: Metadata, content: RecordDict) -> Message:
     """A message holding ``content`` with ``metadata`` as given (nothing derived or checked)."""
-    return Message(metadata=metadata, content=content)
+    return Message(metadata=metadata, content=content)  # type: ignore[call-overload]  # Flower's own (untyped) path
 
 
 def client_app_error(reason: str) -> Error:

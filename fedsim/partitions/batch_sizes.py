@@ -25,7 +25,7 @@ def num_small_clients(mode: int, num_clients: int) -> int:
     if num_clients < 2 and mode > 1:
         raise ValueError(f"batch mode {mode} needs at least 2 clients, got {num_clients}")
     fraction = {1: 0.0, 2: 0.6, 3: 0.8}.get(mode)
-    small = num_clients - 1 if fraction is None else int(round(fraction * num_clients))
+    small = num_clients - 1 if fraction is None else round(fraction * num_clients)
     return min(small, num_clients - 1)
 
 

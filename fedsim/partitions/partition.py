@@ -30,7 +30,7 @@ def _fingerprint(labels: np.ndarray) -> str:
 
 
 def _compute(labels: np.ndarray, spec: PartitionSpec, num_partitions: int, seed: int) -> list[np.ndarray]:
-    value = spec.value
+    value = 0.0 if spec.value is None else spec.value  # None only for the schemes without a parameter
     if spec.scheme == "iid":
         return schemes.iid(labels, num_partitions, seed)
     if spec.scheme == "shards":

@@ -10,7 +10,6 @@ so that the two random streams are distinct.
 from __future__ import annotations
 
 import warnings
-
 from typing import TYPE_CHECKING
 
 import numpy as np
