@@ -73,8 +73,14 @@ def test_parse_errors_name_the_text_and_list_valid_forms(text):
     assert "valid forms" in message or "e.g." in message
 
 
+LABEL_SCHEMES = tuple(s for s in SCHEMES if s != "natural")  # natural partitions read a data column, tested below
+
+
 def test_spec_constructor_validates():
-    assert SCHEMES == ("iid", "shards", "dirichlet", "labels", "full")
+    assert SCHEMES == ("iid", "shards", "dirichlet", "labels", "full", "natural")
+    assert str(PartitionSpec.parse("natural:Writer_ID")) == "natural:Writer_ID"  # a column name keeps its case
+    with pytest.raises(ValueError, match="needs a column name"):
+        PartitionSpec.parse("natural")
     with pytest.raises(ValueError, match="unknown partitioning scheme 'nope'"):
         PartitionSpec("nope")
     with pytest.raises(ValueError, match="integer >= 1"):
@@ -112,7 +118,7 @@ def test_partition_errors():
 # --- every scheme ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", LABEL_SCHEMES)
 @pytest.mark.parametrize("num_partitions", [1, 7, 10])
 def test_valid_int64_indices(scheme, num_partitions):
     parts = partition_indices(LABELS, scheme, num_partitions, seed=0)
@@ -138,7 +144,7 @@ def test_cover_every_example_once(scheme, num_partitions):
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", LABEL_SCHEMES)
 def test_same_seed_same_partitions_other_seed_other(scheme):
     a = partition_indices(LABELS, scheme, 10, seed=5)
     clear_cache()
@@ -325,3 +331,19 @@ def test_plot_label_counts_writes_png(tmp_path):
     plot_label_counts(counts, path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_natural_partitions_give_one_client_per_id_as_flwr_datasets_does():
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    ids = np.array(["w3", "w1", "w2", "w1", "w3", "w3", "w2"])
+    parts = partition_indices(LABELS[:7], "natural:writer", 3, seed=0, ids=ids)
+    ref = NaturalIdPartitioner(partition_by="writer")
+    ref.dataset = Dataset.from_dict({"writer": ids, "index": np.arange(7)})
+    assert [p.tolist() for p in parts] == [ref.load_partition(i)["index"] for i in range(3)]
+    assert sorted(len(set(ids[p])) for p in parts) == [1, 1, 1]
+    with pytest.raises(ValueError, match="3 distinct ids, so there are 3 clients; set num-nodes = 3"):
+        partition_indices(LABELS[:7], "natural:writer", 4, seed=0, ids=ids)
+    with pytest.raises(ValueError, match="needs the data to carry a column 'writer'"):
+        partition_indices(LABELS[:7], "natural:writer", 3, seed=0)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -12,7 +14,11 @@ import torch
 class DatasetSplits:
     """Train and test tensors of one dataset, shared read-only by every caller in a process.
 
-    ``x_*``: float32 [n, C, H, W], normalised; ``y_*``: int64 [n] in ``0..num_classes-1``.
+    ``x_*``: float32 [n, ...] (images [n, C, H, W], feature vectors [n, d]), normalised;
+    ``y_*``: int64 [n] class ids in ``0..num_classes-1``, or float32 [n] / [n, k] regression
+    targets (``num_classes`` is then k). ``columns``: other per-example values of the
+    training set (e.g. a writer id for ``natural:<column>`` partitions); ``info``: what
+    loading it did (its source, how the test set was made, normalisation), for summary.json.
     """
 
     name: str
@@ -21,19 +27,26 @@ class DatasetSplits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    columns: dict[str, np.ndarray] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
-            if x.dim() != 4 or x.dtype != torch.float32 or y.dtype != torch.int64 or y.shape != x.shape[:1]:
+            labels_ok = (y.dtype == torch.int64 and y.dim() == 1) or (y.dtype == torch.float32 and y.dim() in (1, 2))
+            if x.dim() < 2 or x.dtype != torch.float32 or not labels_ok or y.shape[:1] != x.shape[:1]:
                 raise ValueError(f"{self.name}: bad split x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ValueError(f"{self.name}: train and test images differ in shape")
+            raise ValueError(f"{self.name}: train and test examples differ in shape")
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one example."""
-        c, h, w = self.x_train.shape[1:]
-        return int(c), int(h), int(w)
+    def classification(self) -> bool:
+        """Whether the labels are class ids (else regression targets)."""
+        return self.y_train.dtype == torch.int64
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example: (C, H, W) for images, (d,) for feature vectors."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
     def __repr__(self) -> str:
         return (

@@ -29,8 +29,12 @@ def _fingerprint(labels: np.ndarray) -> str:
     return hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest()
 
 
-def _compute(labels: np.ndarray, spec: PartitionSpec, num_partitions: int, seed: int) -> list[np.ndarray]:
+def _compute(labels: np.ndarray, spec: PartitionSpec, num_partitions: int, seed: int, ids: np.ndarray | None) -> list[np.ndarray]:
     value = 0.0 if spec.value is None else spec.value  # None only for the schemes without a parameter
+    if spec.scheme == "natural":
+        if ids is None:
+            raise ValueError(f"partitioning {spec} needs the data to carry a column {spec.column!r} (a save_to_disk folder's column)")
+        return schemes.natural(ids, num_partitions)
     if spec.scheme == "iid":
         return schemes.iid(labels, num_partitions, seed)
     if spec.scheme == "shards":
@@ -50,13 +54,14 @@ def _check_disjoint(parts: tuple[np.ndarray, ...], num_examples: int, name: str)
 
 
 def partition_indices(
-    labels: np.ndarray, spec: PartitionSpec | str, num_partitions: int, seed: int
+    labels: np.ndarray, spec: PartitionSpec | str, num_partitions: int, seed: int, ids: np.ndarray | None = None
 ) -> list[np.ndarray]:
     """Each client's int64 indices into ``labels`` (and the caller's tensors).
 
     Deterministic for a given (labels, spec, num_partitions, seed). Results are cached
-    per process on a digest of the labels, so calling this on every message is cheap;
-    each call returns fresh copies the caller may modify.
+    per process on a digest of the labels (and of ``ids``, the column a "natural"
+    partitioning reads), so calling this on every message is cheap; each call returns
+    fresh copies the caller may modify.
     """
     spec = PartitionSpec.parse(spec) if isinstance(spec, str) else spec
     if not isinstance(spec, PartitionSpec):
@@ -72,10 +77,11 @@ def partition_indices(
             f"{num_partitions} partitions for {len(labels)} examples: every client needs at least one example; "
             f"use at most {len(labels)} partitions"
         )
-    key = (_fingerprint(labels), str(spec), num_partitions, seed)
+    ids_key = "" if ids is None else _fingerprint(np.asarray(ids).astype(str))
+    key = (_fingerprint(labels) + ids_key, str(spec), num_partitions, seed)
     parts = _cache.get(key)
     if parts is None:
-        parts = tuple(_compute(labels, spec, num_partitions, seed))
+        parts = tuple(_compute(labels, spec, num_partitions, seed, ids))
         if spec.scheme != "full":
             _check_disjoint(parts, len(labels), str(spec))
         _cache[key] = parts

@@ -190,3 +190,17 @@ def full(num_examples: int, num_partitions: int, seed: int) -> list[np.ndarray]:
     return [
         np.random.default_rng((seed, cid)).permutation(num_examples).astype(np.int64) for cid in range(num_partitions)
     ]
+
+
+def natural(ids: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """NaturalIdPartitioner on ``ids``: one client per distinct id, holding the rows with
+    that id (in row order); client i holds the i-th id of flwr-datasets' own order."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    distinct = len(np.unique(ids))
+    if distinct != num_partitions:
+        raise ValueError(f"the column holds {distinct} distinct ids, so there are {distinct} clients; set num-nodes = {distinct}")
+    p = NaturalIdPartitioner(partition_by="id")
+    p.dataset = Dataset.from_dict({"id": ids, "index": np.arange(len(ids), dtype=np.int64)})
+    return _indices(p, num_partitions)

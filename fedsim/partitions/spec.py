@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEMES: tuple[str, ...] = ("iid", "shards", "dirichlet", "labels", "full")
+SCHEMES: tuple[str, ...] = ("iid", "shards", "dirichlet", "labels", "full", "natural")
 
 # The parameter each scheme takes (None: takes none) and its default.
 DEFAULT_PARAMS: dict[str, float | None] = {
@@ -14,9 +14,13 @@ DEFAULT_PARAMS: dict[str, float | None] = {
     "dirichlet": 0.5,  # concentration alpha
     "labels": 2.0,  # labels per client
     "full": None,
+    "natural": None,  # takes a column name instead (``column``)
 }
 
-VALID_FORMS = "iid, shards[:S], dirichlet[:ALPHA], labels[:K], full (e.g. 'shards:2', 'dirichlet:0.3', 'labels:2')"
+VALID_FORMS = (
+    "iid, shards[:S], dirichlet[:ALPHA], labels[:K], full, natural:<column> "
+    "(e.g. 'shards:2', 'dirichlet:0.3', 'labels:2', 'natural:writer_id')"
+)
 
 
 @dataclass(frozen=True)
@@ -26,14 +30,19 @@ class PartitionSpec:
     ``param`` is the shards per client for "shards" (default 2), the Dirichlet
     concentration alpha for "dirichlet" (default 0.5), the labels per client for
     "labels" (default 2); "iid" and "full" take none. None means the default.
+    "natural" takes the name of a data column (``column``) whose values say which
+    client holds each example (flwr-datasets' NaturalIdPartitioner).
     """
 
     scheme: str
     param: float | None = None
+    column: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown partitioning scheme {self.scheme!r}; valid forms: {VALID_FORMS}")
+        if (self.scheme == "natural") != bool(self.column):
+            raise ValueError(f"partitioning 'natural' needs a column name and only it takes one: 'natural:<column>'; valid forms: {VALID_FORMS}")
         if self.param is None:
             return
         if DEFAULT_PARAMS[self.scheme] is None:
@@ -58,7 +67,9 @@ class PartitionSpec:
         return DEFAULT_PARAMS[self.scheme] if self.param is None else float(self.param)
 
     def __str__(self) -> str:
-        """Canonical text, defaults filled in: "iid", "shards:2", "dirichlet:0.5"."""
+        """Canonical text, defaults filled in: "iid", "shards:2", "dirichlet:0.5", "natural:writer"."""
+        if self.column:
+            return f"{self.scheme}:{self.column}"
         value = self.value
         if value is None:
             return self.scheme
@@ -69,10 +80,12 @@ class PartitionSpec:
         """Parse "iid", "shards", "shards:2", "dirichlet:0.3", "labels:2", "full"."""
         if not isinstance(text, str):
             raise ValueError(f"partitioning must be a string, got {text!r}; valid forms: {VALID_FORMS}")
-        scheme, sep, arg = text.strip().lower().partition(":")
-        scheme, arg = scheme.strip(), arg.strip()
+        scheme, sep, arg = text.strip().partition(":")
+        scheme, arg = scheme.strip().lower(), arg.strip()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown partitioning {text!r}; valid forms: {VALID_FORMS}")
+        if scheme == "natural":
+            return cls(scheme, column=arg or None)
         if not sep:
             return cls(scheme)
         try:
