@@ -77,6 +77,13 @@ class RunConfig:
     attack: str = "sign-flip"
     attack_scale: float = 10.0
     attack_noise: float = 1.0
+    image_column: str = "image"
+    label_column: str = "label"
+    normalize: str = "auto"
+    loss: str = ""
+    metrics: str = ""
+    eval_fraction: float = 0.0
+    local_test_fraction: float = 0.2
     results_dir: str = ""
     tensorboard: str = ""
     mlflow: str = ""
@@ -149,6 +156,9 @@ class RunConfig:
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
+            (self.normalize in ("auto", "none"), f"normalize={self.normalize!r}: choose 'auto' (standardise with the training set's mean and std) or 'none'"),
+            (0.0 <= self.eval_fraction <= 1.0, f"eval-fraction={self.eval_fraction}: must be in [0, 1] (0 = no federated evaluation)"),
+            (0.0 < self.local_test_fraction < 1.0, f"local-test-fraction={self.local_test_fraction}: must be in (0, 1)"),
             *((o.valid(self.option(k)), f"{k}={self.option(k)!r}: {o.rule}") for k, o in self.declared.items()),
         ]
 
@@ -196,8 +206,21 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def read_experiment(path: str | Path) -> dict[str, Any]:
-    """A run-config TOML as a flat dict (nested tables are flattened with dots, as Flower does)."""
-    return _flatten(read_toml(path, "experiment file"))
+    """A run config as a flat dict (nested tables are flattened with dots, as Flower does):
+    a run-config TOML, or a Flower app (its folder or its ``pyproject.toml``), whose
+    ``[tool.flwr.app.config]`` is read."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "pyproject.toml").is_file():
+            raise ConfigError(f"experiment file {path} is not a file but a folder without a pyproject.toml; give a run-config TOML or a Flower app's folder")
+        path = path / "pyproject.toml"
+    data = read_toml(path, "experiment file")
+    if path.name == "pyproject.toml" or "tool" in data:
+        app = data.get("tool", {}).get("flwr", {}).get("app", {})
+        if not isinstance(app.get("config"), dict):
+            raise ConfigError(f"{path} has no [tool.flwr.app.config] table; a Flower app keeps its run config there")
+        return _flatten(app["config"])
+    return _flatten(data)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,13 +25,17 @@ import torch
 from fedsim.attacks import HONEST, Attack, attacker_ids
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data import DataError, augment_batch, center_crop
-from fedsim.data.load import DatasetEntry, dataset_entry, load_dataset
+from fedsim.data.load import DatasetEntry, DataSpec, dataset_entry, load_data
 from fedsim.data.paths import given_dir
 from fedsim.data.splits import DatasetSplits
 from fedsim.device import resolve_device
-from fedsim.models import ModelEntry, model_entry
-from fedsim.partitions import partition_indices
+from fedsim.models import ModelEntry, build_model, count_parameters, model_entry
+from fedsim.objective import Objective, checked_metrics, user_objective
+from fedsim.partitions import PartitionSpec, partition_indices
 from fedsim.partitions.batch_sizes import client_batch_sizes
+from fedsim.seeding import stream_seed
+
+LABEL_SCHEMES = ("shards", "dirichlet", "labels")  # partitionings that read class labels
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -52,6 +56,10 @@ class RunPlan:
     augment: Augment | None  # training augmentation of a batch (None: none)
     eval_transform: Transform | None  # what the model's test inputs go through (None: nothing)
     device: torch.device | None  # the server's device; None in a client's plan
+    objective: Objective  # the task's loss and metrics
+    metric_names: tuple[str, ...]  # what the objective's metrics report
+    num_params: int  # trainable parameters of the model
+    local_test: tuple[np.ndarray, ...] | None = None  # client -> its held-out examples (federated evaluation)
 
     @property
     def num_classes(self) -> int:
@@ -91,13 +99,14 @@ def release_plans() -> None:
 def _plan(cfg: RunConfig, num_partitions: int, server: bool) -> RunPlan:
     device = resolve_device(cfg.device) if server else None  # CUDA asked for where there is none
     entry, splits = _data(cfg)
-    model = model_entry(entry.default_model if cfg.model == "auto" else cfg.model)
+    model = _model(cfg, entry, splits)
     augment, transform = input_transforms(entry, splits.input_shape, model)
-    labels = splits.y_train.numpy()
-    try:
-        parts = partition_indices(labels, cfg.partitioning, num_partitions, cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"partitioning={cfg.partitioning!r} with {num_partitions} clients on {cfg.dataset}: {err}") from None
+    objective = user_objective(cfg.loss, cfg.metrics, splits.classification)
+    names, num_params = check_model(model, objective, splits, transform)
+    parts = _partitions(cfg, splits, num_partitions)
+    local_test = None
+    if cfg.eval_fraction > 0:
+        parts, local_test = hold_out(parts, cfg.local_test_fraction, cfg.seed)
     try:
         sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, num_partitions, cfg.seed)
     except ValueError as err:
@@ -105,15 +114,99 @@ def _plan(cfg: RunConfig, num_partitions: int, server: bool) -> RunPlan:
     attackers = attacker_ids(cfg.seed, num_partitions, min(cfg.attackers, num_partitions))
     return RunPlan(
         cfg, entry, splits, model, num_partitions, tuple(parts), tuple(sizes), tuple(attackers), augment, transform, device,
+        objective, names, num_params, local_test,
     )
+
+
+def _model(cfg: RunConfig, entry: DatasetEntry, splits: DatasetSplits) -> ModelEntry:
+    """The model the config names; ``auto`` is the data set's default (a user's data has none)."""
+    if cfg.model != "auto":
+        return model_entry(cfg.model)
+    if not entry.default_model:
+        shape = "x".join(map(str, splits.input_shape))
+        raise ConfigError(
+            f"dataset={cfg.dataset!r} has no default model: set model to yours ('package.module:Net') "
+            f"or a built-in that takes {shape} inputs"
+        )
+    return model_entry(entry.default_model)
+
+
+def check_model(model: ModelEntry, objective: Objective, splits: DatasetSplits, transform: Transform | None) -> tuple[tuple[str, ...], int]:
+    """One forward pass on two test examples: the model takes the data's inputs and gives
+    one output per class (or target), the loss and metrics work on them. Returns the
+    metrics' names and the model's parameter count; ConfigError naming both shapes."""
+    x = splits.x_test[:2]
+    x = transform(x) if transform is not None else x
+    y = splits.y_test[:2]
+    net = build_model(model, num_classes=splits.num_classes, seed=0)
+    where = f"model {model.name!r}"
+    try:
+        with torch.no_grad():
+            out = net.eval()(x)
+    except Exception as err:
+        raise ConfigError(f"{where} cannot take inputs of shape {tuple(x.shape)} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    want = (len(x), splits.num_classes) if splits.classification or y.dim() == 2 else (len(x),)
+    fits = isinstance(out, torch.Tensor) and (tuple(out.shape) == want or (want == (len(x),) and tuple(out.shape) == (len(x), 1)))
+    if not fits:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = f"{splits.num_classes} classes" if splits.classification else f"targets of shape {tuple(y.shape[1:]) or 'scalar'}"
+        raise ConfigError(f"{where} gives outputs of shape {got} for inputs of shape {tuple(x.shape)}, but the data has {what}: expected {want}")
+    return _metric_names(objective, out, y), count_parameters(net)
+
+
+def _metric_names(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> tuple[str, ...]:
+    """The loss and metrics tried on a forward pass's outputs; the metrics' names."""
+    try:
+        float(objective.loss(out, y))
+        values = objective.metrics(out, y) if objective.metrics is not None else {}
+    except Exception as err:
+        raise ConfigError(f"the loss or metrics fail on the model's outputs of shape {tuple(out.shape)}: {type(err).__name__}: {err}") from None
+    return tuple(checked_metrics(values, "metrics"))
+
+
+def _partitions(cfg: RunConfig, splits: DatasetSplits, num_partitions: int) -> list[np.ndarray]:
+    """Every client's training examples (flwr-datasets partitioners)."""
+    spec = PartitionSpec.parse(cfg.partitioning)
+    if spec.scheme in LABEL_SCHEMES and not splits.classification:
+        raise ConfigError(f"partitioning={cfg.partitioning!r} splits by class label, but the targets are numbers (regression); use iid")
+    labels = splits.y_train.numpy() if splits.classification else np.zeros(len(splits.y_train), np.int64)
+    ids = None
+    if spec.column:
+        ids = (splits.columns or {}).get(spec.column)
+        if ids is None:
+            raise ConfigError(f"partitioning={cfg.partitioning!r}: the data has no column {spec.column!r} (it has {sorted(splits.columns or {})})")
+    try:
+        return partition_indices(labels, spec, num_partitions, cfg.seed, ids=ids)
+    except ValueError as err:
+        raise ConfigError(f"partitioning={cfg.partitioning!r} with {num_partitions} clients on {cfg.dataset}: {err}") from None
+
+
+def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], tuple[np.ndarray, ...]]:
+    """Each client's examples split into (training, held-out test): a fraction ``fraction``
+    (at least one example) chosen by a permutation seeded with (seed, client); the rest,
+    in their order, train. ConfigError for a client with fewer than two examples."""
+    train, test = [], []
+    for pid, idx in enumerate(parts):
+        if len(idx) < 2:
+            raise ConfigError(f"client {pid} holds {len(idx)} example(s): federated evaluation (eval-fraction > 0) needs two or more per client")
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        held = np.sort(np.random.default_rng(stream_seed(seed, pid, 0x7E57)).permutation(len(idx))[:k])
+        keep = np.ones(len(idx), bool)
+        keep[held] = False
+        train.append(idx[keep])
+        test.append(idx[held])
+    return train, tuple(test)
 
 
 def _data(cfg: RunConfig) -> tuple[DatasetEntry, DatasetSplits]:
     """The data set's entry and its loaded splits; ConfigError naming dataset and folder."""
+    spec = DataSpec(cfg.dataset, cfg.data_dir, cfg.image_column, cfg.label_column, cfg.normalize, bool(cfg.loss))
     try:
-        if cfg.data_dir:  # checked for every dataset: a mistyped folder is a mistake even where it is not read
+        entry = dataset_entry(cfg.dataset)
+        if cfg.data_dir and cfg.dataset not in ("npz",) and not (entry.user and cfg.dataset not in ("disk", "imagefolder")):
+            # a folder (a mistyped one is a mistake even where it is not read); npz and a loader of yours may take a file
             given_dir(cfg.data_dir)
-        return dataset_entry(cfg.dataset), load_dataset(cfg.dataset, cfg.data_dir or None)
+        return entry, load_data(spec)
     except DataError as err:
         raise ConfigError(f"dataset={cfg.dataset!r}, data-dir={cfg.data_dir!r}: {err}") from None
 

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from fedsim.clients.tasks import LocalData
 from fedsim.data.splits import DatasetSplits
 from fedsim.models import build_model
+from fedsim.objective import CLASSIFICATION, Objective, accuracy, checked_metrics
 from fedsim.plan import RunPlan, release_plans
 
 
@@ -147,15 +148,27 @@ def model_facts(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective = CLASSIFICATION, batch_size: int = 1000
+) -> tuple[float, dict[str, float]]:
+    """(mean loss, metrics) of ``model`` on (x, y): the objective's loss summed in float64
+    over batches of ``batch_size``, and its metrics on all outputs at once (the default:
+    cross-entropy and ``{"accuracy": ...}``, counted per batch)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == target).sum()
     n = max(len(x), 1)
-    return float(loss_sum) / n, float(correct) / n
+    if objective.builtin and objective.metrics is accuracy:
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size])
+            target = y[start : start + batch_size]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == target).sum()
+        return float(loss_sum) / n, {"accuracy": float(correct) / n}
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        out = model(x[start : start + batch_size])
+        loss_sum += objective.loss_sum(out, y[start : start + batch_size]).double()
+        outputs.append(out)
+    values = objective.metrics(torch.cat(outputs), y) if objective.metrics is not None and outputs else {}
+    return float(loss_sum) / n, checked_metrics(values, "metrics")

@@ -13,6 +13,7 @@ from typing import Any
 from fedsim.algorithms import REGISTRY, options
 from fedsim.attacks import ATTACKS
 from fedsim.config import ConfigError, RunConfig
+from fedsim.data.formats import USER_FORMATS
 from fedsim.data.load import DATASETS
 from fedsim.device import DEVICE_FORMS, valid_device_name
 from fedsim.models import MODELS
@@ -44,13 +45,17 @@ def check_names(cfg: RunConfig) -> None:
     attacks = REGISTRY[cfg.strategy].attacks if cfg.strategy in REGISTRY else ()
     checks = [
         (cfg.strategy in REGISTRY, f"strategy={cfg.strategy!r}: choose one of {list(REGISTRY)}"),
-        (cfg.dataset in DATASETS, f"dataset={cfg.dataset!r}: choose one of {list(DATASETS)}"),
+        (cfg.dataset in DATASETS or cfg.dataset in USER_FORMATS or is_import_path(cfg.dataset),
+         f"dataset={cfg.dataset!r}: choose one of {list(DATASETS)}, or your own data: {', '.join(USER_FORMATS)} "
+         "(files at data-dir) or a loader of yours as 'package.module:attr'"),
         (cfg.model == "auto" or cfg.model in MODELS or is_import_path(cfg.model),
          f"model={cfg.model!r}: choose 'auto', one of {sorted(MODELS)}, or a model of yours as 'package.module:attr'"),
         (valid_device_name(cfg.device), f"device={cfg.device!r}: choose {DEVICE_FORMS}"),
         (cfg.attack in ATTACKS, f"attack={cfg.attack!r}: choose one of {list(ATTACKS)}"),
         (cfg.attackers == 0 or cfg.attack in attacks,
          f"attack={cfg.attack!r} does not apply to strategy={cfg.strategy!r}: choose one of {list(attacks)}"),
+        (not cfg.loss or is_import_path(cfg.loss), f"loss={cfg.loss!r}: expected 'package.module:fn' (or '' for cross-entropy)"),
+        (not cfg.metrics or is_import_path(cfg.metrics), f"metrics={cfg.metrics!r}: expected 'package.module:fn' (or '' for accuracy)"),
         (all(is_import_path(c) for c in callback_paths(cfg)),
          f"callbacks={cfg.callbacks!r}: expected comma-separated 'package.module:attr' names"),
     ]

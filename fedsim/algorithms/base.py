@@ -30,6 +30,7 @@ from fedsim.clients.tasks import LocalData
 from fedsim.config import Option, RunConfig
 from fedsim.core.blocks import BlockMap, sequential_blocks
 from fedsim.core.model_vector import flatten, unflatten_into
+from fedsim.objective import CLASSIFICATION, Objective
 from fedsim.protocol import ModelSpec, Reply
 
 H = TypeVar("H")
@@ -50,6 +51,7 @@ class ClientStep:
     state: RecordDict  # the node's own state: kept across its rounds (Flower's context.state)
     server_round: int
     attack: Attack = HONEST  # what this client does to its upload if it is an attacker (fedsim.attacks)
+    objective: Objective = CLASSIFICATION  # the task's loss (fedsim.objective)
 
 
 @dataclass

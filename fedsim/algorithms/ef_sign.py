@@ -73,7 +73,7 @@ class EFSignSGD(Algorithm[EFParams, ScaledSigns]):
 
     @classmethod
     def client_step(cls, hp: EFParams, step: ClientStep) -> Upload:
-        g, loss, _ = flat_gradient(step.model, step.data, step.batch_size, step.generator)
+        g, loss, _ = flat_gradient(step.model, step.data, step.batch_size, step.generator, step.objective)
         g = step.attack.gradient(g)
         kept = step.state.get(RESIDUAL)
         residual = torch.zeros_like(g)

@@ -46,7 +46,7 @@ class FedAvg(Algorithm[LocalSGD, State]):
     @classmethod
     def client_step(cls, hp: LocalSGD, step: ClientStep) -> Upload:
         start = {k: v.detach().clone() for k, v in step.model.state_dict().items()} if step.attack.kind != "none" else None
-        loss, _ = local_epochs(step.model, step.data, hp.local_epochs, step.batch_size, hp.lr, step.generator)
+        loss, _ = local_epochs(step.model, step.data, hp.local_epochs, step.batch_size, hp.lr, step.generator, step.objective)
         state = step.model.state_dict()
         if start is not None:  # an attacker sends x + attack(x_k - x) for its float entries
             state = {k: start[k] + step.attack.update(v - start[k], step.generator) if v.is_floating_point() else v for k, v in state.items()}

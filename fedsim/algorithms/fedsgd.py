@@ -39,7 +39,7 @@ class FedSGD(Algorithm[StepSize, Grads]):
 
     @classmethod
     def client_step(cls, hp: StepSize, step: ClientStep) -> Upload:
-        grads, loss, _ = minibatch_gradient(step.model, step.data, step.batch_size, step.generator)
+        grads, loss, _ = minibatch_gradient(step.model, step.data, step.batch_size, step.generator, step.objective)
         grads = [step.attack.update(g, step.generator) for g in grads]
         return Upload({k: g.detach().cpu().numpy() for k, g in zip(step.param_names, grads, strict=True)}, loss)
 

@@ -53,7 +53,7 @@ class SignVote(Algorithm[HS, torch.Tensor]):
 
     @classmethod
     def client_step(cls, hp: HS, step: ClientStep) -> Upload:
-        vec, loss, _ = flat_gradient(step.model, step.data, step.batch_size, step.generator)
+        vec, loss, _ = flat_gradient(step.model, step.data, step.batch_size, step.generator, step.objective)
         vec = step.attack.gradient(vec)
         if hp.zero_sign == "abstain":
             arrays = encode_ternary(vec)

@@ -25,7 +25,8 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from fedsim.objective import CLASSIFICATION, Objective
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 T = TypeVar("T")
@@ -96,9 +97,10 @@ def _sequential_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
 
 
 def minibatch_gradient(
-    model: nn.Module, data: LocalData, batch_size: int, generator: torch.Generator
+    model: nn.Module, data: LocalData, batch_size: int, generator: torch.Generator, objective: Objective = CLASSIFICATION
 ) -> tuple[list[torch.Tensor], float, int]:
-    """g = (1/B) sum_{d in batch} grad F(x; d) over one minibatch (B = 0: the whole local set).
+    """g = (1/B) sum_{d in batch} grad F(x; d) over one minibatch (B = 0: the whole local set),
+    F the objective's loss (default: cross-entropy).
 
     Returns the gradient of every trainable parameter (in ``model.parameters()`` order),
     the minibatch loss and B. Batches over MICRO_BATCH examples are summed from parts
@@ -113,7 +115,7 @@ def minibatch_gradient(
     if len(sizes) == 1:
         for p in params:
             p.grad = None
-        loss = F.cross_entropy(model(x), y)
+        loss = objective.loss(model(x), y)
         loss.backward()
         grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
         return grads, float(loss.detach()), int(rows.numel())
@@ -124,7 +126,7 @@ def minibatch_gradient(
     def part(i: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         # autograd.grad, not backward(): parts may run at once on other threads, and nothing
         # may accumulate into the shared .grad fields
-        loss_sum = F.cross_entropy(model(x[bounds[i] : bounds[i + 1]]), y[bounds[i] : bounds[i + 1]], reduction="sum")
+        loss_sum = objective.loss_sum(model(x[bounds[i] : bounds[i + 1]]), y[bounds[i] : bounds[i + 1]])
         return list(torch.autograd.grad(loss_sum, params, allow_unused=True)), loss_sum.detach()
 
     mapper = _PART_MAP.get() or _sequential_map
@@ -167,17 +169,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def flat_gradient(
-    model: nn.Module, data: LocalData, batch_size: int, generator: torch.Generator
+    model: nn.Module, data: LocalData, batch_size: int, generator: torch.Generator, objective: Objective = CLASSIFICATION
 ) -> tuple[torch.Tensor, float, int]:
     """minibatch_gradient, concatenated into one vector of length N."""
-    grads, loss, b = minibatch_gradient(model, data, batch_size, generator)
+    grads, loss, b = minibatch_gradient(model, data, batch_size, generator, objective)
     return torch.cat([g.reshape(-1) for g in grads]), loss, b
 
 
 def local_epochs(
-    model: nn.Module, data: LocalData, epochs: int, batch_size: int, lr: float, generator: torch.Generator
+    model: nn.Module, data: LocalData, epochs: int, batch_size: int, lr: float, generator: torch.Generator,
+    objective: Objective = CLASSIFICATION,
 ) -> tuple[float, int]:
-    """FedAvg's ClientUpdate: E epochs of plain minibatch SGD (lr, batch B; B = 0: full batch).
+    """FedAvg's ClientUpdate: E epochs of plain minibatch SGD (lr, batch B; B = 0: full batch)
+    on the objective's loss (default: cross-entropy).
 
     Each epoch visits the local set once in a fresh random order. Returns the mean
     minibatch loss and the number of local steps taken.
@@ -193,7 +197,7 @@ def local_epochs(
         for start in range(0, n, b):
             x, y = data.batch(order[start : start + b], generator)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = objective.loss(model(x), y)
             loss.backward()
             opt.step()
             losses += loss.detach()
