@@ -17,8 +17,10 @@ its upload.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -27,17 +29,29 @@ from fedsim.algorithms import REGISTRY, Algorithm, ClientStep
 from fedsim.arrays import load_into, to_array_record
 from fedsim.config import RunConfig
 from fedsim.device import client_device, device_code
-from fedsim.plan import client_plan
-from fedsim.runtime import runtime
+from fedsim.plan import RunPlan, client_plan
+from fedsim.runtime import evaluate, runtime
 from fedsim.seeding import generator
 from fedsim.validation import load_config_cached
 
 app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Run this round's client step on the local data and reply with its payload and metrics."""
+@dataclass(frozen=True)
+class _Message:
+    """What a train or evaluate message means to this node."""
+
+    cfg: RunConfig
+    partition_id: int
+    plan: RunPlan
+    device: torch.device
+    task: ConfigRecord
+    arrays: ArrayRecord
+
+
+def _read(msg: Message, context: Context) -> _Message:
+    """The run config, this node's partition and plan, its device and the message's
+    records; ValueError (an error reply) saying what is missing and how to fix it."""
     cfg = load_config_cached(context.run_config)
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
@@ -45,36 +59,62 @@ def train(msg: Message, context: Context) -> Message:
             "this node has no partition-id/num-partitions in its node config; start the SuperNode with "
             "--node-config \"partition-id=K num-partitions=M\" (Flower's simulation sets them itself)"
         )
-    pid, num = int(str(node["partition-id"])), int(str(node["num-partitions"]))
-    task_cfg, arrays = msg.content.get(protocol.CONFIG), msg.content.get(protocol.ARRAYS)
-    if not isinstance(task_cfg, ConfigRecord) or not isinstance(arrays, ArrayRecord):
-        raise ValueError(f"the train message lacks ConfigRecord {protocol.CONFIG!r} or ArrayRecord {protocol.ARRAYS!r}")
-    name = str(task_cfg.get("algorithm", ""))
+    task, arrays = msg.content.get(protocol.CONFIG), msg.content.get(protocol.ARRAYS)
+    if not isinstance(task, ConfigRecord) or not isinstance(arrays, ArrayRecord):
+        raise ValueError(f"the message lacks ConfigRecord {protocol.CONFIG!r} or ArrayRecord {protocol.ARRAYS!r}")
+    server_device = task.get("device")
+    device = client_device(cfg.device, None if server_device is None else str(server_device), str(node["device"]) if "device" in node else None)
+    plan = client_plan(cfg, int(str(node["num-partitions"])))
+    return _Message(cfg, int(str(node["partition-id"])), plan, device, task, arrays)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run this round's client step on the local data and reply with its payload and metrics."""
+    m = _read(msg, context)
+    name = str(m.task.get("algorithm", ""))
     if name not in REGISTRY:
         raise ValueError(f"unknown algorithm {name!r} in the train message; this client knows {sorted(REGISTRY)}")
     algorithm = REGISTRY[name]
-    server_device = task_cfg.get("device")
-    device = client_device(cfg.device, str(server_device) if server_device is not None else None, str(node["device"]) if "device" in node else None)
-    plan = client_plan(cfg, num)
-    setup = runtime(plan, device).client(plan, pid, int(str(node["batch-size"])) if "batch-size" in node else None)
-    rnd = int(str(task_cfg["server-round"]))
-    load_into(setup.model, arrays)
+    node = context.node_config
+    setup = runtime(m.plan, m.device).client(m.plan, m.partition_id, int(str(node["batch-size"])) if "batch-size" in node else None)
+    rnd = int(str(m.task["server-round"]))
+    load_into(setup.model, m.arrays)
     step = ClientStep(
         model=setup.model, data=setup.data, batch_size=setup.batch_size,
-        generator=generator(cfg.seed, pid, rnd, device=setup.device),
-        param_names=setup.param_names, state=context.state, server_round=rnd, attack=plan.attack_of(pid),
+        generator=generator(m.cfg.seed, m.partition_id, rnd, device=setup.device), param_names=setup.param_names,
+        state=context.state, server_round=rnd, attack=m.plan.attack_of(m.partition_id), objective=m.plan.objective,
     )
-    upload = algorithm.client_step(_hyperparams(algorithm, cfg), step)
+    upload = algorithm.client_step(_hyperparams(algorithm, m.cfg), step)
     payload: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {algorithm.record: to_array_record(upload.arrays)}
     if algorithm.sends_buffers and setup.float_buffers:
         payload[protocol.BUFFERS] = to_array_record({k: v.detach().cpu().numpy() for k, v in setup.float_buffers.items()})
     payload[protocol.METRICS] = MetricRecord(
         {
-            "num-examples": len(setup.data), "train-loss": upload.loss, "partition-id": pid, "batch-size": setup.batch_size,
-            "cuda-device": device_code(setup.device),
+            "num-examples": len(setup.data), "train-loss": upload.loss, "partition-id": m.partition_id,
+            "batch-size": setup.batch_size, "cuda-device": device_code(setup.device),
         }
     )
     return Message(RecordDict(payload), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global model on this client's held-out examples (its
+    ``local-test-fraction`` of the partition); replies with ``num-examples``, ``loss``,
+    ``partition-id`` and the task's metrics."""
+    m = _read(msg, context)
+    if m.plan.local_test is None:
+        raise ValueError("this run holds no local test data (eval-fraction = 0): federated evaluation is off")
+    rt = runtime(m.plan, m.device)
+    setup = rt.client(m.plan, m.partition_id)
+    load_into(setup.model, m.arrays)
+    rows = torch.as_tensor(m.plan.local_test[m.partition_id], dtype=torch.long, device=m.device)
+    x = rt.x_train[rows]
+    x = m.plan.eval_transform(x) if m.plan.eval_transform is not None else x
+    loss, values = evaluate(setup.model, x, rt.y_train[rows], m.plan.objective)
+    metrics = MetricRecord({"num-examples": len(rows), "loss": loss, "partition-id": m.partition_id, **values})
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 
 @functools.lru_cache(maxsize=64)

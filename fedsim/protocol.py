@@ -257,3 +257,52 @@ def _to_numpy(array: Array, what: str) -> np.ndarray:
         return decode_exact(array)
     except Exception as err:  # a corrupt payload must not crash the round
         raise BadReply(f"{what} cannot be decoded: {err}") from None
+
+
+# --- federated evaluation --------------------------------------------------------------
+# Evaluate message (server -> client): ArrayRecord "arrays" (the global model) and
+# ConfigRecord "config" (``server-round``, ``device``). Evaluate reply: MetricRecord
+# "metrics" with ``num-examples`` (the client's held-out examples), ``loss``,
+# ``partition-id`` and one value per metric of the run's task (e.g. ``accuracy``).
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """A checked evaluate reply."""
+
+    node_id: int
+    num_examples: int
+    loss: float
+    partition_id: int
+    values: dict[str, float]
+
+
+def eval_reply_metrics(
+    msg: Message, names: Collection[str], *, num_partitions: int | None = None, max_examples: int | None = None
+) -> EvalMetrics:
+    """An evaluate reply's MetricRecord, checked: exactly ``num-examples`` (an integer in
+    [1, max_examples]), ``partition-id`` (in [0, num_partitions)), ``loss`` (finite, >= 0)
+    and each of ``names`` (finite; ``accuracy`` in [0, 1]), and no other record."""
+    if msg.has_error():
+        raise BadReply(f"client error: {msg.error.reason}")
+    no_extra_records(msg, (METRICS,))
+    m = msg.content.get(METRICS)
+    if not isinstance(m, MetricRecord):
+        raise BadReply(f"missing MetricRecord {METRICS!r} (has {sorted(msg.content.keys())})")
+    expected = {"num-examples", "partition-id", "loss", *names}
+    if set(m.keys()) != expected:
+        raise BadReply(f"evaluate metrics must be exactly {sorted(expected)}, got {sorted(m.keys())}")
+    values = {}
+    for key in ("loss", *names):
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (key == "loss" and v < 0):
+            raise BadReply(f"{key} must be a finite number{' >= 0' if key == 'loss' else ''}, got {v!r}")
+        if key == "accuracy" and not 0.0 <= v <= 1.0:
+            raise BadReply(f"accuracy must be in [0, 1], got {v!r}")
+        values[key] = float(v)
+    cap = (MAX_NUM_EXAMPLES, "exact in float64") if max_examples is None else (max_examples, f"max-examples={max_examples}")
+    pid_cap = (None, "") if num_partitions is None else (num_partitions - 1, f"num-partitions={num_partitions}")
+    return EvalMetrics(
+        msg.metadata.src_node_id, _int_metric("num-examples", m["num-examples"], 1, *cap), values.pop("loss"),
+        _int_metric("partition-id", m["partition-id"], 0, *pid_cap), values,
+    )

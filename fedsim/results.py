@@ -30,7 +30,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from fedsim.run_folder import CONFIG, LABEL_COUNTS, ROUNDS, SUMMARY, RunFolder, RunFolderLock
+from fedsim.run_folder import CLIENTS, CONFIG, LABEL_COUNTS, ROUNDS, SUMMARY, RunFolder, RunFolderLock
 
 log = logging.getLogger("flwr").log  # Flower's logger, as the rest of the run logs
 
@@ -50,16 +50,27 @@ class RoundRow:
     clients: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)  # a task's other metrics, federated evaluation's
+
+    def value(self, column: str) -> Any:
+        """The row's value in ``column`` (a COLUMNS name or an extra column; NaN if absent)."""
+        return getattr(self, column) if column in COLUMNS else self.extra.get(column, math.nan)
 
 
 @dataclass
 class RunWriter:
     """Writes one run's folder as the run goes (rows are flushed per round). ``lock``:
-    the folder's lock (fedsim.run_folder.claim_run_folder), released by ``finish``."""
+    the folder's lock (fedsim.run_folder.claim_run_folder), released by ``finish``;
+    ``extra``: rounds.csv's columns after COLUMNS (the run's other metrics)."""
 
     path: Path
     rows: list[RoundRow] = field(default_factory=list)
     lock: RunFolderLock | None = None
+    extra: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*COLUMNS, *self.extra)
 
     @property
     def folder(self) -> RunFolder:
@@ -72,12 +83,12 @@ class RunWriter:
         self.folder.remove_run_files()
         self.folder.write_config(config)
         with open(self.folder.rounds, "w", newline="") as f:
-            csv.writer(f).writerow(COLUMNS)
+            csv.writer(f).writerow(self.columns)
 
     def add(self, row: RoundRow) -> None:
         self.rows.append(row)
         with open(self.folder.rounds, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(getattr(row, c)) for c in COLUMNS])
+            csv.writer(f).writerow([_fmt(row.value(c)) for c in self.columns])
 
     def resume(self, last_round: int) -> list[RoundRow] | None:
         """Continue a run's folder after a checkpoint: keep the rows of rounds up to
@@ -86,7 +97,7 @@ class RunWriter:
         0..``last_round`` are not all there once each, warns and returns None (the run
         must start over)."""
         path = self.folder.rounds
-        rows = _read_rows(path)
+        rows = _read_rows(path, self.columns)
         kept = [r for r in rows or [] if r.round <= last_round]
         if rows is None or [r.round for r in kept] != list(range(last_round + 1)):
             log(WARNING, "fedsim: %s does not hold rounds 0-%d once each; starting from round 0", path, last_round)
@@ -94,8 +105,8 @@ class RunWriter:
         self.rows = kept
         with open(path, "w", newline="") as f:
             out = csv.writer(f)
-            out.writerow(COLUMNS)
-            out.writerows([_fmt(getattr(row, c)) for c in COLUMNS] for row in self.rows)
+            out.writerow(self.columns)
+            out.writerows([_fmt(row.value(c)) for c in self.columns] for row in self.rows)
         return list(self.rows)
 
     def finish(self, state_dict: dict[str, Any] | None, summary: dict[str, Any]) -> None:
@@ -113,8 +124,8 @@ class RunWriter:
                 self.lock.release()
 
 
-def _read_rows(path: Path) -> list[RoundRow] | None:
-    """rounds.csv's rows, None if it is missing or its header is not ``COLUMNS``. A torn
+def _read_rows(path: Path, columns: tuple[str, ...] = COLUMNS) -> list[RoundRow] | None:
+    """rounds.csv's rows, None if it is missing or its header is not ``columns``. A torn
     last line (no line end) and rows that do not parse are dropped with a warning."""
     try:
         text = path.read_text()
@@ -126,17 +137,20 @@ def _read_rows(path: Path) -> list[RoundRow] | None:
         log(WARNING, "fedsim: %s: dropping its torn last line %r (the run was killed while writing it)", path, lines[-1])
         lines = lines[:-1]
     records = list(csv.reader(lines))
-    if not records or tuple(records[0]) != COLUMNS:
-        log(WARNING, "fedsim: %s has no header %s", path, ",".join(COLUMNS))
+    if not records or tuple(records[0]) != columns:
+        log(WARNING, "fedsim: %s has no header %s", path, ",".join(columns))
         return None
     rows = []
     for number, record in enumerate(records[1:], 2):
         if not record:
             continue
         try:
-            if len(record) != len(COLUMNS):
+            if len(record) != len(columns):
                 raise ValueError(f"{len(record)} fields")
-            rows.append(RoundRow(**{c: _parse(c, v) for c, v in zip(COLUMNS, record, strict=True)}))
+            values = dict(zip(columns, record, strict=True))
+            row = RoundRow(**{c: _parse(c, values[c]) for c in COLUMNS})
+            row.extra = {c: float(values[c]) if values[c] else math.nan for c in columns[len(COLUMNS):]}
+            rows.append(row)
         except ValueError as err:
             log(WARNING, "fedsim: %s line %d: dropping a bad row (%s)", path, number, err)
     return rows
@@ -185,7 +199,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-STORED_FILES = (CONFIG, ROUNDS, SUMMARY, LABEL_COUNTS)
+STORED_FILES = (CONFIG, ROUNDS, SUMMARY, LABEL_COUNTS, CLIENTS)
 
 
 def store_runs(source: str | Path, dest: str | Path) -> list[Path]:

@@ -35,6 +35,7 @@ from fedsim.config import ConfigError, RunConfig, config_differences
 CONFIG = "config.json"
 ROUNDS = "rounds.csv"
 LABEL_COUNTS = "label_counts.csv"
+CLIENTS = "clients.csv"
 MODEL = "model.pt"
 SUMMARY = "summary.json"
 SUMMARY_TMP = SUMMARY + ".tmp"
@@ -44,7 +45,7 @@ LOCK = ".lock"
 _OLD_CLAIM = ".claim"  # written by sweep workers of fedsim before issue #14; nothing writes it now
 DAMAGED_SUFFIX = ".damaged"
 
-RUN_FILES = (CONFIG, ROUNDS, LABEL_COUNTS, MODEL, SUMMARY, SUMMARY_TMP, CHECKPOINT, CHECKPOINT_TMP)
+RUN_FILES = (CONFIG, ROUNDS, LABEL_COUNTS, CLIENTS, MODEL, SUMMARY, SUMMARY_TMP, CHECKPOINT, CHECKPOINT_TMP)
 """What a run writes in its folder; ``clear_run_folder`` removes these and nothing else."""
 
 
@@ -71,6 +72,11 @@ class RunFolder:
     @property
     def label_counts(self) -> Path:
         return self.path / LABEL_COUNTS
+
+    @property
+    def clients(self) -> Path:
+        """Federated evaluation's per-client figures (runs with eval-fraction > 0)."""
+        return self.path / CLIENTS
 
     @property
     def model(self) -> Path:

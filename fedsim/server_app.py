@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.arrays import load_into
 from fedsim.callbacks import Callback, RoundEnd, RunEnd, RunStart, named_callbacks
-from fedsim.callbacks.builtin import Checkpointer, CollectRows, LogLine, RoundsCsv, StopAtAccuracy
+from fedsim.callbacks.builtin import Checkpointer, ClientsCsv, CollectRows, LogLine, RoundsCsv, StopAtAccuracy
 from fedsim.checkpoint import load_checkpoint, restore_strategy
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data.errors import DataError
@@ -42,7 +42,7 @@ from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.run_folder import claim_run_folder
 from fedsim.runtime import Runtime, evaluate, runtime
-from fedsim.strategies import FedsimStrategy, build_strategy
+from fedsim.strategies import FederatedEvaluation, FedsimStrategy, build_strategy
 from fedsim.validation import load_config
 
 app = ServerApp()
@@ -54,6 +54,7 @@ class Evaluator:
 
     def __init__(self, plan: RunPlan, rt: Runtime) -> None:
         self.cfg = plan.cfg
+        self.objective = plan.objective
         self.x_test, self.y_test = rt.test_inputs(plan), rt.y_test
         self.model = build_model(plan.model, num_classes=rt.num_classes, seed=0).to(rt.device)
         self.t0 = time.perf_counter()
@@ -62,7 +63,9 @@ class Evaluator:
         """Continue a checkpoint's clock."""
         self.t0 = time.perf_counter() - seconds
 
-    def __call__(self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> RoundEnd:
+    def __call__(
+        self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None, fed: FederatedEvaluation | None = None
+    ) -> RoundEnd:
         row = RoundRow(round=server_round, seconds=time.perf_counter() - self.t0)
         if metrics is not None:
             row.train_loss = _number(metrics.get("train-loss", math.nan))
@@ -71,8 +74,12 @@ class Evaluator:
         due = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
         if due:
             load_into(self.model, arrays)
-            row.test_loss, row.test_accuracy = evaluate(self.model, self.x_test, self.y_test)
-        return RoundEnd(row, arrays, due)
+            row.test_loss, values = evaluate(self.model, self.x_test, self.y_test, self.objective)
+            row.test_accuracy = values.pop("accuracy", math.nan)
+            row.extra.update({f"test_{k}": v for k, v in values.items()})
+        if fed is not None:
+            row.extra.update({f"fed_{k}": v for k, v in fed.figures.items()})
+        return RoundEnd(row, arrays, due, fed)
 
 
 def _number(value: object) -> float:
@@ -128,25 +135,39 @@ def set_up(grid: Grid, cfg: RunConfig, cores: int | None = None) -> ServerSetup:
     # training set's size as num-examples: a node cannot grow the server's state at will.
     strategy = build_strategy(
         cfg, ModelSpec.of(array_spec(initial), param_keys), num_partitions=max(cfg.num_nodes, len(nodes)),
-        max_examples=len(rt.y_train), device=device, map_blocks=block_map(threads),
+        max_examples=len(rt.y_train), device=device, map_blocks=block_map(threads), metric_names=plan.metric_names,
     )
     return ServerSetup(cfg, plan, nodes, rt, initial, count_parameters(model), strategy, Evaluator(plan, rt))
 
 
-def log_setup(setup: ServerSetup) -> np.ndarray:
+def log_setup(setup: ServerSetup) -> np.ndarray | None:
     """Log what the run is (model size, batch sizes, attackers, label counts); returns the
-    label counts per client [clients, classes]."""
+    label counts per client [clients, classes] (None for a regression task)."""
     cfg, plan = setup.cfg, setup.plan
     log(INFO, "fedsim: %s on %s (%s, %d parameters), %d nodes, batch sizes by partition %s",
         cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), list(plan.batch_sizes))
     if plan.attackers:
         log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, list(plan.attackers))
+    if not plan.splits.classification:
+        return None
     counts = label_counts(plan.splits.y_train.numpy(), list(plan.partitions), plan.num_classes)
     log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
     return counts
 
 
-def start_or_resume(setup: ServerSetup, writer: RunWriter | None, counts: np.ndarray) -> Start:
+def extra_columns(plan: RunPlan) -> tuple[str, ...]:
+    """rounds.csv's columns after the common ones: the task's metrics other than accuracy
+    (``test_<name>``) and, with federated evaluation, its figures (``fed_<name>``)."""
+    test = [f"test_{n}" for n in plan.metric_names if n != "accuracy"]
+    if plan.cfg.eval_fraction <= 0:
+        return tuple(test)
+    fed = ["loss", *plan.metric_names]
+    if "accuracy" in plan.metric_names:
+        fed += ["accuracy_client_mean", "accuracy_p10", "accuracy_min"]
+    return (*test, *(f"fed_{n}" for n in fed), "fed_clients")
+
+
+def start_or_resume(setup: ServerSetup, writer: RunWriter | None, counts: np.ndarray | None) -> Start:
     """Resume from the folder's checkpoint when it holds one of this config (and its
     rounds.csv continues it), else start the folder afresh."""
     if writer is not None:
@@ -157,7 +178,8 @@ def start_or_resume(setup: ServerSetup, writer: RunWriter | None, counts: np.nda
             setup.evaluator.resume(checkpoint.seconds)
             return Start(checkpoint.round + 1, checkpoint.arrays, list(stored), checkpoint.round)
         writer.start(setup.cfg.to_mapping())
-        np.savetxt(writer.folder.label_counts, counts, fmt="%d", delimiter=",")
+        if counts is not None:
+            np.savetxt(writer.folder.label_counts, counts, fmt="%d", delimiter=",")
     return Start(1, setup.initial, [], None)
 
 
@@ -168,6 +190,8 @@ def run_callbacks(setup: ServerSetup, writer: RunWriter | None, rows: list[Round
     out: list[Callback] = [CollectRows(rows)]
     if writer is not None:
         out.append(RoundsCsv(writer))
+        if cfg.eval_fraction > 0:
+            out.append(ClientsCsv(writer.folder.clients, setup.plan.metric_names))
     out += extra
     if writer is not None:
         out.append(Checkpointer(writer, cfg, setup.strategy.state_dict))
@@ -177,14 +201,14 @@ def run_callbacks(setup: ServerSetup, writer: RunWriter | None, rows: list[Round
 def run_rounds(grid: Grid, setup: ServerSetup, start: Start, callbacks: Sequence[Callback]) -> tuple[ArrayRecord, float]:
     """Every round from ``start``, each followed by the callbacks; (final model, wall seconds)."""
 
-    def on_round_end(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> bool:
-        end = setup.evaluator(server_round, arrays, metrics)
+    def on_round_end(server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None, fed: FederatedEvaluation | None) -> bool:
+        end = setup.evaluator(server_round, arrays, metrics, fed)
         return any([bool(cb.on_round_end(end)) for cb in callbacks])  # a list: every callback runs
 
     t0 = time.perf_counter()
     final = setup.strategy.run(
         grid, start.arrays, setup.cfg.num_server_rounds, on_round_end, timeout=setup.cfg.round_timeout,
-        train_config=train_config(setup.device), first_round=start.first_round,
+        train_config=train_config(setup.device), first_round=start.first_round, eval_every=setup.cfg.eval_every,
     )
     return final, time.perf_counter() - t0
 
@@ -220,6 +244,9 @@ def summarise(setup: ServerSetup, start: Start, rows: list[RoundRow], wall: floa
         "resumed_after_round": start.resumed_after, "rounds_below_min_replies": len(rounds_below_min_replies(rows, cfg.min_replies)),
         "failed": failed, "attackers": list(plan.attackers), "attack": cfg.attack if plan.attackers else None,
         "algorithm": strategy.algorithm.report(), "model": plan.model_name, "num_parameters": setup.num_params,
+        "data": {"dataset": cfg.dataset, "input_shape": list(plan.input_shape), "num_classes": plan.num_classes,
+                 "task": "classification" if plan.splits.classification else "regression", **plan.splits.info},
+        "evaluation": "central and federated" if cfg.eval_fraction > 0 else "central",
         "wall_seconds": wall,
     }
 
@@ -244,7 +271,7 @@ def run_experiment(
     # The folder's lock is held from here until the summary is written (re-entrant: the CLI
     # or a sweep in this process may hold it already).
     folder = Path(cfg.results_dir) if cfg.results_dir else None
-    writer = RunWriter(folder, lock=claim_run_folder(folder, cfg)) if folder is not None else None
+    writer = RunWriter(folder, lock=claim_run_folder(folder, cfg), extra=extra_columns(setup.plan)) if folder is not None else None
     rows: list[RoundRow] = []
     cbs: list[Callback] = []
     failed: str | None = None

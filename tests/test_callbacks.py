@@ -133,6 +133,22 @@ def test_tensorboard_event_files_hold_every_rounds_metrics(tmp_path):
     assert '"strategy": "llr-vote"' in config
 
 
+def test_tensorboard_holds_federated_evaluation_and_per_client_accuracies(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    rc = cli.main(["run", "experiments/quick.toml", "--set", "num-server-rounds=4", "--set", "eval-every=2", "--set", "eval-fraction=0.5",
+                   "--results-dir", str(out), "--tensorboard", str(tmp_path / "tb")])
+    assert rc == 0
+    acc = EventAccumulator(str(tmp_path / "tb" / "run"), size_guidance={"histograms": 0})
+    acc.Reload()
+    csv_rows = [r for r in rows(out) if r["fed_accuracy"]]
+    assert [(e.step, e.value) for e in acc.Scalars("fed/accuracy")] == [(int(r["round"]), pytest.approx(float(r["fed_accuracy"]))) for r in csv_rows]
+    assert [e.step for e in acc.Scalars("fed/accuracy_p10")] == [0, 2, 4]
+    hist = acc.Histograms("fed/client_accuracy")
+    assert [h.step for h in hist] == [0, 2, 4] and all(h.histogram_value.num == 5 for h in hist)  # 5 of 10 clients
+
+
 def test_mlflow_run_holds_params_metrics_and_the_results(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

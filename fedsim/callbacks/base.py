@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord
 
 from fedsim.config import RunConfig
 from fedsim.results import RoundRow
+from fedsim.strategies.evaluation import FederatedEvaluation
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,14 @@ class RunStart:
 
 @dataclass(frozen=True)
 class RoundEnd:
-    """What a round left: its row (test metrics NaN unless ``evaluated``) and the model."""
+    """What a round left: its row (test metrics NaN unless ``evaluated``), the model and,
+    when one ran this round, the federated evaluation (its figures are in ``row.extra``
+    as ``fed_*``; ``fed.clients`` holds each client's reply)."""
 
     row: RoundRow
     arrays: ArrayRecord
     evaluated: bool
+    fed: FederatedEvaluation | None = None
 
 
 @dataclass(frozen=True)

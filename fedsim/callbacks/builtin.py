@@ -3,13 +3,15 @@ rounds.csv, save the checkpoint, log the progress line, stop at an accuracy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+from collections.abc import Callable, Sequence
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 from flwr.common.logger import log
 
-from fedsim.callbacks.base import Callback, RoundEnd
+from fedsim.callbacks.base import Callback, RoundEnd, RunStart
 from fedsim.checkpoint import save_checkpoint
 from fedsim.config import RunConfig
 from fedsim.results import RoundRow, RunWriter
@@ -33,6 +35,33 @@ class RoundsCsv(Callback):
 
     def on_round_end(self, end: RoundEnd) -> None:
         self.writer.add(end.row)
+
+
+class ClientsCsv(Callback):
+    """Federated evaluation's per-client figures, one row per client and evaluation round,
+    in ``clients.csv`` (round, node_id, partition_id, num_examples, loss, each metric); a
+    resumed run drops the rows of the rounds it runs again."""
+
+    def __init__(self, path: Path, names: Sequence[str]) -> None:
+        self.path, self.columns = path, ["round", "node_id", "partition_id", "num_examples", "loss", *names]
+
+    def on_run_start(self, start: RunStart) -> None:
+        kept: list[list[str]] = []
+        if start.first_round > 1 and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start.first_round] if rows[:1] == [self.columns] else []
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([self.columns, *kept])
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        if end.fed is None:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerows(
+                [end.row.round, c.node_id, c.partition_id, c.num_examples, repr(c.loss), *(repr(c.values[n]) for n in self.columns[5:])]
+                for c in end.fed.clients
+            )
 
 
 class Checkpointer(Callback):

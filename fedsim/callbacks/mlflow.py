@@ -1,7 +1,8 @@
 """MLflow tracking of a run: its config as params, every metric of rounds.csv per round,
 the summary and the results folder's small files as artifacts (``--mlflow [URI]`` or
 ``mlflow = "URI"``; ``"auto"``: MLflow's own default, ``$MLFLOW_TRACKING_URI`` or a local
-``mlflow.db`` with artifacts in ``./mlruns``).
+``mlflow.db`` with artifacts in ``./mlruns``). A task's other metrics and federated
+evaluation's figures are metrics too, under their rounds.csv column names.
 
 Needs MLflow (``pip install 'fedsim[mlflow]'``: the ``mlflow-skinny`` client). The
 experiment is "fedsim" (``$MLFLOW_EXPERIMENT_NAME`` wins), the run name the results
@@ -74,10 +75,8 @@ class MLflow(Callback):
     def on_round_end(self, end: RoundEnd) -> None:
         entities = self.mlflow.entities
         stamp = int(time.time() * 1000)
-        metrics = [
-            entities.Metric(c, float(getattr(end.row, c)), stamp, end.row.round)
-            for c in COLUMNS if c != "round" and not math.isnan(float(getattr(end.row, c)))
-        ]
+        values = {c: float(getattr(end.row, c)) for c in COLUMNS if c != "round"} | end.row.extra
+        metrics = [entities.Metric(c, v, stamp, end.row.round) for c, v in values.items() if not math.isnan(v)]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def on_run_end(self, end: RunEnd) -> None:

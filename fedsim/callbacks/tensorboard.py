@@ -6,7 +6,10 @@ torch's ``torch.utils.tensorboard.SummaryWriter``. Each run writes its own subfo
 DIR, named after its results folder, so ``tensorboard --logdir DIR`` shows runs side by
 side. Scalars are tagged ``train/loss``, ``test/accuracy``, ``test/loss``,
 ``comm/bytes_up``, ``comm/bytes_down``, ``clients/valid``, ``clients/rejected``, ``time/seconds``,
-with the round as the step; test metrics only in evaluated rounds.
+with the round as the step; test metrics only in evaluated rounds. A task's other metrics
+are ``test/<name>``; federated evaluation's figures ``fed/<name>`` (``fed/accuracy``,
+``fed/accuracy_p10``, ...) and the per-client accuracies as a histogram
+``fed/client_accuracy``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedsim.callbacks.base import Callback, RoundEnd, RunEnd, RunStart
 from fedsim.errors import ConfigError
@@ -51,10 +56,14 @@ class TensorBoard(Callback):
         self.writer.add_hparams(hparams, {"hparam/final_test_accuracy": math.nan}, run_name=".")
 
     def on_round_end(self, end: RoundEnd) -> None:
-        for column, tag in TAGS.items():
-            value = float(getattr(end.row, column))
+        step = end.row.round
+        scalars = {tag: float(getattr(end.row, column)) for column, tag in TAGS.items()}
+        scalars.update({name.replace("_", "/", 1): value for name, value in end.row.extra.items()})
+        for tag, value in scalars.items():
             if not math.isnan(value):
-                self.writer.add_scalar(tag, value, end.row.round)
+                self.writer.add_scalar(tag, value, step)
+        if end.fed is not None and end.fed.clients and "accuracy" in end.fed.clients[0].values:
+            self.writer.add_histogram("fed/client_accuracy", np.array([c.values["accuracy"] for c in end.fed.clients]), step)
         self.writer.flush()
 
     def on_run_end(self, end: RunEnd) -> None:

@@ -1,9 +1,11 @@
-"""Example-weighted means: the aggregation of FedSGD and FedAvg."""
+"""Example-weighted means: the aggregation of FedSGD and FedAvg, and of federated
+evaluation's per-client figures."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -18,3 +20,22 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     for t, w in zip(tensors, weights, strict=True):
         acc.add_(t.to(torch.float64), alpha=w / total)
     return acc.to(tensors[0].dtype)
+
+
+def evaluation_figures(num_examples: Sequence[int], losses: Sequence[float], metrics: dict[str, Sequence[float]]) -> dict[str, float]:
+    """Federated evaluation's figures over the clients k that replied, n_k their held-out
+    examples: ``loss`` and each metric m as sum_k (n_k / sum n) m_k; for ``accuracy`` also
+    its unweighted mean over clients, 10th percentile (linear interpolation) and minimum;
+    ``clients`` the number of replies. Empty input: ``{"clients": 0}``."""
+    if len(num_examples) == 0:
+        return {"clients": 0.0}
+    w = np.asarray(num_examples, dtype=np.float64)
+    out = {"clients": float(len(w)), "loss": float(np.average(np.asarray(losses, dtype=np.float64), weights=w))}
+    for name, values in metrics.items():
+        v = np.asarray(values, dtype=np.float64)
+        out[name] = float(np.average(v, weights=w))
+        if name == "accuracy":
+            out["accuracy_client_mean"] = float(v.mean())
+            out["accuracy_p10"] = float(np.percentile(v, 10))
+            out["accuracy_min"] = float(v.min())
+    return out

@@ -8,6 +8,7 @@ with ``FedsimStrategy.run`` (or Flower's ``Strategy.start``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from fedsim.config import RunConfig
 from fedsim.core.blocks import BlockMap, sequential_blocks
 from fedsim.protocol import ModelSpec, Reply
 from fedsim.strategies.base import FedsimStrategy, RoundEndHook
+from fedsim.strategies.evaluation import FederatedEvaluation, FederatedEvaluator
 
 
 def build_algorithm(
@@ -35,15 +37,20 @@ def build_strategy(
     max_examples: int | None = None,
     device: torch.device | str = "cpu",
     map_blocks: BlockMap = sequential_blocks,
+    metric_names: Sequence[str] = ("accuracy",),
 ) -> FedsimStrategy:
     """The strategy for ``cfg``. ``num_partitions`` and ``max_examples`` bound what replies
     may claim (see FedsimStrategy); ``device`` is where the algorithm keeps server-side
     state (the LLR vote's counts); ``map_blocks`` runs its blocks of coordinates
-    (fedsim.parallel.block_map for several threads)."""
+    (fedsim.parallel.block_map for several threads); ``metric_names``: what the task's
+    evaluate replies report (federated evaluation, with ``eval-fraction`` > 0)."""
+    evaluation = None
+    if cfg.eval_fraction > 0:
+        evaluation = FederatedEvaluator(cfg.eval_fraction, metric_names, cfg.seed, num_partitions, max_examples)
     return FedsimStrategy(
         build_algorithm(cfg, model, num_partitions, device, map_blocks), fraction_train=cfg.fraction_train, seed=cfg.seed,
-        num_partitions=num_partitions, max_examples=max_examples, min_replies=cfg.min_replies,
+        num_partitions=num_partitions, max_examples=max_examples, min_replies=cfg.min_replies, evaluation=evaluation,
     )
 
 
-__all__ = ["FedsimStrategy", "Reply", "RoundEndHook", "build_algorithm", "build_strategy"]
+__all__ = ["FederatedEvaluation", "FederatedEvaluator", "FedsimStrategy", "Reply", "RoundEndHook", "build_algorithm", "build_strategy"]

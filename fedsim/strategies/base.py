@@ -51,8 +51,11 @@ from fedsim.protocol import (
     no_extra_records,
     reply_metrics,
 )
+from fedsim.strategies.evaluation import FederatedEvaluation, FederatedEvaluator
 
-RoundEndHook = Callable[[int, ArrayRecord, MetricRecord | None], bool]
+# (round, model after it, the round's train metrics (None for round 0), its federated
+# evaluation (None when none was due)) -> stop after this round?
+RoundEndHook = Callable[[int, ArrayRecord, MetricRecord | None, FederatedEvaluation | None], bool]
 
 
 def _buffers(reply: Reply[Any]) -> dict[str, np.ndarray]:
@@ -72,11 +75,12 @@ class FedsimStrategy(Strategy):
         num_partitions: int | None = None,
         max_examples: int | None = None,
         min_replies: int = 1,
+        evaluation: FederatedEvaluator | None = None,
     ) -> None:
         """``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
         ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
         size; None: no cap); ``min_replies``: fewer valid replies than this in a round leave
-        the global model unchanged."""
+        the global model unchanged; ``evaluation``: federated evaluation (None: none)."""
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if min_replies < 1:
@@ -100,6 +104,7 @@ class FedsimStrategy(Strategy):
         # node id -> the partition id of its first used reply (its identity for the run)
         self.node_partitions: dict[int, int] = {}
         self._prune_bindings = False  # set by load_state_dict: drop bindings of nodes gone since
+        self.evaluation = evaluation
 
     # --- fedsim's round loop -------------------------------------------------------------
 
@@ -113,27 +118,39 @@ class FedsimStrategy(Strategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         first_round: int = 1,
+        eval_every: int = 1,
     ) -> ArrayRecord:
         """Rounds ``first_round``..``num_rounds`` (a resumed run starts after its checkpoint);
-        ``on_round_end(round, arrays, metrics)`` after each, and for round 0 (the initial
-        model, metrics None) when starting from round 1. It returns True to stop after that
-        round. Returns the final global model."""
+        ``on_round_end(round, arrays, metrics, evaluation)`` after each, and for round 0
+        (the initial model, metrics None) when starting from round 1, with the round's
+        federated evaluation when one is due (round 0, every ``eval_every``, the last). It
+        returns True to stop after that round. Returns the final global model."""
         log(INFO, "fedsim %s: %d trainable parameters in %d tensors, fraction-train %g, rounds %d..%d",
             self.algorithm.name, self.model.num_params, len(self.model.param_keys), self.fraction_train, first_round, num_rounds)
         if self.algorithm.describe():
             log(INFO, "fedsim %s: %s", self.algorithm.name, self.algorithm.describe())
         arrays = initial_arrays
-        if first_round == 1 and on_round_end(0, arrays, None):
-            return arrays
         config = ConfigRecord() if train_config is None else train_config
+
+        def evaluated(rnd: int) -> FederatedEvaluation | None:
+            due = self.evaluation is not None and (rnd % eval_every == 0 or rnd == num_rounds)
+            return self._evaluate(grid, rnd, arrays, config, timeout) if due else None
+
+        if first_round == 1 and on_round_end(0, arrays, None, evaluated(0)):
+            return arrays
         for rnd in range(first_round, num_rounds + 1):
             replies = grid.send_and_receive(self.configure_train(rnd, arrays, config, grid), timeout=timeout)
             new, metrics = self.aggregate_train(rnd, replies)
             if new is not None:
                 arrays = new
-            if on_round_end(rnd, arrays, metrics):
+            if on_round_end(rnd, arrays, metrics, evaluated(rnd)):
                 break
         return arrays
+
+    def _evaluate(self, grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> FederatedEvaluation:
+        assert self.evaluation is not None
+        replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, config, grid), timeout=timeout)
+        return self.evaluation.collect(rnd, replies, self._identity_problem)
 
     # --- Flower Strategy interface ------------------------------------------------------
 
@@ -149,6 +166,8 @@ class FedsimStrategy(Strategy):
             "num_examples": dict(self.pinned_num_examples),
             "node_partitions": dict(self.node_partitions),
         }
+        if self.evaluation is not None:
+            own["eval_rng"] = self.evaluation.state()
         return {"strategy": own, "algorithm": self.algorithm.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -165,6 +184,8 @@ class FedsimStrategy(Strategy):
         # checkpoints written before num-examples was pinned lack the key: pins start afresh
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
+        if self.evaluation is not None and "eval_rng" in state:
+            self.evaluation.load(state["eval_rng"])
 
     def summary(self) -> None:
         log(INFO, "\t└──> fedsim %s, fraction-train %g, %d trainable parameters", self.algorithm.name, self.fraction_train, self.model.num_params)
@@ -274,20 +295,18 @@ class FedsimStrategy(Strategy):
         another node (a node cannot take over another's partition or its LLR history, nor
         wander between partitions)."""
         owner = {pid: node for node, pid in self.node_partitions.items()}
+        return lambda r, _: self._identity_problem(r.node_id, r.metrics.partition_id, owner)
 
-        def why_not(r: Reply[Any], _: list[Reply[Any]]) -> str | None:
-            pid, bound, holder = r.metrics.partition_id, self.node_partitions.get(r.node_id), owner.get(r.metrics.partition_id)
-            if bound is not None and bound != pid:
-                held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
-                return f"claims partition-id {pid}, but node {r.node_id} is bound to partition-id {bound} by its first used reply{held}"
-            if holder is not None and holder != r.node_id:
-                return (
-                    f"claims partition-id {pid}, which is bound to node {holder} by its "
-                    f"first used reply (a replaced device: see docs/deployment.md)"
-                )
-            return None
-
-        return why_not
+    def _identity_problem(self, node: int, pid: int, owner: dict[int, int] | None = None) -> str | None:
+        """Why ``node`` may not speak for partition ``pid`` (None: it may)."""
+        owner = {p: n for n, p in self.node_partitions.items()} if owner is None else owner
+        bound, holder = self.node_partitions.get(node), owner.get(pid)
+        if bound is not None and bound != pid:
+            held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
+            return f"claims partition-id {pid}, but node {node} is bound to partition-id {bound} by its first used reply{held}"
+        if holder is not None and holder != node:
+            return f"claims partition-id {pid}, which is bound to node {holder} by its first used reply (a replaced device: see docs/deployment.md)"
+        return None
 
     @staticmethod
     def _first_of_partition(r: Reply[Any], kept: list[Reply[Any]]) -> str | None:
@@ -330,8 +349,14 @@ class FedsimStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """fedsim evaluates on the server (``evaluate_fn``); no client evaluation round."""
-        return []
+        """Federated evaluation's messages to a sample of the nodes (none without it)."""
+        if self.evaluation is None:
+            return []
+        return self.evaluation.messages(server_round, arrays, config, list(grid.get_node_ids()))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """The evaluation round's figures (Flower's interface; fedsim's loop keeps the
+        per-client replies too)."""
+        if self.evaluation is None:
+            return None
+        return MetricRecord(dict(self.evaluation.collect(server_round, replies, self._identity_problem).figures))
