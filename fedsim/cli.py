@@ -65,9 +65,31 @@ def tracking_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def flower_app(experiment: str) -> Path | None:
+    """The app's folder when ``experiment`` is a Flower app (its folder or its
+    ``pyproject.toml``), else None (a run-config TOML)."""
+    path = Path(experiment)
+    if path.is_dir():
+        return path.resolve()
+    return path.resolve().parent if path.name == "pyproject.toml" else None
+
+
+def use_app(app: Path, values: dict[str, Any]) -> None:
+    """Run a Flower app's config as Flower would: its folder first on the import path (so
+    ``model = "task:Net"`` finds its task.py), and its relative paths from its folder."""
+    if str(app) not in sys.path:
+        sys.path.insert(0, str(app))
+    for key in ("data-dir", "tensorboard"):
+        if isinstance(values.get(key), str) and values[key] and not Path(values[key]).expanduser().is_absolute():
+            values[key] = str(app / values[key])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     args.workers, args.threads = check_engine_options(args.engine, args.workers, args.threads)
     values = read_experiment(args.experiment)
+    args.app = flower_app(args.experiment)
+    if args.app is not None:
+        use_app(args.app, values)
     for item in args.set or []:
         key, value = parse_override(item)
         values[key] = value
@@ -79,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     given = args.results_dir or cfg.results_dir
     if given and Path(given).exists() and not Path(given).is_dir():
         raise ConfigError(f"results folder {given} is a file; give a folder (new or a run's) with --results-dir")
-    results = Path(given) if given else default_results_dir(Path(args.experiment))
+    results = Path(given) if given else default_results_dir(args.app or Path(args.experiment))
     cfg = dataclasses.replace(cfg, results_dir=str(results.resolve()))
     # The folder's lock (held until the run ends), --overwrite, and the refusal of a folder
     # holding another config's run: before either engine starts.
@@ -102,7 +124,7 @@ def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
     with _progress_bar(cfg, args.engine) as bar:
         return run_engine(
             cfg, args.engine, workers=args.workers, threads=args.threads, cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client, callbacks=bar, quiet=bool(bar),
+            gpus_per_client=args.gpus_per_client, callbacks=bar, quiet=bool(bar), app=getattr(args, "app", None),
         )
 
 
@@ -250,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run an experiment TOML")
-    run.add_argument("experiment", help="a Flower run-config TOML, e.g. experiments/quick.toml")
+    run.add_argument("experiment", help="a Flower run-config TOML (experiments/quick.toml), or a Flower app's folder or pyproject.toml (its [tool.flwr.app.config])")
     run.add_argument(
         "--overwrite", action="store_true",
         help="start afresh in a results folder that holds a run of another config (its run files are deleted)",

@@ -19,7 +19,8 @@ PACKAGE = ROOT / "fedsim"
 # A module is placed by the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
     ("fedsim.errors", "fedsim.config", "fedsim.seeding", "fedsim.plugins", "fedsim.core", "fedsim.parallel", "fedsim.engine.settings"),
-    ("fedsim.data", "fedsim.models", "fedsim.partitions", "fedsim.device", "fedsim.arrays", "fedsim.attacks", "fedsim.clients", "fedsim.analysis"),
+    ("fedsim.data", "fedsim.models", "fedsim.partitions", "fedsim.device", "fedsim.arrays", "fedsim.attacks", "fedsim.objective", "fedsim.analysis"),
+    ("fedsim.clients",),
     ("fedsim.protocol", "fedsim.run_folder"),
     ("fedsim.algorithms", "fedsim.results"),
     ("fedsim.validation", "fedsim.plan", "fedsim.strategies", "fedsim.checkpoint"),

@@ -40,6 +40,7 @@ def run_engine(
     gpus_per_client: float | None = None,
     callbacks: Sequence[Callback] = (),
     quiet: bool = False,
+    app: Path | None = None,
 ) -> Path:
     """Run ``cfg`` (``results_dir`` set) to the end on ``engine`` and return its results
     folder, with ``engine_settings`` (``engine_settings()``) in its summary.json: the
@@ -50,7 +51,9 @@ def run_engine(
     own fedsim.callbacks objects, beside those the run config names), ``quiet`` (hide
     Flower's per-round INFO lines). flower:
     ``cpus_per_client``, ``gpus_per_client`` (None: fedsim.device's share), ``quiet``
-    (Flower's streamed log is shown only if the run fails). Raises ConfigError for a bad
+    (Flower's streamed log is shown only if the run fails), ``app`` (the Flower app to
+    run, a user's project whose components are fedsim's apps; default: fedsim's own).
+    Raises ConfigError for a bad
     option, RunFailed when the run ended without a usable result (summary.json says why).
     """
     workers, threads = check_engine_options(engine, workers, threads)
@@ -74,7 +77,7 @@ def run_engine(
     settings = engine_settings(engine, cpus_per_client=cpus_per_client, gpus_per_client=gpus)
     folder = RunFolder(Path(cfg.results_dir))
     try:
-        out = flower_runtime.run_flower(cfg, cpus_per_client=cpus_per_client, gpus_per_client=gpus, echo=not quiet)
+        out = flower_runtime.run_flower(cfg, cpus_per_client=cpus_per_client, gpus_per_client=gpus, echo=not quiet, app=app)
     except RunFailed:  # raised once the summary saying why is written: it gets the settings too
         if folder.read_summary() is not None:
             folder.add_to_summary(engine_settings=settings)

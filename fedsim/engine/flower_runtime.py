@@ -19,13 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsim.callbacks.mlflow import default_tracking_uri
-from fedsim.config import RunConfig
+from fedsim.config import ConfigError, RunConfig
 from fedsim.device import cuda_count, default_gpu_share
 from fedsim.run_folder import RunFolder
 from fedsim.validation import load_config
@@ -314,17 +315,50 @@ def gpu_share(cfg: RunConfig, cpus_per_client: float, gpus_per_client: float | N
     return default_gpu_share(cfg.num_nodes, cpus_per_client, os.cpu_count() or 1, gpus)
 
 
+# What staged_app copies of a user's app: the files a FAB carries that are code or text
+# (Flower's own include patterns, less data formats: the app's data stays where it is).
+_APP_FILES = ("*.py", "*.md", "*.yaml", "*.yml")
+_SKIP_DIRS = {".venv", "venv", "env", ".git", "__pycache__", ".flwr", "build", "dist"}
+
+
+def staged_app(app: Path, config: Mapping[str, Any], home: Path) -> Path:
+    """A copy of a user's Flower app (its code, under ``home``) whose pyproject.toml
+    declares every run-config key fedsim has, with ``config``'s values: Flower accepts a
+    run-config override only for keys the app declares, and a user's app declares the few
+    it sets. ConfigError when the app has no pyproject.toml with [tool.flwr.app]."""
+    import tomli_w  # lazy: only a user's app needs it (Flower depends on it)
+
+    try:
+        project = tomllib.loads((app / "pyproject.toml").read_text())
+        project["tool"]["flwr"]["app"]["config"] = dict(config)
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{app} is not a Flower app with a readable pyproject.toml and [tool.flwr.app] ({type(err).__name__}: {err})") from None
+    dest = home / "app"
+    shutil.rmtree(dest, ignore_errors=True)
+    for pattern in _APP_FILES:
+        for path in app.rglob(pattern):
+            rel = path.relative_to(app)
+            if not any(part in _SKIP_DIRS for part in rel.parts[:-1]) and path.is_file():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / rel)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return dest
+
+
 def run_flower(
     run_config: RunConfig | Mapping[str, Any],
     cpus_per_client: float = 1.0,
     gpus_per_client: float | None = None,
     flwr_home: Path | None = None,
     echo: bool = True,
+    app: Path | None = None,
 ) -> Path:
     """Run ``run_config`` (a RunConfig, or a run-config mapping that ``load_config``
     checks) through ``flwr run`` on Flower's simulation runtime with ``num-nodes``
     SuperNodes; return the results folder (``results-dir``, made absolute).
-    ``gpus_per_client``: see ``gpu_share``."""
+    ``gpus_per_client``: see ``gpu_share``; ``app``: the Flower app's folder (default:
+    fedsim's own project)."""
     cfg = run_config if isinstance(run_config, RunConfig) else load_config(run_config)
     if not cfg.results_dir:
         raise ValueError("run_flower needs results-dir: the folder the run's results go to")
@@ -344,9 +378,10 @@ def run_flower(
         f"num-supernodes={cfg.num_nodes} client-resources-num-cpus={_num(cpus_per_client)} "
         f"client-resources-num-gpus={_num(gpus_per_client)}"
     )
+    project = PROJECT_ROOT if app is None else staged_app(app, mapping, home)
     with LocalSuperLink(home) as link:
         cmd = [
-            "flwr", "run", str(PROJECT_ROOT), link.connection, "--run-config", str(config_file),
+            "flwr", "run", str(project), link.connection, "--run-config", str(config_file),
             "--federation-config", federation, "--stream",
         ]
         proc = subprocess.run(cmd, env=link.env, cwd=home, capture_output=not echo, text=True)
