@@ -25,6 +25,10 @@ MAX_SEED = 2**32 - 1  # flwr-datasets/datasets shuffles take 32-bit seeds
 # Keys that say where results and reports go, not what the experiment is: two runs that
 # differ only in these are the same experiment (config_differences ignores them).
 OUTPUT_KEYS = ("results-dir", "tensorboard", "mlflow", "callbacks")
+# What a key meant in runs made before it existed, where that is not its default today: a
+# stored config.json without the key compares as this value (zero-sign: every sign vote sent
+# a zero coordinate as +1 until the key came, and "plus" was its default until issue #25).
+FORMER_DEFAULTS: dict[str, Any] = {"zero-sign": "plus"}
 
 __all__ = [
     "MAX_SEED", "OUTPUT_KEYS", "ConfigError", "Option", "RunConfig", "config_differences", "parse_override",
@@ -92,12 +96,16 @@ class RunConfig:
     options: tuple[tuple[str, Any], ...] = ()
     # the declared options (key -> Option): what the defaults and rules of ``options`` are
     declared: Mapping[str, Option] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # the option keys the run's strategy reads (None: all); the others are not part of its experiment
+    used: frozenset[str] | None = field(default=None, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], options: Mapping[str, Option] | None = None) -> RunConfig:
+    def from_mapping(
+        cls, values: Mapping[str, Any], options: Mapping[str, Option] | None = None, used: frozenset[str] | None = None
+    ) -> RunConfig:
         """Build from a Flower run config (kebab-case keys), with ``options`` the keys the
-        algorithms declare (key -> Option); an unknown key, a value of the wrong type or out
-        of range is a ConfigError naming it."""
+        algorithms declare (key -> Option) and ``used`` those the run's strategy reads; an
+        unknown key, a value of the wrong type or out of range is a ConfigError naming it."""
         declared = dict(options or {})
         known = _common_keys()
         unknown = sorted(set(values) - set(known) - set(declared))
@@ -107,7 +115,7 @@ class RunConfig:
             )
         kwargs = {known[k]: _coerce(k, v, type(getattr(_DEFAULT, known[k]))) for k, v in values.items() if k in known}
         chosen = {k: _coerce(k, values[k], type(o.default)) if k in values else o.default for k, o in declared.items()}
-        cfg = cls(**kwargs, options=tuple(sorted(chosen.items())), declared=declared)
+        cfg = cls(**kwargs, options=tuple(sorted(chosen.items())), declared=declared, used=used)
         cfg.check_values()
         return cfg
 
@@ -176,13 +184,15 @@ def same_experiment(stored: Mapping[str, Any], cfg: RunConfig) -> bool:
 
 def config_differences(stored: Mapping[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """``{key: (stored value, cfg's value)}`` where a stored run config (a ``config.json``)
-    and ``cfg`` differ. A key added to fedsim after the run was made counts as its default;
-    where the results and reports go (``OUTPUT_KEYS``) is not part of the experiment. A key
-    only one side has shows ``None`` on the other."""
-    defaults = cfg.defaults()
+    and ``cfg`` differ. A key added to fedsim after the run was made counts as what it meant
+    then (``FORMER_DEFAULTS``, else its default); where the results and reports go
+    (``OUTPUT_KEYS``) and the options of other algorithms than the run's strategy are not
+    part of the experiment. A key only one side has shows ``None`` on the other."""
+    defaults = {**cfg.defaults(), **FORMER_DEFAULTS}
     old = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     new = json.loads(json.dumps(cfg.to_mapping()))
-    for key in OUTPUT_KEYS:
+    unused = [k for k in cfg.declared if cfg.used is not None and k not in cfg.used]
+    for key in (*OUTPUT_KEYS, *unused):
         old.pop(key, None)
         new.pop(key, None)
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)}
@@ -249,7 +259,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 _DEFAULT = RunConfig()
-_COMMON_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig) if f.name not in ("options", "declared")}
+_COMMON_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig) if f.name not in ("options", "declared", "used")}
 
 
 def _finite(x: float) -> bool:

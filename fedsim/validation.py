@@ -25,7 +25,9 @@ from fedsim.plugins import is_import_path
 def load_config(values: Mapping[str, Any]) -> RunConfig:
     """The RunConfig of a Flower run config (kebab-case keys); ConfigError naming the
     first unknown key or invalid value, and what to do."""
-    cfg = RunConfig.from_mapping(values, options=options())
+    strategy = values.get("strategy", RunConfig.strategy)
+    used = frozenset(o.key for o in REGISTRY[strategy].all_options()) if isinstance(strategy, str) and strategy in REGISTRY else None
+    cfg = RunConfig.from_mapping(values, options=options(), used=used)
     check_names(cfg)
     return cfg
 

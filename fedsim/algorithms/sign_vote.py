@@ -38,8 +38,11 @@ class SignStep:
 
 HS = TypeVar("HS", bound=SignStep)
 
+# "random" since issue #25 (the attack and batch-mode-3 results, docs/results/attacks_mnist.md);
+# "plus" before: runs made with it pin it (experiments/*.toml), and fedsim.config.FORMER_DEFAULTS
+# reads a stored config without the key as "plus".
 ZERO_SIGN = Option(
-    "zero-sign", "plus", lambda v: v in ZERO_SIGNS, f"choose one of {list(ZERO_SIGNS)}",
+    "zero-sign", "random", lambda v: v in ZERO_SIGNS, f"choose one of {list(ZERO_SIGNS)}",
     "what a sign vote's client sends for an exactly zero gradient coordinate",
 )
 
