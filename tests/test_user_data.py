@@ -128,7 +128,7 @@ def test_a_users_project_trains_with_every_algorithm(strategy, project, tmp_path
 
 
 @pytest.mark.flower
-@pytest.mark.parametrize("strategy", ["fedavg", "llr-vote"])
+@pytest.mark.parametrize("strategy", sorted(REGISTRY))
 def test_a_users_project_on_flowers_runtime_ships_its_module_and_matches_in_process(strategy, project, tmp_path):
     """``fedsim run <app> --engine flower`` runs ``flwr run`` on the user's app (its task.py
     in the FAB), and gives the in-process engine's metrics."""
