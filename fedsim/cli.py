@@ -5,6 +5,8 @@
     fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
                                   [--ray [ADDRESS] [--ray-cpus-per-run N] [--ray-gpus-per-run G]]
     fedsim store runs/Y docs/results/runs/Y     # finished runs' small files, to commit
+    fedsim new my-app                           # a Flower app that uses fedsim (task.py: Net, load_data)
+    fedsim split X.toml devices/ [--test-fraction F]   # one save_to_disk folder per device
 
 An experiment is a Flower run-config TOML (flat kebab-case keys, the file
 ``flwr run . --run-config experiments/X.toml`` reads too). ``inprocess`` (default) runs it
@@ -111,11 +113,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = RunFolder(out).read_summary()
     if summary is None:
         raise RunFailed(f"the run ended without a readable {RunFolder(out).summary}")
-    print(
-        f"fedsim: {cfg.strategy} on {cfg.dataset}: final test accuracy {summary['final_test_accuracy']:.4f} "
-        f"after {summary['rounds']} rounds ({time.perf_counter() - t0:.1f} s); results in {out}"
-    )
+    print(f"fedsim: {cfg.strategy} on {cfg.dataset}: {_final_figure(out, summary)} after {summary['rounds']} rounds "
+          f"({time.perf_counter() - t0:.1f} s); results in {out}")
     return 0
+
+
+def _final_figure(folder: Path, summary: dict[str, Any]) -> str:
+    """The final test accuracy, or, without a central test set, the last federated one."""
+    acc = summary.get("final_test_accuracy")
+    if isinstance(acc, float) and acc == acc:
+        return f"final test accuracy {acc:.4f}"
+    from fedsim.results import load_run  # lazy: pandas, only for a run without a central test set
+
+    fed = load_run(folder).get("fed_accuracy")
+    values = [] if fed is None else fed.dropna().tolist()
+    return f"final federated accuracy {values[-1]:.4f}" if values else "no accuracy (neither central nor federated evaluation)"
 
 
 def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
@@ -217,6 +229,26 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    from fedsim.scaffold import new_app  # lazy: only `fedsim new` needs it
+
+    path = new_app(args.folder)
+    print(f"fedsim: wrote {path}/pyproject.toml, task.py, README.md; run it with `cd {args.folder} && flwr run .` or `fedsim run {args.folder}`")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from fedsim.split_data import split_for_devices  # lazy: only `fedsim split` needs it
+
+    values = read_experiment(args.experiment)
+    for item in args.set or []:
+        key, value = parse_override(item)
+        values[key] = value
+    folders = split_for_devices(load_config(values), args.out, args.test_fraction)
+    print(f"fedsim: wrote {len(folders)} device folders in {args.out} (see {args.out}/README.md)")
+    return 0
+
+
 def _engine_options(parser: argparse.ArgumentParser, results_help: str) -> None:
     """Options shared by ``run`` and ``sweep``: overrides, engine and its resources."""
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
@@ -300,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("source", help="a run folder or a folder of runs (a sweep's results-dir)")
     store.add_argument("dest", help="where the copies go")
     store.set_defaults(func=cmd_store)
+    new = sub.add_parser("new", help="write a Flower app that uses fedsim (pyproject.toml, task.py with Net and load_data, README)")
+    new.add_argument("folder", help="the app's folder (new or empty); its name is the project's")
+    new.set_defaults(func=cmd_new)
+    split = sub.add_parser("split", help="write one save_to_disk folder per device, cut from an experiment's data as a run would partition it")
+    split.add_argument("experiment", help="a run-config TOML (or a Flower app): its dataset, partitioning, num-nodes and seed")
+    split.add_argument("out", help="an empty folder: out/device-0, out/device-1, ...")
+    split.add_argument("--test-fraction", type=_number(float, 0.0), default=0.0, help="also a test split of this share of each device's data")
+    split.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key (repeatable)")
+    split.set_defaults(func=cmd_split)
     return parser
 
 

@@ -17,6 +17,7 @@ its upload.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,10 @@ from flwr.clientapp import ClientApp
 from fedsim import protocol
 from fedsim.algorithms import REGISTRY, Algorithm, ClientStep
 from fedsim.arrays import load_into, to_array_record
+from fedsim.attacks import HONEST, Attack
 from fedsim.config import RunConfig
 from fedsim.device import client_device, device_code
-from fedsim.plan import RunPlan, client_plan
+from fedsim.plan import RunPlan, client_plan, node_plan, own_data
 from fedsim.runtime import evaluate, runtime
 from fedsim.seeding import generator
 from fedsim.validation import load_config_cached
@@ -39,7 +41,9 @@ app = ClientApp()
 
 @dataclass(frozen=True)
 class _Message:
-    """What a train or evaluate message means to this node."""
+    """What a train or evaluate message means to this node; ``own`` is a node on its own
+    data (``dataset-path``), whose plan holds its data as partition 0 and whose replies
+    carry no partition id (the server knows it by its node id)."""
 
     cfg: RunConfig
     partition_id: int
@@ -47,25 +51,43 @@ class _Message:
     device: torch.device
     task: ConfigRecord
     arrays: ArrayRecord
+    own: bool
 
 
 def _read(msg: Message, context: Context) -> _Message:
-    """The run config, this node's partition and plan, its device and the message's
-    records; ValueError (an error reply) saying what is missing and how to fix it."""
+    """The run config, this node's data and plan, its device and the message's records;
+    ValueError or ConfigError (an error reply) saying what is missing and how to fix it."""
     cfg = load_config_cached(context.run_config)
     node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError(
-            "this node has no partition-id/num-partitions in its node config; start the SuperNode with "
-            "--node-config \"partition-id=K num-partitions=M\" (Flower's simulation sets them itself)"
-        )
     task, arrays = msg.content.get(protocol.CONFIG), msg.content.get(protocol.ARRAYS)
     if not isinstance(task, ConfigRecord) or not isinstance(arrays, ArrayRecord):
         raise ValueError(f"the message lacks ConfigRecord {protocol.CONFIG!r} or ArrayRecord {protocol.ARRAYS!r}")
     server_device = task.get("device")
     device = client_device(cfg.device, None if server_device is None else str(server_device), str(node["device"]) if "device" in node else None)
+    if own_data(cfg):
+        if "dataset-path" not in node:
+            raise ValueError(
+                f"this run trains on each node's own data (dataset={cfg.dataset!r}, no data-dir): start the SuperNode with "
+                "--node-config \"dataset-path='/path/to/its/data'\""
+            )
+        return _Message(cfg, 0, node_plan(cfg, str(node["dataset-path"])), device, task, arrays, own=True)
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError(
+            "this node has no partition-id/num-partitions in its node config; start the SuperNode with "
+            "--node-config \"partition-id=K num-partitions=M\" (Flower's simulation sets them itself), or, on its own "
+            "data, run with dataset = 'disk' (or 'imagefolder', 'npz') and no data-dir, and --node-config \"dataset-path=...\""
+        )
     plan = client_plan(cfg, int(str(node["num-partitions"])))
-    return _Message(cfg, int(str(node["partition-id"])), plan, device, task, arrays)
+    return _Message(cfg, int(str(node["partition-id"])), plan, device, task, arrays, own=False)
+
+
+def _attack(m: _Message, node: Mapping[str, Any]) -> Attack:
+    """This node's attack: the node config's ``attacker`` (true/false) wins over the run's
+    seeded draw (which a node on its own data has no partition for)."""
+    if "attacker" in node:
+        flag = str(node["attacker"]).lower() in ("1", "true", "yes")
+        return Attack(m.cfg.attack, m.cfg.attack_scale, m.cfg.attack_noise) if flag else HONEST
+    return HONEST if m.own else m.plan.attack_of(m.partition_id)
 
 
 @app.train()
@@ -83,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     step = ClientStep(
         model=setup.model, data=setup.data, batch_size=setup.batch_size,
         generator=generator(m.cfg.seed, m.partition_id, rnd, device=setup.device), param_names=setup.param_names,
-        state=context.state, server_round=rnd, attack=m.plan.attack_of(m.partition_id), objective=m.plan.objective,
+        state=context.state, server_round=rnd, attack=_attack(m, node), objective=m.plan.objective,
     )
     upload = algorithm.client_step(_hyperparams(algorithm, m.cfg), step)
     payload: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {algorithm.record: to_array_record(upload.arrays)}
@@ -91,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         payload[protocol.BUFFERS] = to_array_record({k: v.detach().cpu().numpy() for k, v in setup.float_buffers.items()})
     payload[protocol.METRICS] = MetricRecord(
         {
-            "num-examples": len(setup.data), "train-loss": upload.loss, "partition-id": m.partition_id,
+            "num-examples": len(setup.data), "train-loss": upload.loss, **({} if m.own else {"partition-id": m.partition_id}),
             "batch-size": setup.batch_size, "cuda-device": device_code(setup.device),
         }
     )
@@ -113,7 +135,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     x = rt.x_train[rows]
     x = m.plan.eval_transform(x) if m.plan.eval_transform is not None else x
     loss, values = evaluate(setup.model, x, rt.y_train[rows], m.plan.objective)
-    metrics = MetricRecord({"num-examples": len(rows), "loss": loss, "partition-id": m.partition_id, **values})
+    metrics = MetricRecord({"num-examples": len(rows), "loss": loss, **({} if m.own else {"partition-id": m.partition_id}), **values})
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 

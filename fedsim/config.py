@@ -88,6 +88,9 @@ class RunConfig:
     metrics: str = ""
     eval_fraction: float = 0.0
     local_test_fraction: float = 0.2
+    num_classes: int = 0
+    input_shape: str = ""
+    server_test: str = ""
     results_dir: str = ""
     tensorboard: str = ""
     mlflow: str = ""
@@ -164,7 +167,10 @@ class RunConfig:
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
-            (self.normalize in ("auto", "none"), f"normalize={self.normalize!r}: choose 'auto' (standardise with the training set's mean and std) or 'none'"),
+            (_normalization_ok(self.normalize),
+             f"normalize={self.normalize!r}: choose 'auto' (the training set's mean and std), 'none', or 'MEAN/STD' per channel or feature, e.g. '0.2860/0.3530'"),
+            (self.num_classes >= 0, f"num-classes={self.num_classes}: must be >= 0 (0 = from the data)"),
+            (_shape_ok(self.input_shape), f"input-shape={self.input_shape!r}: expected positive integers separated by commas, e.g. '1,28,28' or '30' ('' = from the data)"),
             (0.0 <= self.eval_fraction <= 1.0, f"eval-fraction={self.eval_fraction}: must be in [0, 1] (0 = no federated evaluation)"),
             (0.0 < self.local_test_fraction < 1.0, f"local-test-fraction={self.local_test_fraction}: must be in (0, 1)"),
             *((o.valid(self.option(k)), f"{k}={self.option(k)!r}: {o.rule}") for k, o in self.declared.items()),
@@ -264,6 +270,38 @@ _COMMON_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig) if f
 
 def _finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> (1, 28, 28); "" -> ()."""
+    return tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+
+
+def _shape_ok(text: str) -> bool:
+    try:
+        return all(d > 0 for d in parse_shape(text))
+    except ValueError:
+        return False
+
+
+def parse_normalization(text: str) -> tuple[list[float], list[float]] | None:
+    """``"MEAN/STD"`` (comma-separated lists of equal length, std > 0) -> (means, stds);
+    None for "auto" and "none". ValueError for anything else."""
+    if text in ("auto", "none"):
+        return None
+    mean, sep, std = text.partition("/")
+    means, stds = [float(v) for v in mean.split(",")], [float(v) for v in std.split(",")]
+    if not sep or len(means) != len(stds) or not all(math.isfinite(v) for v in means) or not all(math.isfinite(s) and s > 0 for s in stds):
+        raise ValueError(text)
+    return means, stds
+
+
+def _normalization_ok(text: str) -> bool:
+    try:
+        parse_normalization(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from fedsim.attacks import HONEST, Attack, attacker_ids
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError, RunConfig, parse_shape
 from fedsim.data import DataError, augment_batch, center_crop
+from fedsim.data.formats import USER_FORMATS
 from fedsim.data.load import DatasetEntry, DataSpec, dataset_entry, load_data
 from fedsim.data.paths import given_dir
 from fedsim.data.splits import DatasetSplits
@@ -80,9 +81,25 @@ class RunPlan:
         return Attack(self.cfg.attack, self.cfg.attack_scale, self.cfg.attack_noise)
 
 
+def own_data(cfg: RunConfig) -> bool:
+    """Whether the run's nodes bring their own data: a user's format (``disk``,
+    ``imagefolder``, ``npz``) and no ``data-dir`` on the server. Each node then names its
+    files with ``--node-config "dataset-path=..."``; the server holds no training data."""
+    return cfg.dataset in USER_FORMATS and not cfg.data_dir
+
+
 def server_plan(cfg: RunConfig, num_partitions: int | None = None) -> RunPlan:
     """The server's plan for ``num_partitions`` clients (default: ``num-nodes``)."""
-    return _plan(cfg, cfg.num_nodes if num_partitions is None else num_partitions, True)
+    n = cfg.num_nodes if num_partitions is None else num_partitions
+    if not own_data(cfg):
+        return _plan(cfg, n, True)
+    try:
+        return _plan_without_data(cfg, n)
+    except ConfigError as err:
+        raise ConfigError(
+            f"dataset={cfg.dataset!r} with no data-dir is a run on the nodes' own data (each SuperNode's --node-config "
+            f"\"dataset-path=...\"; to simulate on one folder, set data-dir): {err}"
+        ) from None
 
 
 def client_plan(cfg: RunConfig, num_partitions: int) -> RunPlan:
@@ -93,6 +110,8 @@ def client_plan(cfg: RunConfig, num_partitions: int) -> RunPlan:
 def release_plans() -> None:
     """Forget this process's plans (their data sets go with them)."""
     _plan.cache_clear()
+    _plan_without_data.cache_clear()
+    node_plan.cache_clear()
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,6 +137,89 @@ def _plan(cfg: RunConfig, num_partitions: int, server: bool) -> RunPlan:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _plan_without_data(cfg: RunConfig, num_nodes: int) -> RunPlan:
+    """The server's plan of a run on the nodes' own data: the model, classes and input
+    shape from the run config (``num-classes``, ``input-shape`` or the model's own), and
+    the central test set ``server-test`` if given, else none (federated evaluation)."""
+    entry = dataset_entry(cfg.dataset)
+    if cfg.model == "auto":
+        raise ConfigError("set model to yours ('package.module:Net') or a built-in")
+    if cfg.normalize == "auto":
+        raise ConfigError("normalize='auto' would standardise each device's data with its own mean and std; on the nodes' own data "
+                          "set normalize='MEAN/STD' (e.g. '0.2860/0.3530') or 'none', so that every device and the server see the same inputs")
+    model = model_entry(cfg.model)
+    test = _server_test(cfg)
+    splits = _shape_only(cfg, model, test)
+    augment, transform = input_transforms(entry, splits.input_shape, model)
+    objective = user_objective(cfg.loss, cfg.metrics, splits.classification)
+    names, num_params = check_model(model, objective, splits, transform)
+    return RunPlan(cfg, entry, splits, model, num_nodes, (), (), (), augment, transform, resolve_device(cfg.device),
+                   objective, names, num_params, None)
+
+
+def _server_test(cfg: RunConfig) -> DatasetSplits | None:
+    """``server-test``'s examples (its test split, else all of it), or None."""
+    if not cfg.server_test:
+        return None
+    spec = DataSpec(cfg.dataset, cfg.server_test, cfg.image_column, cfg.label_column, cfg.normalize, bool(cfg.loss), holdout=None)
+    try:
+        return load_data(spec)
+    except DataError as err:
+        raise ConfigError(f"server-test={cfg.server_test!r}: {err}") from None
+
+
+def _shape_only(cfg: RunConfig, model: ModelEntry, test: DatasetSplits | None) -> DatasetSplits:
+    """Splits with no training examples: the central test set (or none), the classes and
+    input shape the run config (or the model, or the test set) gives; ConfigError when
+    they are missing or disagree."""
+    shape = parse_shape(cfg.input_shape) or model.input_shape or (test.input_shape if test is not None else ())
+    k = cfg.num_classes or (test.num_classes if test is not None else 0)
+    if not shape or not k:
+        raise ConfigError("the server holds no data, so set num-classes and input-shape (e.g. num-classes=10 input-shape='1,28,28'), "
+                          "or server-test to a test set")
+    if test is not None and (tuple(test.input_shape) != tuple(shape) or test.num_classes > k):
+        raise ConfigError(f"server-test={cfg.server_test!r} holds {test.input_shape} inputs and {test.num_classes} classes, "
+                          f"but the run has input-shape {shape} and num-classes {k}")
+    if test is None:
+        x_test, y_test = torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.int64)
+    elif len(test.y_test):
+        x_test, y_test = test.x_test, test.y_test  # its test split
+    else:
+        x_test, y_test = test.x_train, test.y_train  # all of it
+    info = {"source": "the nodes' own data", "test": f"server-test {cfg.server_test}" if test is not None else "none (federated evaluation)"}
+    return DatasetSplits(cfg.dataset, torch.zeros((0, *shape)), y_test[:0], x_test, y_test, k, info=info)
+
+
+@functools.lru_cache(maxsize=4)
+def node_plan(cfg: RunConfig, dataset_path: str) -> RunPlan:
+    """A node's plan on its own data (``--node-config "dataset-path=..."``): its files in the
+    run's format, its test split (or, for federated evaluation, ``local-test-fraction`` of
+    them) held out; checked against the run's input shape and classes (ConfigError: the
+    node replies with it and the server leaves it out)."""
+    entry = dataset_entry(cfg.dataset)
+    holdout = cfg.local_test_fraction if cfg.eval_fraction > 0 else None
+    spec = DataSpec(cfg.dataset, dataset_path, cfg.image_column, cfg.label_column, cfg.normalize, bool(cfg.loss), holdout)
+    try:
+        mine = load_data(spec)
+    except DataError as err:
+        raise ConfigError(f"dataset-path={dataset_path!r}: {err}") from None
+    model = model_entry(cfg.model)
+    shape = parse_shape(cfg.input_shape) or model.input_shape or mine.input_shape
+    if tuple(mine.input_shape) != tuple(shape) or (cfg.num_classes and mine.num_classes > cfg.num_classes):
+        raise ConfigError(f"dataset-path={dataset_path!r} holds {'x'.join(map(str, mine.input_shape))} inputs and labels up to "
+                          f"{mine.num_classes - 1}, but the run has input-shape {'x'.join(map(str, shape))} and num-classes {cfg.num_classes}")
+    n = len(mine.y_train)
+    x = torch.cat([mine.x_train, mine.x_test])
+    y = torch.cat([mine.y_train, mine.y_test])
+    splits = DatasetSplits(cfg.dataset, x, y, mine.x_test[:0], mine.y_test[:0], cfg.num_classes or mine.num_classes, info=mine.info)
+    augment, transform = input_transforms(entry, splits.input_shape, model)
+    objective = user_objective(cfg.loss, cfg.metrics, splits.classification)
+    local_test = (np.arange(n, len(y), dtype=np.int64),) if cfg.eval_fraction > 0 else None
+    return RunPlan(cfg, entry, splits, model, 1, (np.arange(n, dtype=np.int64),), (cfg.batch_size,), (), augment, transform,
+                   None, objective, (), 0, local_test)
+
+
 def _model(cfg: RunConfig, entry: DatasetEntry, splits: DatasetSplits) -> ModelEntry:
     """The model the config names; ``auto`` is the data set's default (a user's data has none)."""
     if cfg.model != "auto":
@@ -135,9 +237,10 @@ def check_model(model: ModelEntry, objective: Objective, splits: DatasetSplits, 
     """One forward pass on two test examples: the model takes the data's inputs and gives
     one output per class (or target), the loss and metrics work on them. Returns the
     metrics' names and the model's parameter count; ConfigError naming both shapes."""
-    x = splits.x_test[:2]
+    x, y = splits.x_test[:2], splits.y_test[:2]
+    if not len(x):  # a server without data: zeros of the run's input shape
+        x, y = torch.zeros((2, *splits.input_shape)), torch.zeros((2, *splits.y_test.shape[1:]), dtype=splits.y_test.dtype)
     x = transform(x) if transform is not None else x
-    y = splits.y_test[:2]
     net = build_model(model, num_classes=splits.num_classes, seed=0)
     where = f"model {model.name!r}"
     try:

@@ -54,8 +54,8 @@ class ReplyMetrics:
     """The bookkeeping every train reply carries."""
 
     num_examples: int
-    train_loss: float
-    partition_id: int
+    train_loss: float  # NaN: not reported (a plain Flower client may send none)
+    partition_id: int | None  # None: not reported (a node on its own data, or a plain Flower client)
     batch_size: int
     cuda_device: int | None = None  # the CUDA index it trained on, -1 for the CPU; None: not reported
 
@@ -70,6 +70,12 @@ class Reply(Generic[P]):
     payload: P
     buffers: dict[str, np.ndarray] | None = None
 
+    @property
+    def client(self) -> int:
+        """Who the server keeps state for: the partition a reply speaks for, or, for a node
+        on its own data (no ``partition-id``), the node itself (its authenticated id)."""
+        return self.metrics.partition_id if self.metrics.partition_id is not None else self.node_id
+
 
 def content_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's records (Flower's own count_bytes per record)."""
@@ -83,23 +89,35 @@ MAX_NUM_EXAMPLES = 2**53
 MAX_CUDA_INDEX = 1023
 
 
-def reply_metrics(msg: Message, *, num_partitions: int | None = None, max_examples: int | None = None) -> ReplyMetrics:
+def reply_metrics(
+    msg: Message, *, num_partitions: int | None = None, max_examples: int | None = None, own_data: bool = False, plain_ok: bool = False,
+) -> ReplyMetrics:
     """The reply's MetricRecord, type- and range-checked: ``num-examples`` an integer in
     [1, max_examples], ``train-loss`` a finite number, ``partition-id`` an integer in
     [0, num_partitions), ``batch-size`` (default 0) an integer in [0, MAX_BATCH_SIZE],
     ``cuda-device`` (optional: the device it trained on) an integer in [-1, MAX_CUDA_INDEX].
-    ``max_examples`` None: at most MAX_NUM_EXAMPLES; ``num_partitions`` None: any id >= 0."""
+    ``max_examples`` None: at most MAX_NUM_EXAMPLES; ``num_partitions`` None: any id >= 0.
+    Who speaks: on the nodes' own data (``own_data``) a reply carries no ``partition-id``
+    (the node is its own client); otherwise it must, except a plain Flower client's reply
+    where the algorithm takes one (``plain_ok``: FedAvg), which may also lack the loss
+    (or name it ``train_loss``): None and NaN then."""
     if msg.has_error():
         raise BadReply(f"client error: {msg.error.reason}")
     content = msg.content
     m = content.get(METRICS)  # not content.metric_records: that property builds a new view per call
     if not isinstance(m, MetricRecord):
         raise BadReply(f"missing MetricRecord {METRICS!r} (has {sorted(content.keys())})")
-    try:
-        n, loss, pid = m["num-examples"], m["train-loss"], m["partition-id"]
-    except KeyError as err:
-        raise BadReply(f"MetricRecord {METRICS!r} lacks {err.args[0]!r}") from None
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+    n, pid = m.get("num-examples"), m.get("partition-id")
+    loss = m.get("train-loss", m.get("train_loss", math.nan))
+    given = "train-loss" in m or "train_loss" in m
+    plain = pid is None and plain_ok and not own_data
+    required = ["num-examples", *([] if plain else ["train-loss"]), *([] if own_data or plain else ["partition-id"])]
+    for key in required:
+        if key not in m and not (key == "train-loss" and given):
+            raise BadReply(f"MetricRecord {METRICS!r} lacks {key!r}")
+    if own_data and pid is not None:
+        raise BadReply("this run is on the nodes' own data: a node is its own client and a reply carries no partition-id")
+    if given and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise BadReply(f"train-loss must be a finite number, got {loss!r}")
     examples_cap = (
         (MAX_NUM_EXAMPLES, "exact in float64") if max_examples is None else (max_examples, f"max-examples={max_examples}")
@@ -107,8 +125,8 @@ def reply_metrics(msg: Message, *, num_partitions: int | None = None, max_exampl
     pid_cap = (None, "") if num_partitions is None else (num_partitions - 1, f"num-partitions={num_partitions}")
     return ReplyMetrics(
         num_examples=_int_metric("num-examples", n, 1, *examples_cap),
-        train_loss=float(loss),
-        partition_id=_int_metric("partition-id", pid, 0, *pid_cap),
+        train_loss=float(loss),  # type: ignore[arg-type]
+        partition_id=None if pid is None else _int_metric("partition-id", pid, 0, *pid_cap),
         batch_size=_int_metric("batch-size", m.get("batch-size", 0), 0, MAX_BATCH_SIZE, "an int32 row count"),
         cuda_device=None if "cuda-device" not in m else _int_metric("cuda-device", m["cuda-device"], -1, MAX_CUDA_INDEX, "a CUDA index"),
     )
@@ -273,8 +291,13 @@ class EvalMetrics:
     node_id: int
     num_examples: int
     loss: float
-    partition_id: int
+    partition_id: int | None  # None: a node on its own data
     values: dict[str, float]
+
+    @property
+    def client(self) -> int:
+        """The partition it speaks for, or the node itself (as ``Reply.client``)."""
+        return self.partition_id if self.partition_id is not None else self.node_id
 
 
 def eval_reply_metrics(
@@ -289,9 +312,9 @@ def eval_reply_metrics(
     m = msg.content.get(METRICS)
     if not isinstance(m, MetricRecord):
         raise BadReply(f"missing MetricRecord {METRICS!r} (has {sorted(msg.content.keys())})")
-    expected = {"num-examples", "partition-id", "loss", *names}
+    expected = {"num-examples", "loss", *names, *(["partition-id"] if "partition-id" in m else [])}
     if set(m.keys()) != expected:
-        raise BadReply(f"evaluate metrics must be exactly {sorted(expected)}, got {sorted(m.keys())}")
+        raise BadReply(f"evaluate metrics must be exactly {sorted(expected | {'partition-id'})} (partition-id only for a partition), got {sorted(m.keys())}")
     values = {}
     for key in ("loss", *names):
         v = m[key]
@@ -302,7 +325,6 @@ def eval_reply_metrics(
         values[key] = float(v)
     cap = (MAX_NUM_EXAMPLES, "exact in float64") if max_examples is None else (max_examples, f"max-examples={max_examples}")
     pid_cap = (None, "") if num_partitions is None else (num_partitions - 1, f"num-partitions={num_partitions}")
-    return EvalMetrics(
-        msg.metadata.src_node_id, _int_metric("num-examples", m["num-examples"], 1, *cap), values.pop("loss"),
-        _int_metric("partition-id", m["partition-id"], 0, *pid_cap), values,
-    )
+    node = msg.metadata.src_node_id
+    pid = _int_metric("partition-id", m["partition-id"], 0, *pid_cap) if "partition-id" in m else None
+    return EvalMetrics(node, _int_metric("num-examples", m["num-examples"], 1, *cap), values.pop("loss"), pid, values)

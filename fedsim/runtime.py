@@ -103,14 +103,15 @@ class Runtime:
             return self._test_inputs[plan.model_name]
 
 
-_RUNTIMES: dict[tuple[str, str, torch.device], Runtime] = {}
+_RUNTIMES: dict[tuple[str, str, str, torch.device], Runtime] = {}
 _RUNTIMES_LOCK = threading.Lock()
 
 
 def runtime(plan: RunPlan, device: torch.device) -> Runtime:
     """This process's runtime of the plan's dataset on ``device``, built on first use."""
     splits = plan.splits
-    key = (plan.cfg.dataset, plan.cfg.data_dir, device)
+    # a node on its own data (fedsim.plan.node_plan) is its own data set: its source names it
+    key = (plan.cfg.dataset, plan.cfg.data_dir, str(splits.info.get("source", "")), device)
     with _RUNTIMES_LOCK:  # concurrent first calls (worker threads) would each copy the dataset
         found = _RUNTIMES.get(key)
         if found is None or found.splits is not splits:
@@ -125,7 +126,7 @@ def release_runtimes() -> None:
     """Drop every runtime and plan of this process (datasets on devices, models, client
     views); on CUDA also return the cached blocks to the driver."""
     with _RUNTIMES_LOCK:
-        had_cuda = any(d.type == "cuda" for _, _, d in _RUNTIMES)
+        had_cuda = any(d.type == "cuda" for *_, d in _RUNTIMES)
         _RUNTIMES.clear()
     release_plans()
     if had_cuda:

@@ -37,7 +37,7 @@ from fedsim.errors import RunFailed
 from fedsim.models import build_model, count_parameters
 from fedsim.parallel import available_cores, block_map
 from fedsim.partitions import format_label_counts, label_counts
-from fedsim.plan import RunPlan, server_plan
+from fedsim.plan import RunPlan, own_data, server_plan
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.run_folder import claim_run_folder
@@ -72,7 +72,7 @@ class Evaluator:
             for key in ("bytes-up", "bytes-down", "clients", "rejected"):
                 setattr(row, key.replace("-", "_"), int(_number(metrics.get(key, 0))))
         due = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
-        if due:
+        if due and len(self.y_test):  # no central test set on the nodes' own data without server-test
             load_into(self.model, arrays)
             row.test_loss, values = evaluate(self.model, self.x_test, self.y_test, self.objective)
             row.test_accuracy = values.pop("accuracy", math.nan)
@@ -133,9 +133,11 @@ def set_up(grid: Grid, cfg: RunConfig, cores: int | None = None) -> ServerSetup:
     threads = 1 if device.type != "cpu" else max(1, (cores or available_cores()) // max(1, torch.get_num_threads()))
     # Replies may claim partition ids below max(num-nodes, connected nodes) and at most the
     # training set's size as num-examples: a node cannot grow the server's state at will.
+    mine = own_data(cfg)  # the nodes' own data: the server cannot know their sizes
     strategy = build_strategy(
         cfg, ModelSpec.of(array_spec(initial), param_keys), num_partitions=max(cfg.num_nodes, len(nodes)),
-        max_examples=len(rt.y_train), device=device, map_blocks=block_map(threads), metric_names=plan.metric_names,
+        max_examples=None if mine else len(rt.y_train), device=device, map_blocks=block_map(threads),
+        metric_names=plan.metric_names, max_clients_by_node=mine,
     )
     return ServerSetup(cfg, plan, nodes, rt, initial, count_parameters(model), strategy, Evaluator(plan, rt))
 
@@ -148,7 +150,7 @@ def log_setup(setup: ServerSetup) -> np.ndarray | None:
         cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), list(plan.batch_sizes))
     if plan.attackers:
         log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, list(plan.attackers))
-    if not plan.splits.classification:
+    if not plan.splits.classification or not plan.partitions:  # regression, or the nodes' own data
         return None
     counts = label_counts(plan.splits.y_train.numpy(), list(plan.partitions), plan.num_classes)
     log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
@@ -246,9 +248,16 @@ def summarise(setup: ServerSetup, start: Start, rows: list[RoundRow], wall: floa
         "algorithm": strategy.algorithm.report(), "model": plan.model_name, "num_parameters": setup.num_params,
         "data": {"dataset": cfg.dataset, "input_shape": list(plan.input_shape), "num_classes": plan.num_classes,
                  "task": "classification" if plan.splits.classification else "regression", **plan.splits.info},
-        "evaluation": "central and federated" if cfg.eval_fraction > 0 else "central",
+        "evaluation": evaluation_kind(cfg, plan),
         "wall_seconds": wall,
     }
+
+
+def evaluation_kind(cfg: RunConfig, plan: RunPlan) -> str:
+    """Which evaluation produced the run's figures: "central" (the server's test set),
+    "federated" (the clients' own held-out data), both, or "none"."""
+    kinds = [k for k, on in (("central", len(plan.splits.y_test) > 0), ("federated", cfg.eval_fraction > 0)) if on]
+    return " and ".join(kinds) or "none"
 
 
 def run_experiment(

@@ -161,7 +161,8 @@ def overflow_float64(parts: Parts, r: random.Random, ctx: dict) -> None:
 
 
 def metric_missing(parts: Parts, r: random.Random, ctx: dict) -> None:
-    del parts["metrics"][r.choice(["num-examples", "train-loss", "partition-id"])]  # batch-size is optional
+    # batch-size is optional; a reply without partition-id is a plain Flower client's, which FedAvg takes
+    del parts["metrics"][r.choice(["num-examples", "train-loss", *([] if ctx["name"] == "fedavg" else ["partition-id"])])]
 
 
 def metric_bad_value(parts: Parts, r: random.Random, ctx: dict) -> None:
@@ -252,7 +253,7 @@ def test_malformed_replies_change_nothing_but_the_rejected_count(name, n_by_pid,
             for i, m in enumerate(msgs):
                 assign_message_id(m, f"r{rnd}-{i}")
         valid = [valid_parts(fuzzed, pid, n_by_pid[pid], rng) for pid in sorted(valid_pids)]
-        ctx = {"n_by_pid": n_by_pid, "free_pinned": sorted(pinned - valid_pids)}
+        ctx = {"n_by_pid": n_by_pid, "free_pinned": sorted(pinned - valid_pids), "name": name}
         bad_replies = [
             malformed(fuzzed, kind, pid, s, ctx, stray_message(300 + j, f"stray-{rnd}-{j}")) for j, (kind, pid, s) in enumerate(bad)
         ]

@@ -290,7 +290,7 @@ BAD = [
     ({"data-dir": "data/none.npz"}, "does not exist"),
     ({"dataset": "disk", "data-dir": "{app}/data"}, "is not a dataset saved with save_to_disk"),
     ({"dataset": "imagefolder", "data-dir": "{app}/data"}, "has no train/ folder"),
-    ({"dataset": "disk", "data-dir": ""}, "set data-dir to the folder"),
+    ({"dataset": "disk", "data-dir": ""}, "with no data-dir is a run on the nodes' own data"),
     ({"dataset": "task:nothing"}, "has no attribute 'nothing'"),
     ({"dataset": "task:mse"}, "the loader raised TypeError"),
     ({"partitioning": "natural:writer"}, "the data has no column 'writer'"),

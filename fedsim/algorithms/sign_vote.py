@@ -84,7 +84,7 @@ class SignVote(Algorithm[HS, torch.Tensor]):
 
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[torch.Tensor]]) -> ArrayRecord:
         signs = torch.stack([r.payload for r in replies])
-        u = self.vote([r.metrics.partition_id for r in replies], signs)
+        u = self.vote([r.client for r in replies], signs)
         return descend(current, self.model.param_keys, u, self.hp.lr)
 
 

@@ -59,7 +59,7 @@ class ClientsCsv(Callback):
             return
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerows(
-                [end.row.round, c.node_id, c.partition_id, c.num_examples, repr(c.loss), *(repr(c.values[n]) for n in self.columns[5:])]
+                [end.row.round, c.node_id, "" if c.partition_id is None else c.partition_id, c.num_examples, repr(c.loss), *(repr(c.values[n]) for n in self.columns[5:])]
                 for c in end.fed.clients
             )
 

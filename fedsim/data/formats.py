@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.config import parse_normalization
 from fedsim.data.errors import DataError
 from fedsim.data.splits import DatasetSplits
 
@@ -214,23 +215,31 @@ def _from_dataset(dataset: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def to_splits(name: str, raw: Arrays, normalize: str, user_loss: bool) -> DatasetSplits:
+def to_splits(name: str, raw: Arrays, normalize: str, user_loss: bool, holdout: float | None = HOLDOUT_FRACTION) -> DatasetSplits:
     """DatasetSplits of ``raw`` (module docstring); its ``info`` says what was done: the
-    source, how the test set was made, the input shape, the normalisation's mean and std."""
+    source, how the test set was made, the input shape, the normalisation's mean and std.
+    Without a test split, ``holdout`` of the training examples becomes one (None: none is
+    made, the test set is empty: a device that does not evaluate trains on everything)."""
     x_train, y_train, x_test, y_test = raw.x_train, raw.y_train, raw.x_test, raw.y_test
     facts: dict[str, Any] = {"source": raw.source, "test": "given"}
     columns = raw.columns
-    if x_test is None or y_test is None:
+    if (x_test is None or y_test is None) and holdout is None:
+        x_test, y_test = x_train[:0], y_train[:0]
+        facts["test"] = "none"
+    elif x_test is None or y_test is None:
+        assert holdout is not None  # the branch above took None
         order = np.random.default_rng(0).permutation(len(x_train))
-        cut = len(order) - max(1, math.ceil(HOLDOUT_FRACTION * len(order)))
+        cut = len(order) - max(1, math.ceil(holdout * len(order)))
         train_idx, test_idx = np.sort(order[:cut]), np.sort(order[cut:])
         x_train, y_train, x_test, y_test = x_train[train_idx], y_train[train_idx], x_train[test_idx], y_train[test_idx]
         columns = {k: v[train_idx] for k, v in (columns or {}).items()}
         facts["test"] = f"held out {len(test_idx)} of {len(order)} training examples (fixed permutation, seed 0)"
-    xs = [_inputs(x, raw.channels_last, f"{raw.source} ({split})") for x, split in ((x_train, "train"), (x_test, "test"))]
-    if xs[0].shape[1:] != xs[1].shape[1:]:
+    xs = [_inputs(x, raw.channels_last, f"{raw.source} ({split})", allow_empty=split == "test") for x, split in ((x_train, "train"), (x_test, "test"))]
+    if len(xs[1]) and xs[0].shape[1:] != xs[1].shape[1:]:
         raise DataError(f"{raw.source}: train examples have shape {xs[0].shape[1:]} but test examples {xs[1].shape[1:]}")
-    mean, std = _moments(xs[0]) if normalize == "auto" else (None, None)
+    if not len(xs[1]):
+        xs[1] = xs[1].reshape(0, *xs[0].shape[1:])
+    mean, std = _normalization(normalize, xs[0], raw.source)
     if mean is not None and std is not None:
         xs = [(x - mean) / std for x in xs]
         facts["normalization"] = {"mean": mean.reshape(-1).tolist()[:64], "std": std.reshape(-1).tolist()[:64]}
@@ -242,10 +251,27 @@ def to_splits(name: str, raw: Arrays, normalize: str, user_loss: bool) -> Datase
                          num_classes, columns=columns or None, info=facts)
 
 
-def _inputs(x: np.ndarray, channels_last: bool, where: str) -> np.ndarray:
+def _normalization(normalize: str, x: np.ndarray, where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The mean and std to standardise with: the training set's ("auto"), given ("MEAN/STD",
+    one value per channel of images or per feature of vectors, or one for all), or none."""
+    if normalize == "none":
+        return None, None
+    if normalize == "auto":
+        return _moments(x)
+    given = parse_normalization(normalize)  # checked by the run config
+    assert given is not None  # "auto" and "none" returned above
+    mean, std = given
+    width = x.shape[1] if x.ndim in (2, 4) else 1
+    if len(mean) not in (1, width):
+        raise DataError(f"{where}: normalize={normalize!r} gives {len(mean)} values, the data has {width} channels or features")
+    shape = (-1, 1, 1) if x.ndim == 4 else (-1,) if x.ndim == 2 else ()
+    return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
+
+
+def _inputs(x: np.ndarray, channels_last: bool, where: str, allow_empty: bool = False) -> np.ndarray:
     """float32 inputs [n, ...]: uint8 scaled to [0, 1], [n, H, W] images given a channel,
     decoded [n, H, W, C] images moved to [n, C, H, W]."""
-    if x.ndim < 2 or x.shape[0] == 0:
+    if x.ndim < 2 or (x.shape[0] == 0 and not allow_empty):
         raise DataError(f"{where}: inputs have shape {x.shape}; expected [examples, ...] with at least one example")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise DataError(f"{where}: inputs have dtype {x.dtype}; expected numbers")
@@ -273,7 +299,7 @@ def _labels(y_train: np.ndarray, y_test: np.ndarray, raw: Arrays, regression: bo
     """Labels as int64 0..K-1 and K (classification), or float32 targets and their width."""
     ys = [np.asarray(y) for y in (y_train, y_test)]
     for y, split in zip(ys, ("train", "test"), strict=True):
-        if y.shape[:1] != (len(y),) or y.size == 0:
+        if y.shape[:1] != (len(y),) or (y.size == 0 and split == "train"):
             raise DataError(f"{raw.source} ({split}): no labels, or labels of shape {y.shape}")
     if regression:
         out = [y.astype(np.float32).reshape(len(y), -1) if y.ndim > 1 else y.astype(np.float32) for y in ys]
@@ -282,8 +308,8 @@ def _labels(y_train: np.ndarray, y_test: np.ndarray, raw: Arrays, regression: bo
     if not integral or any(y.ndim != 1 for y in ys):
         raise DataError(f"{raw.source}: labels must be integers 0..K-1 (class ids), got dtype {ys[0].dtype} shape {ys[0].shape}; "
                         "for a regression target set a loss of yours (loss = 'package.module:fn')")
-    low = min(int(y.min()) for y in ys)
-    high = max(int(y.max()) for y in ys)
+    low = min(int(y.min()) for y in ys if y.size)
+    high = max(int(y.max()) for y in ys if y.size)
     k = raw.num_classes if raw.num_classes is not None else high + 1
     if low < 0 or high >= k:
         raise DataError(f"{raw.source}: labels run {low}..{high}, but class ids must be 0..{k - 1}; renumber them 0..K-1")

@@ -56,6 +56,7 @@ class DataSpec:
     label_column: str = "label"
     normalize: str = "auto"
     user_loss: bool = False
+    holdout: float | None = formats.HOLDOUT_FRACTION  # the test share made when the data has none (None: make none)
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -113,7 +114,7 @@ def _load_user(spec: DataSpec) -> DatasetSplits:
         except ConfigError as err:
             raise DataError(str(err)) from None
         raw = formats.read_user_loader(loader, name, spec.data_dir)
-    return formats.to_splits(name, raw, spec.normalize, spec.user_loss)
+    return formats.to_splits(name, raw, spec.normalize, spec.user_loss, spec.holdout)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetSplits:

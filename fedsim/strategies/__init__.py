@@ -38,18 +38,25 @@ def build_strategy(
     device: torch.device | str = "cpu",
     map_blocks: BlockMap = sequential_blocks,
     metric_names: Sequence[str] = ("accuracy",),
+    max_clients_by_node: bool = False,
 ) -> FedsimStrategy:
     """The strategy for ``cfg``. ``num_partitions`` and ``max_examples`` bound what replies
     may claim (see FedsimStrategy); ``device`` is where the algorithm keeps server-side
     state (the LLR vote's counts); ``map_blocks`` runs its blocks of coordinates
     (fedsim.parallel.block_map for several threads); ``metric_names``: what the task's
-    evaluate replies report (federated evaluation, with ``eval-fraction`` > 0)."""
+    evaluate replies report (federated evaluation, with ``eval-fraction`` > 0);
+    ``max_clients_by_node``: the clients are nodes on their own data, so the algorithm's
+    per-client state is capped at 4 x ``num_partitions`` rather than at the partitions."""
     evaluation = None
     if cfg.eval_fraction > 0:
         evaluation = FederatedEvaluator(cfg.eval_fraction, metric_names, cfg.seed, num_partitions, max_examples)
+    # nodes without a partition id (on their own data, or plain Flower clients) are keyed by
+    # node id; the server keeps state for at most 4 per expected node
+    node_cap = None if num_partitions is None else 4 * num_partitions
     return FedsimStrategy(
-        build_algorithm(cfg, model, num_partitions, device, map_blocks), fraction_train=cfg.fraction_train, seed=cfg.seed,
-        num_partitions=num_partitions, max_examples=max_examples, min_replies=cfg.min_replies, evaluation=evaluation,
+        build_algorithm(cfg, model, node_cap if max_clients_by_node else num_partitions, device, map_blocks),
+        fraction_train=cfg.fraction_train, seed=cfg.seed, num_partitions=num_partitions, max_examples=max_examples,
+        min_replies=cfg.min_replies, evaluation=evaluation, max_node_clients=node_cap, own_data=max_clients_by_node,
     )
 
 

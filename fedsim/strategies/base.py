@@ -25,6 +25,7 @@ runtime gives nodes new ids in every run), so their partitions bind afresh.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -76,11 +77,16 @@ class FedsimStrategy(Strategy):
         max_examples: int | None = None,
         min_replies: int = 1,
         evaluation: FederatedEvaluator | None = None,
+        max_node_clients: int | None = None,
+        own_data: bool = False,
     ) -> None:
         """``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
         ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
         size; None: no cap); ``min_replies``: fewer valid replies than this in a round leave
-        the global model unchanged; ``evaluation``: federated evaluation (None: none)."""
+        the global model unchanged; ``evaluation``: federated evaluation (None: none);
+        ``max_node_clients``: the most nodes on their own data (replies without a
+        partition id) the server keeps state for (None: no cap); ``own_data``: the nodes
+        train on their own data, each its own client (replies carry no partition id)."""
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if min_replies < 1:
@@ -105,6 +111,8 @@ class FedsimStrategy(Strategy):
         self.node_partitions: dict[int, int] = {}
         self._prune_bindings = False  # set by load_state_dict: drop bindings of nodes gone since
         self.evaluation = evaluation
+        self.max_node_clients = max_node_clients
+        self.own_data = own_data
 
     # --- fedsim's round loop -------------------------------------------------------------
 
@@ -214,9 +222,36 @@ class FedsimStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, drop and log the bad ones, and apply the good ones if there are
         at least ``min_replies`` of them (else the global model is unchanged: None)."""
+        checked, received, bytes_up = self._checked(server_round, replies)
+        good = checked
+        for rule in (self._not_bound_elsewhere(), self._first_of_partition, self._pinned_num_examples, self._room_for_node):
+            good = self._keep(server_round, good, rule)
+        self._remember(good)
+        metrics = MetricRecord({"clients": len(good), "rejected": received - len(good), "bytes-up": bytes_up, "bytes-down": self._bytes_down, "updated": 0})
+        losses = [(r.metrics.train_loss, r.metrics.num_examples) for r in good if not math.isnan(r.metrics.train_loss)]
+        if losses:
+            metrics["train-loss"] = float(np.average([v for v, _ in losses], weights=[n for _, n in losses]))
+        if len(good) < self.min_replies:
+            log(
+                WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the global model is unchanged",
+                server_round, len(good), self.min_replies,
+            )
+            return None, metrics
+        assert self._global is not None
+        new = self.algorithm.server_rule(server_round, self._global, good)
+        if self._sends_buffers:
+            weights = [r.metrics.num_examples for r in good]
+            for key in self.buffer_spec:
+                mean = weighted_mean([torch.from_numpy(_buffers(r)[key].copy()) for r in good], weights)
+                new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
+        metrics["updated"] = 1
+        return new, metrics
+
+    def _checked(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Reply[Any]], int, int]:
+        """(the replies that pass their own checks, sorted by client then node; how many came;
+        their payload bytes)."""
         checked: list[Reply[Any]] = []
-        bytes_up = 0
-        received = 0
+        bytes_up = received = 0
         for msg in replies:
             received += 1
             node = msg.metadata.src_node_id
@@ -228,45 +263,28 @@ class FedsimStrategy(Strategy):
                 self._reject(server_round, node, str(err))
             except Exception as err:  # a bug or an odd record type rejects this reply, not the run
                 self._reject(server_round, node, f"{type(err).__name__}: {err}")
-        checked.sort(key=lambda r: (r.metrics.partition_id, r.node_id))
-        good = checked
-        for rule in (self._not_bound_elsewhere(), self._first_of_partition, self._pinned_num_examples):
-            good = self._keep(server_round, good, rule)
-        # ``good`` is final here: only replies that passed every check bind, pin or report anything
-        self.node_partitions.update({r.node_id: r.metrics.partition_id for r in good})
-        self.pinned_num_examples.update({r.metrics.partition_id: r.metrics.num_examples for r in good})
-        self.reported_batch_sizes.update({r.metrics.partition_id: r.metrics.batch_size for r in good})
-        self.reported_devices.update({r.metrics.partition_id: r.metrics.cuda_device for r in good if r.metrics.cuda_device is not None})
-        metrics = MetricRecord(
-            {
-                "clients": len(good),
-                "rejected": received - len(good),
-                "bytes-up": bytes_up,
-                "bytes-down": self._bytes_down,
-                "updated": 0,
-            }
-        )
-        weights = [r.metrics.num_examples for r in good]
-        if good:
-            metrics["train-loss"] = float(np.average([r.metrics.train_loss for r in good], weights=weights))
-        if len(good) < self.min_replies:
-            log(
-                WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the global model is unchanged",
-                server_round, len(good), self.min_replies,
-            )
-            return None, metrics
-        assert self._global is not None
-        new = self.algorithm.server_rule(server_round, self._global, good)
-        if self._sends_buffers:
-            for key in self.buffer_spec:
-                mean = weighted_mean([torch.from_numpy(_buffers(r)[key].copy()) for r in good], weights)
-                new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
-        metrics["updated"] = 1
-        return new, metrics
+        checked.sort(key=lambda r: (r.client, r.node_id))
+        return checked, received, bytes_up
+
+    def _remember(self, good: list[Reply[Any]]) -> None:
+        """What the round's used replies bind, pin and report (only replies that passed
+        every check: a rejected one changes nothing)."""
+        self.node_partitions.update({r.node_id: r.metrics.partition_id for r in good if r.metrics.partition_id is not None})
+        self.pinned_num_examples.update({r.client: r.metrics.num_examples for r in good})
+        self.reported_batch_sizes.update({r.client: r.metrics.batch_size for r in good})
+        self.reported_devices.update({r.client: r.metrics.cuda_device for r in good if r.metrics.cuda_device is not None})
 
     def _check(self, msg: Message, node: int) -> Reply[Any]:
         """One reply's metrics and payload, checked (BadReply if unusable)."""
-        metrics = reply_metrics(msg, num_partitions=self.num_partitions, max_examples=self.max_examples)
+        if not msg.has_error() and self.algorithm.record not in msg.content and ARRAYS in msg.content:
+            raise BadReply(
+                f"it sends a model ('arrays') as a plain Flower ClientApp does, but strategy={self.algorithm.name!r} needs "
+                f"fedsim's ClientApp (clientapp = \"fedsim.client_app:app\"); a plain Flower client can take part in fedavg only"
+            )
+        metrics = reply_metrics(
+            msg, num_partitions=self.num_partitions, max_examples=self.max_examples, own_data=self.own_data,
+            plain_ok=self.algorithm.record == ARRAYS,
+        )
         payload = self.algorithm.parse(msg)
         buffers = checked_arrays(msg, BUFFERS, self.buffer_spec) if self._sends_buffers else None
         no_extra_records(msg, (METRICS, self.algorithm.record, *([BUFFERS] if self._sends_buffers else [])))
@@ -295,7 +313,14 @@ class FedsimStrategy(Strategy):
         another node (a node cannot take over another's partition or its LLR history, nor
         wander between partitions)."""
         owner = {pid: node for node, pid in self.node_partitions.items()}
-        return lambda r, _: self._identity_problem(r.node_id, r.metrics.partition_id, owner)
+        def why_not(r: Reply[Any], _: list[Reply[Any]]) -> str | None:
+            if r.metrics.partition_id is not None:
+                return self._identity_problem(r.node_id, r.metrics.partition_id, owner)
+            if r.node_id in self.node_partitions:
+                return f"sends no partition-id, but node {r.node_id} is bound to partition-id {self.node_partitions[r.node_id]} by its first used reply"
+            return None
+
+        return why_not
 
     def _identity_problem(self, node: int, pid: int, owner: dict[int, int] | None = None) -> str | None:
         """Why ``node`` may not speak for partition ``pid`` (None: it may)."""
@@ -310,24 +335,31 @@ class FedsimStrategy(Strategy):
 
     @staticmethod
     def _first_of_partition(r: Reply[Any], kept: list[Reply[Any]]) -> str | None:
-        """Rule (replies sorted): the first reply per partition id; two nodes holding one
-        partition is a deployment mistake, and its data must not count twice."""
-        if kept and kept[-1].metrics.partition_id == r.metrics.partition_id:
-            return (
-                f"partition-id {r.metrics.partition_id} already replied this round "
-                f"(node {kept[-1].node_id}); give each SuperNode its own partition-id"
-            )
+        """Rule (replies sorted): the first reply per client (partition id, or node on its
+        own data); two nodes holding one partition is a deployment mistake, and its data
+        must not count twice."""
+        if kept and kept[-1].client == r.client:
+            what = f"partition-id {r.client}" if r.metrics.partition_id is not None else f"node {r.client}"
+            return f"{what} already replied this round (node {kept[-1].node_id}); give each SuperNode its own partition-id"
+        return None
+
+    def _room_for_node(self, r: Reply[Any], _: list[Reply[Any]]) -> str | None:
+        """Rule: the server keeps state for at most ``max_node_clients`` nodes on their own
+        data (a node id is its identity there; registered devices bound it in deployment)."""
+        if r.metrics.partition_id is not None or r.client in self.pinned_num_examples or self.max_node_clients is None:
+            return None
+        known = sum(1 for c in self.pinned_num_examples if c not in self.node_partitions.values())
+        if known >= self.max_node_clients:
+            return f"the server keeps state for at most {self.max_node_clients} nodes on their own data (num-nodes x 4); a new node is one too many"
         return None
 
     def _pinned_num_examples(self, r: Reply[Any], _: list[Reply[Any]]) -> str | None:
         """Rule: num-examples as pinned for the partition by its first used reply (a local
         set does not change size within a run)."""
-        pinned = self.pinned_num_examples.get(r.metrics.partition_id, r.metrics.num_examples)
+        pinned = self.pinned_num_examples.get(r.client, r.metrics.num_examples)
         if pinned != r.metrics.num_examples:
-            return (
-                f"num-examples={r.metrics.num_examples} differs from the {pinned} partition-id "
-                f"{r.metrics.partition_id} reported before; a local set does not change size"
-            )
+            what = f"partition-id {r.client}" if r.metrics.partition_id is not None else f"node {r.client}"
+            return f"num-examples={r.metrics.num_examples} differs from the {pinned} {what} reported before; a local set does not change size"
         return None
 
     def _drop_bindings_of_absent_nodes(self, server_round: int, nodes: list[int]) -> None:

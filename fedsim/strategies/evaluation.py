@@ -66,16 +66,16 @@ class FederatedEvaluator:
             node = msg.metadata.src_node_id
             try:
                 r = eval_reply_metrics(msg, self.names, num_partitions=self.num_partitions, max_examples=self.max_examples)
-                reason = bound(r.node_id, r.partition_id)
-                if reason is None and any(u.partition_id == r.partition_id for u in used):
-                    reason = f"partition-id {r.partition_id} already reported this evaluation round"
+                reason = bound(r.node_id, r.partition_id) if r.partition_id is not None else None
+                if reason is None and any(u.client == r.client for u in used):
+                    reason = f"{'partition-id' if r.partition_id is not None else 'node'} {r.client} already reported this evaluation round"
                 if reason is not None:
                     raise BadReply(reason)
                 used.append(r)
             except Exception as err:
                 reason = str(err) if isinstance(err, BadReply) else f"{type(err).__name__}: {err}"
                 log(WARNING, "round %d: rejected the evaluate reply of node %d: %s", server_round, node, reason)
-        used.sort(key=lambda r: r.partition_id)
+        used.sort(key=lambda r: r.client)
         figures = evaluation_figures(
             [r.num_examples for r in used], [r.loss for r in used], {n: [r.values[n] for r in used] for n in self.names},
         )
