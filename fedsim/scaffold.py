@@ -49,6 +49,11 @@ eval-every = 1
 eval-fraction = 0.0
 seed = 0
 results-dir = ""
+# for a run on the devices' own data (dataset = "disk" and each SuperNode's
+# --node-config "dataset-path=..."): the classes and input shape the server cannot read
+num-classes = 0
+input-shape = ""
+normalize = "auto"
 '''
 
 TASK = '''"""The model and the data of this app (fedsim reads them as ``model = "task:Net"`` and

@@ -215,6 +215,14 @@ def run_rounds(grid: Grid, setup: ServerSetup, start: Start, callbacks: Sequence
     return final, time.perf_counter() - t0
 
 
+def final_figure(rows: list[RoundRow]) -> str:
+    """``final test accuracy X``, or without a central test set the last federated one."""
+    if rows[-1].test_accuracy == rows[-1].test_accuracy:  # not NaN
+        return f"final test accuracy {rows[-1].test_accuracy:.4f}"
+    fed = [r.extra["fed_accuracy"] for r in rows if r.extra.get("fed_accuracy", math.nan) == r.extra.get("fed_accuracy")]
+    return f"final federated accuracy {fed[-1]:.4f}" if fed else f"final test accuracy {rows[-1].test_accuracy:.4f}"
+
+
 def failure(rows: list[RoundRow], min_replies: int) -> str | None:
     """Why a run learned nothing (no trained round had min-replies valid replies), else None;
     logs how many rounds were short when only some were."""
@@ -293,7 +301,7 @@ def run_experiment(
         for cb in cbs:
             cb.on_run_start(RunStart(cfg, folder, start.first_round, setup.num_params, {"num_nodes": len(setup.nodes)}))
         final, wall = run_rounds(grid, setup, start, cbs)
-        log(INFO, "fedsim: final test accuracy %.4f after %d rounds (%.1f s)", rows[-1].test_accuracy, rows[-1].round, wall)
+        log(INFO, "fedsim: %s after %d rounds (%.1f s)", final_figure(rows), rows[-1].round, wall)
         failed = failure(rows, cfg.min_replies)
         summary = {**summarise(setup, start, rows, wall, failed), "engine": engine, "engine_settings": dict(engine_settings or {}), **environment}
         if writer is not None:

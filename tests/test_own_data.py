@@ -165,3 +165,30 @@ def test_fedsim_split_writes_the_partitions_as_device_folders(tmp_path):
         assert len(mine.y_train) + len(mine.y_test) == n and len(mine.y_test) == max(1, round(0.25 * n))
         assert set(mine.y_train.tolist()) <= set(plan.splits.y_train[plan.partitions[k]].tolist())
     assert 'input-shape = "1,8,8"' in (tmp_path / "devices" / "README.md").read_text()
+
+
+def test_a_users_own_serverapp_runs_fedsims_strategy_with_flowers_start(tmp_path):
+    """fedsim.strategies.strategy_for: the public entry point of a user's ServerApp; Flower's
+    own Strategy.start drives it, fedsim's ClientApp answers."""
+    from flwr.serverapp import ServerApp
+
+    from fedsim.client_app import app as fedsim_client
+    from fedsim.strategies import strategy_for
+
+    run_config = {"strategy": "llr-vote", "lr": 0.01, "llr-warmup": 1, "num-nodes": 4, "dataset": "digits", "model": "digits-mlp"}
+    seen = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        from fedsim.models import build_model
+
+        net = build_model("digits-mlp", seed=0)
+        strategy = strategy_for(net, context.run_config)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net.state_dict()), num_rounds=3)
+        seen["rounds"] = sorted(result.train_metrics_clientapp)
+        seen["clients"] = [int(m["clients"]) for m in result.train_metrics_clientapp.values()]
+
+    cfg = load_config(run_config).to_mapping()
+    app(InProcessGrid(fedsim_client, 4, cfg), Context(1, 1, {}, RecordDict(), cfg))
+    assert seen == {"rounds": [1, 2, 3], "clients": [4, 4, 4]}

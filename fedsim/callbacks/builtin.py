@@ -83,11 +83,14 @@ class LogLine(Callback):
         self.num_rounds = num_rounds
 
     def on_round_end(self, end: RoundEnd) -> None:
-        if end.evaluated:
+        if end.evaluated or end.fed is not None:
             r = end.row
+            fed = ""
+            if "fed_accuracy" in r.extra:
+                fed = f", federated accuracy {r.extra['fed_accuracy']:.4f} (client min {r.extra.get('fed_accuracy_min', float('nan')):.4f})"
             log(
-                INFO, "fedsim round %d/%d: test accuracy %.4f, test loss %.4f, train loss %.4f, up %d B, %.1f s",
-                r.round, self.num_rounds, r.test_accuracy, r.test_loss, r.train_loss, r.bytes_up, r.seconds,
+                INFO, "fedsim round %d/%d: test accuracy %.4f, test loss %.4f%s, train loss %.4f, up %d B, %.1f s",
+                r.round, self.num_rounds, r.test_accuracy, r.test_loss, fed, r.train_loss, r.bytes_up, r.seconds,
             )
 
 

@@ -1,9 +1,12 @@
 """fedsim's Flower strategy: ``FedsimStrategy`` drives any registered algorithm
 (fedsim.algorithms); ``build_strategy`` makes the one a run config names.
 
-This is the public entry point for a Flower user's own ServerApp: build a run config with
-``fedsim.validation.load_config``, then ``build_strategy(cfg, ModelSpec.of(...))`` and run it
-with ``FedsimStrategy.run`` (or Flower's ``Strategy.start``).
+The public entry point for a Flower user's own ServerApp is ``strategy_for(model,
+run_config)``: a Flower ``Strategy`` running the algorithm the run config names on the
+model's parameters; start it with Flower's ``strategy.start(grid=..., initial_arrays=...,
+num_rounds=...)`` or fedsim's ``strategy.run(...)``. Its clients run fedsim's ClientApp
+(``fedsim.client_app:app``), or, for ``fedavg``, any Flower ClientApp that replies with its
+model and ``num-examples``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ from typing import Any
 
 import torch
 
+from collections.abc import Mapping
+
+from torch import nn
+
 from fedsim.algorithms import REGISTRY, Algorithm
+from fedsim.arrays import to_array_record
 from fedsim.config import RunConfig
 from fedsim.core.blocks import BlockMap, sequential_blocks
-from fedsim.protocol import ModelSpec, Reply
+from fedsim.protocol import ModelSpec, Reply, array_spec
 from fedsim.strategies.base import FedsimStrategy, RoundEndHook
 from fedsim.strategies.evaluation import FederatedEvaluation, FederatedEvaluator
+from fedsim.validation import load_config
 
 
 def build_algorithm(
@@ -60,4 +69,18 @@ def build_strategy(
     )
 
 
-__all__ = ["FederatedEvaluation", "FederatedEvaluator", "FedsimStrategy", "Reply", "RoundEndHook", "build_algorithm", "build_strategy"]
+def strategy_for(model: nn.Module, run_config: Mapping[str, Any] | None = None, num_partitions: int | None = None) -> FedsimStrategy:
+    """A Flower strategy of fedsim's algorithm ``run_config["strategy"]`` (default fedavg)
+    for ``model``'s parameters: ``run_config`` is a Flower run config (fedsim's keys,
+    checked by ``fedsim.validation.load_config``: a ConfigError names a bad one);
+    ``num_partitions`` bounds the partition ids replies may claim (default: ``num-nodes``)."""
+    cfg = load_config(dict(run_config or {}))
+    spec = array_spec(to_array_record({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}))
+    keys = [n for n, p in model.named_parameters() if p.requires_grad]
+    return build_strategy(cfg, ModelSpec.of(spec, keys), num_partitions=num_partitions or cfg.num_nodes)
+
+
+__all__ = [
+    "FederatedEvaluation", "FederatedEvaluator", "FedsimStrategy", "Reply", "RoundEndHook", "build_algorithm", "build_strategy",
+    "strategy_for",
+]
