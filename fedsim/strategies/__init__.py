@@ -11,13 +11,10 @@ model and ``num-examples``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from collections.abc import Mapping
-
 from torch import nn
 
 from fedsim.algorithms import REGISTRY, Algorithm
