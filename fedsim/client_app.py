@@ -131,7 +131,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     rt = runtime(m.plan, m.device)
     setup = rt.client(m.plan, m.partition_id)
     load_into(setup.model, m.arrays)
-    rows = torch.as_tensor(m.plan.local_test[m.partition_id], dtype=torch.long, device=m.device)
+    rows = torch.tensor(m.plan.local_test[m.partition_id], dtype=torch.long, device=m.device)  # a copy: the table is read-only
     x = rt.x_train[rows]
     x = m.plan.eval_transform(x) if m.plan.eval_transform is not None else x
     loss, values = evaluate(setup.model, x, rt.y_train[rows], m.plan.objective)

@@ -32,9 +32,8 @@ from fedsim.data.splits import DatasetSplits
 from fedsim.device import resolve_device
 from fedsim.models import ModelEntry, build_model, count_parameters, model_entry
 from fedsim.objective import Objective, checked_metrics, user_objective
-from fedsim.partitions import PartitionSpec, partition_indices
+from fedsim.partitions import HeldOut, IndexTable, Partitions, PartitionSpec, client_partitions
 from fedsim.partitions.batch_sizes import client_batch_sizes
-from fedsim.seeding import stream_seed
 
 LABEL_SCHEMES = ("shards", "dirichlet", "labels")  # partitionings that read class labels
 
@@ -51,7 +50,7 @@ class RunPlan:
     splits: DatasetSplits
     model: ModelEntry
     num_partitions: int
-    partitions: tuple[np.ndarray, ...]  # client -> its example indices into the training set
+    partitions: Partitions  # client -> its example indices into the training set
     batch_sizes: tuple[int, ...]  # client -> its batch size (B = 0: the whole local set)
     attackers: tuple[int, ...]  # the attacking clients' partition ids, sorted
     augment: Augment | None  # training augmentation of a batch (None: none)
@@ -60,7 +59,7 @@ class RunPlan:
     objective: Objective  # the task's loss and metrics
     metric_names: tuple[str, ...]  # what the objective's metrics report
     num_params: int  # trainable parameters of the model
-    local_test: tuple[np.ndarray, ...] | None = None  # client -> its held-out examples (federated evaluation)
+    local_test: Partitions | None = None  # client -> its held-out examples (federated evaluation)
 
     @property
     def num_classes(self) -> int:
@@ -132,7 +131,7 @@ def _plan(cfg: RunConfig, num_partitions: int, server: bool) -> RunPlan:
         raise ConfigError(str(err)) from None
     attackers = attacker_ids(cfg.seed, num_partitions, min(cfg.attackers, num_partitions))
     return RunPlan(
-        cfg, entry, splits, model, num_partitions, tuple(parts), tuple(sizes), tuple(attackers), augment, transform, device,
+        cfg, entry, splits, model, num_partitions, parts, tuple(sizes), tuple(attackers), augment, transform, device,
         objective, names, num_params, local_test,
     )
 
@@ -154,7 +153,7 @@ def _plan_without_data(cfg: RunConfig, num_nodes: int) -> RunPlan:
     augment, transform = input_transforms(entry, splits.input_shape, model)
     objective = user_objective(cfg.loss, cfg.metrics, splits.classification)
     names, num_params = check_model(model, objective, splits, transform)
-    return RunPlan(cfg, entry, splits, model, num_nodes, (), (), (), augment, transform, resolve_device(cfg.device),
+    return RunPlan(cfg, entry, splits, model, num_nodes, IndexTable.of([]), (), (), augment, transform, resolve_device(cfg.device),
                    objective, names, num_params, None)
 
 
@@ -215,8 +214,8 @@ def node_plan(cfg: RunConfig, dataset_path: str) -> RunPlan:
     splits = DatasetSplits(cfg.dataset, x, y, mine.x_test[:0], mine.y_test[:0], cfg.num_classes or mine.num_classes, info=mine.info)
     augment, transform = input_transforms(entry, splits.input_shape, model)
     objective = user_objective(cfg.loss, cfg.metrics, splits.classification)
-    local_test = (np.arange(n, len(y), dtype=np.int64),) if cfg.eval_fraction > 0 else None
-    return RunPlan(cfg, entry, splits, model, 1, (np.arange(n, dtype=np.int64),), (cfg.batch_size,), (), augment, transform,
+    local_test = IndexTable.of([np.arange(n, len(y), dtype=np.int64)]) if cfg.eval_fraction > 0 else None
+    return RunPlan(cfg, entry, splits, model, 1, IndexTable.of([np.arange(n, dtype=np.int64)]), (cfg.batch_size,), (), augment, transform,
                    None, objective, (), 0, local_test)
 
 
@@ -267,7 +266,7 @@ def _metric_names(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> t
     return tuple(checked_metrics(values, "metrics"))
 
 
-def _partitions(cfg: RunConfig, splits: DatasetSplits, num_partitions: int) -> list[np.ndarray]:
+def _partitions(cfg: RunConfig, splits: DatasetSplits, num_partitions: int) -> Partitions:
     """Every client's training examples (flwr-datasets partitioners)."""
     spec = PartitionSpec.parse(cfg.partitioning)
     if spec.scheme in LABEL_SCHEMES and not splits.classification:
@@ -279,26 +278,21 @@ def _partitions(cfg: RunConfig, splits: DatasetSplits, num_partitions: int) -> l
         if ids is None:
             raise ConfigError(f"partitioning={cfg.partitioning!r}: the data has no column {spec.column!r} (it has {sorted(splits.columns or {})})")
     try:
-        return partition_indices(labels, spec, num_partitions, cfg.seed, ids=ids)
+        return client_partitions(labels, spec, num_partitions, cfg.seed, ids=ids)
     except ValueError as err:
         raise ConfigError(f"partitioning={cfg.partitioning!r} with {num_partitions} clients on {cfg.dataset}: {err}") from None
 
 
-def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], tuple[np.ndarray, ...]]:
-    """Each client's examples split into (training, held-out test): a fraction ``fraction``
-    (at least one example) chosen by a permutation seeded with (seed, client); the rest,
-    in their order, train. ConfigError for a client with fewer than two examples."""
-    train, test = [], []
-    for pid, idx in enumerate(parts):
-        if len(idx) < 2:
-            raise ConfigError(f"client {pid} holds {len(idx)} example(s): federated evaluation (eval-fraction > 0) needs two or more per client")
-        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
-        held = np.sort(np.random.default_rng(stream_seed(seed, pid, 0x7E57)).permutation(len(idx))[:k])
-        keep = np.ones(len(idx), bool)
-        keep[held] = False
-        train.append(idx[keep])
-        test.append(idx[held])
-    return train, tuple(test)
+def hold_out(parts: Partitions, fraction: float, seed: int) -> tuple[Partitions, Partitions]:
+    """Each client's examples split into (training, held-out test), computed per client on
+    access (fedsim.partitions.HeldOut: a fraction ``fraction``, at least one, chosen by a
+    permutation seeded with (seed, client); the rest, in their order, train). ConfigError
+    for a client with fewer than two examples."""
+    sizes = parts.sizes()
+    if len(sizes) and int(sizes.min()) < 2:
+        pid = int(np.argmin(sizes))
+        raise ConfigError(f"client {pid} holds {int(sizes[pid])} example(s): federated evaluation (eval-fraction > 0) needs two or more per client")
+    return HeldOut(parts, fraction, seed, test=False), HeldOut(parts, fraction, seed, test=True)
 
 
 def _data(cfg: RunConfig) -> tuple[DatasetEntry, DatasetSplits]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,10 @@ from fedsim.data.splits import DatasetSplits
 from fedsim.models import build_model
 from fedsim.objective import CLASSIFICATION, Objective, accuracy, checked_metrics
 from fedsim.plan import RunPlan, release_plans
+
+# Client views kept per runtime, least recently used dropped first: a view is rebuilt from
+# the plan's index table in microseconds, so memory does not grow with the clients sampled.
+MAX_CLIENT_VIEWS = 4096
 
 
 @dataclass
@@ -64,7 +69,7 @@ class Runtime:
     y_test: torch.Tensor
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
-    _clients: dict[tuple[object, ...], ClientSetup] = field(default_factory=dict)
+    _clients: OrderedDict[tuple[object, ...], ClientSetup] = field(default_factory=OrderedDict)
     _test_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -81,17 +86,25 @@ class Runtime:
             return self._models[key]
 
     def client(self, plan: RunPlan, partition_id: int, node_batch_size: int | None = None) -> ClientSetup:
-        """The client's data view, batch size (the node config's wins) and this thread's model."""
+        """The client's data view, batch size (the node config's wins) and this thread's model
+        (views cached, at most MAX_CLIENT_VIEWS)."""
         if not 0 <= partition_id < plan.num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside 0..{plan.num_partitions - 1}")
         key = (plan.cfg, plan.num_partitions, partition_id, node_batch_size, threading.get_ident())
         setup = self._clients.get(key)
         if setup is None:
-            indices = torch.as_tensor(plan.partitions[partition_id], dtype=torch.long, device=self.device)
+            indices = torch.tensor(plan.partitions[partition_id], dtype=torch.long, device=self.device)  # a copy: the table is read-only
             batch_size = plan.batch_sizes[partition_id] if node_batch_size is None else node_batch_size
             data = LocalData(x=self.x_train, y=self.y_train, indices=indices, augment=plan.augment)
             setup = ClientSetup(partition_id, plan.num_partitions, batch_size, data, self.thread_model(plan), self.device)
-            self._clients[key] = setup
+            with self._lock:
+                self._clients[key] = setup
+                while len(self._clients) > MAX_CLIENT_VIEWS:
+                    self._clients.popitem(last=False)
+        else:
+            with self._lock:
+                if key in self._clients:
+                    self._clients.move_to_end(key)
         return setup
 
     def test_inputs(self, plan: RunPlan) -> torch.Tensor:

@@ -36,7 +36,7 @@ from fedsim.device import device_label
 from fedsim.errors import RunFailed
 from fedsim.models import build_model, count_parameters
 from fedsim.parallel import available_cores, block_map
-from fedsim.partitions import format_label_counts, label_counts
+from fedsim.partitions import IndexTable, format_label_counts, label_counts
 from fedsim.plan import RunPlan, own_data, server_plan
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
@@ -142,19 +142,43 @@ def set_up(grid: Grid, cfg: RunConfig, cores: int | None = None) -> ServerSetup:
     return ServerSetup(cfg, plan, nodes, rt, initial, count_parameters(model), strategy, Evaluator(plan, rt))
 
 
+LOGGED_CLIENTS = 100  # more clients than this: the log gets a summary, the files get every row
+
+
 def log_setup(setup: ServerSetup) -> np.ndarray | None:
     """Log what the run is (model size, batch sizes, attackers, label counts); returns the
-    label counts per client [clients, classes] (None for a regression task)."""
+    label counts per client [clients, classes] (None for a regression task, the nodes' own
+    data, or "sample" with more than LOGGED_CLIENTS x 10 clients: drawing every client's
+    examples would cost more than the run's start)."""
     cfg, plan = setup.cfg, setup.plan
     log(INFO, "fedsim: %s on %s (%s, %d parameters), %d nodes, batch sizes by partition %s",
-        cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), list(plan.batch_sizes))
+        cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), _listed(plan.batch_sizes))
     if plan.attackers:
-        log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, list(plan.attackers))
+        log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, _listed(plan.attackers))
     if not plan.splits.classification or not plan.partitions:  # regression, or the nodes' own data
         return None
-    counts = label_counts(plan.splits.y_train.numpy(), list(plan.partitions), plan.num_classes)
-    log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
+    if plan.partitions.overlapping and not isinstance(plan.partitions, IndexTable) and len(plan.partitions) > 10 * LOGGED_CLIENTS:
+        log(INFO, "fedsim: %d clients, each %d examples drawn from the whole set (%s); label counts per client not computed",
+            len(plan.partitions), int(plan.partitions.sizes()[0]), cfg.partitioning)
+        return None
+    counts = label_counts(plan.splits.y_train.numpy(), plan.partitions, plan.num_classes)
+    if len(counts) <= LOGGED_CLIENTS:
+        log(INFO, "fedsim: label counts per client (%s partition):\n%s", cfg.partitioning, format_label_counts(counts))
+    else:
+        sizes, kinds = counts.sum(axis=1), (counts > 0).sum(axis=1)
+        log(INFO, "fedsim: %d clients (%s partition): examples min %d / median %d / max %d, labels min %d / median %d / max %d; "
+            "every client's counts in label_counts.csv", len(counts), cfg.partitioning, sizes.min(), np.median(sizes), sizes.max(),
+            kinds.min(), np.median(kinds), kinds.max())
     return counts
+
+
+def _listed(values: Sequence[int]) -> str:
+    """The values as a list, or for more than LOGGED_CLIENTS of them, each distinct value's count."""
+    if len(values) <= LOGGED_CLIENTS:
+        return str(list(values))
+    distinct, times = np.unique(np.asarray(values), return_counts=True)
+    shown = ", ".join(f"{int(v)} x{int(t)}" for v, t in zip(distinct[:20], times[:20], strict=True))
+    return f"({len(values)} clients: {shown}{', ...' if len(distinct) > 20 else ''})"
 
 
 def extra_columns(plan: RunPlan) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ def split_for_devices(cfg: RunConfig, out: str | Path, test_fraction: float = 0.
     plan = server_plan(cfg)
     if not plan.splits.classification:
         raise ConfigError("fedsim split writes class labels; a regression data set is not supported")
-    parts, tests = list(plan.partitions), None
+    parts, tests = plan.partitions, None
     if test_fraction > 0:
         parts, tests = hold_out(parts, test_fraction, cfg.seed)
     x, y = plan.splits.x_train.numpy(), plan.splits.y_train.numpy()

@@ -7,8 +7,12 @@ from hypothesis import strategies as st
 
 from fedsim.partitions import (
     SCHEMES,
+    DrawnPartitions,
+    HeldOut,
+    IndexTable,
     PartitionSpec,
     clear_cache,
+    client_partitions,
     format_label_counts,
     label_counts,
     partition_indices,
@@ -77,7 +81,7 @@ LABEL_SCHEMES = tuple(s for s in SCHEMES if s != "natural")  # natural partition
 
 
 def test_spec_constructor_validates():
-    assert SCHEMES == ("iid", "shards", "dirichlet", "labels", "full", "natural")
+    assert SCHEMES == ("iid", "shards", "dirichlet", "labels", "full", "sample", "natural")
     assert str(PartitionSpec.parse("natural:Writer_ID")) == "natural:Writer_ID"  # a column name keeps its case
     with pytest.raises(ValueError, match="needs a column name"):
         PartitionSpec.parse("natural")
@@ -99,8 +103,10 @@ def test_partition_errors():
         partition_indices(LABELS, "iid", -3, 0)
     with pytest.raises(ValueError, match="use at most 5 partitions"):
         partition_indices(LABELS[:5], "iid", 6, 0)
-    with pytest.raises(ValueError, match="use at most 5 partitions"):
-        partition_indices(LABELS[:5], "full", 6, 0)
+    with pytest.raises(ValueError, match="or partitioning 'sample:K'"):
+        partition_indices(LABELS[:5], "shards", 6, 0)
+    with pytest.raises(ValueError, match="sample:6 asks for 6 examples per client but the data has 5"):
+        partition_indices(LABELS[:5], "sample:6", 2, 0)
     with pytest.raises(ValueError, match=r"unknown partitioning 'random'.*valid forms"):
         partition_indices(LABELS, "random", 10, 0)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
@@ -157,14 +163,32 @@ def test_same_seed_same_partitions_other_seed_other(scheme):
         assert any(not np.array_equal(np.sort(x), np.sort(y)) for x, y in zip(a, c, strict=True))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "shards", "dirichlet", "labels"])
-def test_fast_path_matches_load_partition(scheme, monkeypatch):
-    fast = partition_indices(LABELS, scheme, 10, seed=2)
+@pytest.mark.parametrize(("scheme", "num_partitions"), [("shards", 10), ("dirichlet", 10), ("labels", 10), ("shards", 1000), ("labels", 1000)])
+def test_fast_path_matches_load_partition(scheme, num_partitions, monkeypatch):
+    labels = mnist_labels() if num_partitions > 100 else LABELS
+    fast = partition_indices(labels, scheme, num_partitions, seed=2)
     clear_cache()
     monkeypatch.setattr(schemes_module, "_indices", schemes_module.load_partition_indices)
-    slow = partition_indices(LABELS, scheme, 10, seed=2)
+    slow = partition_indices(labels, scheme, num_partitions, seed=2)
     clear_cache()
     assert all(np.array_equal(x, y) for x, y in zip(fast, slow, strict=True))
+
+
+def flwr_iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """flwr-datasets' own IidPartitioner.load_partition on the same shuffled set (what fedsim used to call)."""
+    from flwr_datasets.partitioner import IidPartitioner
+
+    p = IidPartitioner(num_partitions=num_partitions)
+    p.dataset = schemes_module._shuffled_dataset(labels, seed)
+    return schemes_module.load_partition_indices(p, num_partitions)
+
+
+@pytest.mark.parametrize(("n", "num_partitions", "seed"), [(60000, 1000, 0), (6007, 10, 3), (5, 5, 1), (997, 13, 2**31)])
+def test_iid_equals_flwr_datasets_iid_partitioner(n, num_partitions, seed):
+    labels = mnist_labels()[:n]
+    clear_cache()
+    ours = partition_indices(labels, "iid", num_partitions, seed)
+    assert all(np.array_equal(x, y) for x, y in zip(ours, flwr_iid(labels, num_partitions, seed), strict=True))
 
 
 def test_cache_returns_copies():
@@ -347,3 +371,60 @@ def test_natural_partitions_give_one_client_per_id_as_flwr_datasets_does():
         partition_indices(LABELS[:7], "natural:writer", 4, seed=0, ids=ids)
     with pytest.raises(ValueError, match="needs the data to carry a column 'writer'"):
         partition_indices(LABELS[:7], "natural:writer", 3, seed=0)
+
+
+# --- tables: flat index arrays, drawn clients, hold-out views ------------------------------
+
+
+def test_index_table_is_the_partitions_read_only_and_compact():
+    parts = partition_indices(mnist_labels(), "dirichlet:0.3", 50, seed=4)
+    table = client_partitions(mnist_labels(), "dirichlet:0.3", 50, seed=4)
+    assert isinstance(table, IndexTable) and len(table) == 50
+    assert all(np.array_equal(a, b) for a, b in zip(parts, table, strict=True))
+    assert table.sizes().tolist() == [len(p) for p in parts]
+    assert np.array_equal(np.bincount(table.owners(), minlength=50), table.sizes())
+    assert table.flat.nbytes == 8 * sum(len(p) for p in parts) and table.offsets.nbytes == 8 * 51
+    with pytest.raises(ValueError, match="read-only"):
+        table[3][0] = 0
+    assert np.array_equal(table[-1], parts[-1]) and [len(x) for x in table[2:4]] == [len(parts[2]), len(parts[3])]
+    with pytest.raises(IndexError, match=r"outside 0\.\.49"):
+        table[50]
+
+
+def test_sample_draws_k_distinct_examples_per_client_more_clients_than_examples():
+    labels = synthetic_labels(500)
+    parts = client_partitions(labels, "sample:40", 100_000, seed=9)
+    assert isinstance(parts, DrawnPartitions) and parts.overlapping and len(parts) == 100_000
+    for pid in (0, 1, 77_777, 99_999):
+        idx = parts[pid]
+        assert idx.dtype == np.int64 and len(idx) == 40 and len(np.unique(idx)) == 40
+        assert idx.min() >= 0 and idx.max() < 500
+        assert np.array_equal(idx, parts[pid])  # drawn again: the same
+    assert not np.array_equal(parts[0], parts[1])
+    clear_cache()
+    assert np.array_equal(client_partitions(labels, "sample:40", 100_000, seed=9)[5], parts[5])
+    assert not np.array_equal(client_partitions(labels, "sample:40", 100_000, seed=10)[5], parts[5])
+    assert parts.sizes().tolist() == [40] * 100_000
+    # every example is about equally likely: 2,000 clients x 40 draws over 500 examples
+    hits = np.bincount(np.concatenate([parts[i] for i in range(2000)]), minlength=500)
+    assert hits.min() > 100 and hits.max() < 220  # mean 160, sd ~12.6
+
+
+def test_full_is_drawn_per_client_with_its_own_seeded_order():
+    parts = client_partitions(LABELS, "full", 7, seed=3)
+    assert isinstance(parts, DrawnPartitions)
+    for pid in range(7):
+        assert np.array_equal(parts[pid], np.random.default_rng((3, pid)).permutation(len(LABELS)))
+
+
+@pytest.mark.parametrize("spec", ["iid", "sample:30"])
+def test_held_out_views_split_each_client_in_two(spec):
+    base = client_partitions(LABELS, spec, 40, seed=1)
+    train, test = HeldOut(base, 0.2, 1, test=False), HeldOut(base, 0.2, 1, test=True)
+    for pid in (0, 13, 39):
+        a, b = train[pid], test[pid]
+        assert np.array_equal(np.sort(np.concatenate([a, b])), np.sort(base[pid]))
+        assert len(b) == max(1, round(0.2 * len(base[pid])))
+        assert [x for x in base[pid] if x in set(a)] == a.tolist()  # training keeps its order
+    assert train.sizes().tolist() == [len(train[i]) for i in range(40)]
+    assert test.sizes().tolist() == [len(test[i]) for i in range(40)]

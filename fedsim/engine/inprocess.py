@@ -1,8 +1,10 @@
 """fedsim's in-process engine: a ``flwr.serverapp.Grid`` that hands each message
 straight to a ``ClientApp`` in this process.
 
-One persistent ``Context`` per simulated node (node config with ``partition-id`` and
-``num-partitions``, and its own ``state``); no Ray, no SuperLink, no polling. The same
+One ``Context`` per simulated node (node config with ``partition-id`` and
+``num-partitions``, and its own ``state``), made when the node is first sent a message and
+kept while its state holds something (``NodeContexts``): a node that exists but is never
+sampled costs nothing, so N can be 100,000. No Ray, no SuperLink, no polling. The same
 ServerApp and ClientApp objects that ``flwr run .`` loads run on it unchanged.
 
 Semantics kept from Flower's runtime:
@@ -223,17 +225,14 @@ class InProcessGrid(Grid):
         self._trial = False  # auto: this round is an all-core trial
         self._pulls = 0
         self.plans: collections.Counter[int] = collections.Counter()  # workers used -> rounds
-        extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
-        if len(extra) != num_nodes:
+        extra = list(node_configs) if node_configs is not None else None
+        if extra is not None and len(extra) != num_nodes:
             raise ValueError(f"got {len(extra)} node configs for {num_nodes} nodes")
         self.client_app = client_app
+        self.num_nodes = num_nodes
         self._run = Run.create_empty(run_id)
         set_server_identity(run_id)
-        self.contexts: dict[int, Context] = {}
-        for pid, more in enumerate(extra):
-            node_id = FIRST_NODE_ID + pid
-            node_config = {"partition-id": pid, "num-partitions": num_nodes, **dict(more)}
-            self.contexts[node_id] = Context(run_id, node_id, node_config, RecordDict(), dict(run_config))
+        self.contexts = NodeContexts(run_id, num_nodes, dict(run_config), extra)
         self._pending: dict[str, Message] = {}
         self._ids = itertools.count(1)
 
@@ -252,12 +251,12 @@ class InProcessGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
+        return list(range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_nodes))
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for msg in messages:
-            if msg.metadata.dst_node_id not in self.contexts:
+            if not self.contexts.exists(msg.metadata.dst_node_id):
                 raise ValueError(f"message for unknown node {msg.metadata.dst_node_id}")
             message_id = f"m{next(self._ids)}"
             assign_message_id(msg, message_id)
@@ -328,6 +327,7 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(inbound, ctx)
             node.state = ctx.state
+            self.contexts.settle(node)
         except Exception as ex:
             # One line; the traceback only on request (a client's failure is often a setup problem, not a bug)
             detail = "\n" + traceback.format_exc() if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0") else ""
@@ -336,6 +336,34 @@ class InProcessGrid(Grid):
             reply = Message(client_app_error(reason), reply_to=msg)
         assign_message_id(reply, f"r{next(self._ids)}")
         return reply
+
+
+class NodeContexts(dict[int, Context]):
+    """node id -> its ``Context``, made when first asked for and dropped again while its
+    state is empty, so that a node costs memory only while it has state to keep (a
+    stateless algorithm's 100,000 nodes cost none). A dropped node's next Context is made
+    afresh from the same node config and run config (a copy each)."""
+
+    def __init__(self, run_id: int, num_nodes: int, run_config: dict, node_configs: list[Mapping[str, Any]] | None) -> None:
+        super().__init__()
+        self.run_id, self.num_nodes, self.run_config, self.node_configs = run_id, num_nodes, run_config, node_configs
+
+    def exists(self, node_id: int) -> bool:
+        return FIRST_NODE_ID <= node_id < FIRST_NODE_ID + self.num_nodes
+
+    def __missing__(self, node_id: int) -> Context:
+        if not self.exists(node_id):
+            raise KeyError(node_id)
+        pid = node_id - FIRST_NODE_ID
+        more = dict(self.node_configs[pid]) if self.node_configs is not None else {}
+        node_config = {"partition-id": pid, "num-partitions": self.num_nodes, **more}
+        ctx = self[node_id] = Context(self.run_id, node_id, node_config, RecordDict(), dict(self.run_config))
+        return ctx
+
+    def settle(self, node: Context) -> None:
+        """After a message: forget the node's Context if it holds no state."""
+        if not len(node.state):
+            self.pop(node.node_id, None)
 
 
 def _copy_content(content: RecordDict) -> RecordDict:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
+from fedsim.partitions.table import IndexTable
 
-def label_counts(labels: np.ndarray, partitions: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """Counts[i, c]: how many examples of label c client i holds (int64, rows sum to sizes)."""
+
+def label_counts(labels: np.ndarray, partitions: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Counts[i, c]: how many examples of label c client i holds (int64, rows sum to sizes).
+
+    An ``IndexTable`` is counted in one pass (``bincount`` of client x C + label), any N."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be a 1-D array, got shape {labels.shape}")
@@ -17,6 +22,9 @@ def label_counts(labels: np.ndarray, partitions: list[np.ndarray], num_classes: 
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
     labels = labels.astype(np.int64, copy=False)
+    if isinstance(partitions, IndexTable):
+        keys = partitions.owners() * num_classes + labels[partitions.flat]
+        return np.bincount(keys, minlength=len(partitions) * num_classes).reshape(len(partitions), num_classes)
     counts = np.zeros((len(partitions), num_classes), dtype=np.int64)
     for i, idx in enumerate(partitions):
         counts[i] = np.bincount(labels[np.asarray(idx, dtype=np.int64)], minlength=num_classes)

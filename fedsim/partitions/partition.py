@@ -1,4 +1,4 @@
-"""partition_indices: validate, dispatch to the scheme, cache per process."""
+"""client_partitions / partition_indices: validate, dispatch to the scheme, cache per process."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 
 from fedsim.partitions import schemes
 from fedsim.partitions.spec import PartitionSpec
+from fedsim.partitions.table import IndexTable, Partitions
 
 _CACHE_SIZE = 8
-_cache: OrderedDict[tuple[str, str, int, int], tuple[np.ndarray, ...]] = OrderedDict()
+_cache: OrderedDict[tuple[str, str, int, int], Partitions] = OrderedDict()
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:
@@ -29,39 +30,45 @@ def _fingerprint(labels: np.ndarray) -> str:
     return hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest()
 
 
-def _compute(labels: np.ndarray, spec: PartitionSpec, num_partitions: int, seed: int, ids: np.ndarray | None) -> list[np.ndarray]:
+def _compute(labels: np.ndarray, spec: PartitionSpec, num_partitions: int, seed: int, ids: np.ndarray | None) -> Partitions:
     value = 0.0 if spec.value is None else spec.value  # None only for the schemes without a parameter
+    if spec.scheme == "full":
+        return schemes.full(len(labels), num_partitions, seed)
+    if spec.scheme == "sample":
+        return schemes.sample(len(labels), int(value), num_partitions, seed)
     if spec.scheme == "natural":
         if ids is None:
             raise ValueError(f"partitioning {spec} needs the data to carry a column {spec.column!r} (a save_to_disk folder's column)")
-        return schemes.natural(ids, num_partitions)
-    if spec.scheme == "iid":
-        return schemes.iid(labels, num_partitions, seed)
-    if spec.scheme == "shards":
-        return schemes.shards(labels, int(value), num_partitions, seed)
-    if spec.scheme == "dirichlet":
-        return schemes.dirichlet(labels, float(value), num_partitions, seed)
-    if spec.scheme == "labels":
-        return schemes.labels_per_client(labels, int(value), num_partitions, seed)
-    return schemes.full(len(labels), num_partitions, seed)
+        parts = schemes.natural(ids, num_partitions)
+    elif spec.scheme == "iid":
+        parts = schemes.iid(labels, num_partitions, seed)
+    elif spec.scheme == "shards":
+        parts = schemes.shards(labels, int(value), num_partitions, seed)
+    elif spec.scheme == "dirichlet":
+        parts = schemes.dirichlet(labels, float(value), num_partitions, seed)
+    else:
+        parts = schemes.labels_per_client(labels, int(value), num_partitions, seed)
+    table = IndexTable.of(parts)
+    _check_disjoint(table, len(labels), str(spec))
+    return table
 
 
-def _check_disjoint(parts: tuple[np.ndarray, ...], num_examples: int, name: str) -> None:
+def _check_disjoint(table: IndexTable, num_examples: int, name: str) -> None:
     """Guard against a partitioner misbehaving: indices in range, no example twice."""
-    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    flat = table.flat
     if flat.size and (flat.min() < 0 or flat.max() >= num_examples or np.unique(flat).size != flat.size):
         raise RuntimeError(f"partitioning {name} produced invalid or overlapping indices (a flwr-datasets bug?)")
 
 
-def partition_indices(
+def client_partitions(
     labels: np.ndarray, spec: PartitionSpec | str, num_partitions: int, seed: int, ids: np.ndarray | None = None
-) -> list[np.ndarray]:
-    """Each client's int64 indices into ``labels`` (and the caller's tensors).
+) -> Partitions:
+    """Each client's int64 indices into ``labels`` (and the caller's tensors), as a
+    read-only ``Partitions`` table (fedsim.partitions.table).
 
     Deterministic for a given (labels, spec, num_partitions, seed). Results are cached
     per process on a digest of the labels (and of ``ids``, the column a "natural"
-    partitioning reads), so calling this on every message is cheap; each call returns
-    fresh copies the caller may modify.
+    partitioning reads), so calling this on every message is cheap.
     """
     spec = PartitionSpec.parse(spec) if isinstance(spec, str) else spec
     if not isinstance(spec, PartitionSpec):
@@ -72,24 +79,28 @@ def partition_indices(
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     num_partitions, seed = int(num_partitions), int(seed)
     labels = _as_labels(labels)
-    if num_partitions > len(labels):
+    if num_partitions > len(labels) and spec.scheme not in ("full", "sample"):
         raise ValueError(
             f"{num_partitions} partitions for {len(labels)} examples: every client needs at least one example; "
-            f"use at most {len(labels)} partitions"
+            f"use at most {len(labels)} partitions, or partitioning 'sample:K' (clients may share examples)"
         )
     ids_key = "" if ids is None else _fingerprint(np.asarray(ids).astype(str))
     key = (_fingerprint(labels) + ids_key, str(spec), num_partitions, seed)
     parts = _cache.get(key)
     if parts is None:
-        parts = tuple(_compute(labels, spec, num_partitions, seed, ids))
-        if spec.scheme != "full":
-            _check_disjoint(parts, len(labels), str(spec))
-        _cache[key] = parts
+        parts = _cache[key] = _compute(labels, spec, num_partitions, seed, ids)
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     else:
         _cache.move_to_end(key)
-    return [p.copy() for p in parts]
+    return parts
+
+
+def partition_indices(
+    labels: np.ndarray, spec: PartitionSpec | str, num_partitions: int, seed: int, ids: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """``client_partitions`` as a list of fresh arrays the caller may modify."""
+    return [p.copy() for p in client_partitions(labels, spec, num_partitions, seed, ids)]
 
 
 def clear_cache() -> None:

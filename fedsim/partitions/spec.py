@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEMES: tuple[str, ...] = ("iid", "shards", "dirichlet", "labels", "full", "natural")
+SCHEMES: tuple[str, ...] = ("iid", "shards", "dirichlet", "labels", "full", "sample", "natural")
 
 # The parameter each scheme takes (None: takes none) and its default.
 DEFAULT_PARAMS: dict[str, float | None] = {
@@ -14,12 +14,13 @@ DEFAULT_PARAMS: dict[str, float | None] = {
     "dirichlet": 0.5,  # concentration alpha
     "labels": 2.0,  # labels per client
     "full": None,
+    "sample": 100.0,  # examples per client
     "natural": None,  # takes a column name instead (``column``)
 }
 
 VALID_FORMS = (
-    "iid, shards[:S], dirichlet[:ALPHA], labels[:K], full, natural:<column> "
-    "(e.g. 'shards:2', 'dirichlet:0.3', 'labels:2', 'natural:writer_id')"
+    "iid, shards[:S], dirichlet[:ALPHA], labels[:K], full, sample[:K], natural:<column> "
+    "(e.g. 'shards:2', 'dirichlet:0.3', 'labels:2', 'sample:600', 'natural:writer_id')"
 )
 
 
@@ -29,7 +30,8 @@ class PartitionSpec:
 
     ``param`` is the shards per client for "shards" (default 2), the Dirichlet
     concentration alpha for "dirichlet" (default 0.5), the labels per client for
-    "labels" (default 2); "iid" and "full" take none. None means the default.
+    "labels" (default 2), the examples per client for "sample" (default 100); "iid" and
+    "full" take none. None means the default.
     "natural" takes the name of a data column (``column``) whose values say which
     client holds each example (flwr-datasets' NaturalIdPartitioner).
     """
@@ -56,7 +58,7 @@ class PartitionSpec:
                     f"dirichlet alpha must be a finite number > 0, got {self.param!r}; e.g. 'dirichlet:0.5'"
                 )
         elif not (value.is_integer() and value >= 1):
-            what = "shards per client" if self.scheme == "shards" else "labels per client"
+            what = {"shards": "shards per client", "labels": "labels per client"}.get(self.scheme, "examples per client")
             raise ValueError(
                 f"{self.scheme}: {what} must be an integer >= 1, got {self.param!r}; e.g. '{self.scheme}:2'"
             )
