@@ -28,12 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fedsim.algorithms.memory import check_state_fits, state_clients
 from fedsim.callbacks import Callback, check_named_callbacks
 from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
 from fedsim.data.errors import DataError
 from fedsim.engine import ENGINES, check_engine_options, run_engine
 from fedsim.errors import RunFailed
-from fedsim.plan import server_plan
+from fedsim.plan import own_data, server_plan
 from fedsim.run_folder import RunFolder, claim_run_folder
 from fedsim.validation import load_config
 
@@ -97,7 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         values[key] = value
     values.update(tracking_overrides(args))
     cfg = load_config(values)  # a bad config fails here or in the next lines, before any folder is made
-    server_plan(cfg)
+    plan = server_plan(cfg)
+    if plan.device is not None:  # the server's per-client state must fit before any folder is made
+        check_state_fits(cfg, plan.num_params, state_clients(cfg.num_nodes, own_data(cfg)), plan.device)
     check_named_callbacks(cfg)
     # --results-dir, else results-dir from --set or the experiment file, else a new folder
     given = args.results_dir or cfg.results_dir

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.algorithms.memory import check_state_fits, state_clients
 from fedsim.arrays import load_into
 from fedsim.callbacks import Callback, RoundEnd, RunEnd, RunStart, named_callbacks
 from fedsim.callbacks.builtin import Checkpointer, ClientsCsv, CollectRows, LogLine, RoundsCsv, StopAtAccuracy
@@ -134,6 +135,7 @@ def set_up(grid: Grid, cfg: RunConfig, cores: int | None = None) -> ServerSetup:
     # Replies may claim partition ids below max(num-nodes, connected nodes) and at most the
     # training set's size as num-examples: a node cannot grow the server's state at will.
     mine = own_data(cfg)  # the nodes' own data: the server cannot know their sizes
+    check_state_fits(cfg, plan.num_params, state_clients(max(cfg.num_nodes, len(nodes)), mine), device)
     strategy = build_strategy(
         cfg, ModelSpec.of(array_spec(initial), param_keys), num_partitions=max(cfg.num_nodes, len(nodes)),
         max_examples=None if mine else len(rt.y_train), device=device, map_blocks=block_map(threads),

@@ -110,6 +110,11 @@ class Algorithm(ABC, Generic[H, P]):
         values = {"lr": cfg.lr, **{o.field_name: cfg.option(o.key) for o in cls.all_options()}}
         return cls.params(**{f.name: values[f.name] for f in fields(cls.params)})
 
+    @classmethod
+    def state_bytes_per_client(cls, cfg: RunConfig, num_params: int) -> int:
+        """Bytes of server-side state per client it has heard from (0: none kept per client)."""
+        return 0
+
     # --- client half ---------------------------------------------------------------------
 
     @classmethod

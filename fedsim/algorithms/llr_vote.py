@@ -15,6 +15,7 @@ from typing import Any
 
 from fedsim.algorithms.base import Option
 from fedsim.algorithms.sign_vote import SignStep, WeightedSignVote
+from fedsim.config import RunConfig
 from fedsim.core.votes import CrossProbabilityEstimator
 
 
@@ -44,6 +45,12 @@ class LLRWeightedVote(WeightedSignVote[LLRParams]):
                field="forgetting"),
     )
     estimator: CrossProbabilityEstimator
+
+    @classmethod
+    def state_bytes_per_client(cls, cfg: RunConfig, num_params: int) -> int:
+        """A float32 agreement count per coordinate (and a float32 abstention count under
+        zero-sign "abstain") plus a float64 round count."""
+        return num_params * (8 if cfg.option("zero-sign") == "abstain" else 4) + 8
 
     def build_estimator(self) -> CrossProbabilityEstimator:
         hp = self.hp

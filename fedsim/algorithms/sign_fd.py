@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fedsim.algorithms.base import Option
 from fedsim.algorithms.sign_vote import SignStep, WeightedSignVote
+from fedsim.config import RunConfig
 from fedsim.core.fd import FederatedDefense
 
 
@@ -43,6 +44,11 @@ class SignFederatedDefense(WeightedSignVote[FDParams]):
         Option("fd-max", 10.0, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0", "clip |w| at this", field="max_llr"),
     )
     estimator: FederatedDefense
+
+    @classmethod
+    def state_bytes_per_client(cls, cfg: RunConfig, num_params: int) -> int:
+        """An int32 match count per coordinate plus an int64 round count."""
+        return num_params * 4 + 8
 
     def build_estimator(self) -> FederatedDefense:
         return FederatedDefense(

@@ -4,6 +4,10 @@ Row r of every table belongs to one client (any hashable id, e.g. a partition id
 client seen for the first time gets a new row of zeros in every table. Tables are either
 per (client, coordinate), [K, N], or per client, [K]. ``max_clients`` (None: unbounded)
 caps K: a reply cannot make the server's state grow at will.
+
+Growth: rows live in storage with room to spare, which grows by GROWTH (x1.5) when full,
+so that a round with new clients copies the tables only now and then (amortised O(1)
+per new row), not every round: with 100,000 clients a table is gigabytes.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
+
+GROWTH = 1.5  # storage grows to this many times the rows needed when it is full
+MIN_CAPACITY = 16
 
 
 class ClientTable:
@@ -26,24 +33,35 @@ class ClientTable:
         self.max_clients = max_clients
         self.what = what  # "clients" or "workers", for the error message
         self.rows: dict[Hashable, int] = {}
-        self.tables: dict[str, torch.Tensor] = {}
+        self._storage: dict[str, torch.Tensor] = {}  # capacity rows each; the first len(rows) are in use
 
     @property
     def clients(self) -> list[Hashable]:
         """The clients in row order."""
         return list(self.rows)
 
+    @property
+    def tables(self) -> dict[str, torch.Tensor]:
+        """Each table's rows in use (views into the storage)."""
+        k = len(self.rows)
+        return {name: t[:k] for name, t in self._storage.items()}
+
+    @property
+    def capacity(self) -> int:
+        """Rows the storage holds before it grows."""
+        return next(iter(self._storage.values())).shape[0] if self._storage else 0
+
     def add(self, name: str, dtype: torch.dtype, per_coordinate: bool = True) -> torch.Tensor:
         """A new table of zeros (one row per client known so far)."""
-        shape = (len(self.rows), self.num_coordinates) if per_coordinate else (len(self.rows),)
-        self.tables[name] = torch.zeros(shape, dtype=dtype, device=self.device)
-        return self.tables[name]
+        shape = (max(self.capacity, len(self.rows)),) + ((self.num_coordinates,) if per_coordinate else ())
+        self._storage[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+        return self[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tables[name]
+        return self._storage[name][: len(self.rows)]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.tables
+        return name in self._storage
 
     def indices(self, client_ids: Sequence[Hashable]) -> torch.Tensor:
         """Rows of the clients (int64); a client seen for the first time gets zero rows."""
@@ -54,11 +72,22 @@ class ClientTable:
                 f"more than max_clients={self.max_clients}"
             )
         if new:
+            self._reserve(len(self.rows) + len(new))
             for c in new:
                 self.rows[c] = len(self.rows)
-            for name, t in self.tables.items():
-                self.tables[name] = torch.cat([t, torch.zeros((len(new), *t.shape[1:]), dtype=t.dtype, device=self.device)])
         return torch.tensor([self.rows[c] for c in client_ids], dtype=torch.long, device=self.device)
+
+    def _reserve(self, rows: int) -> None:
+        """Storage for at least ``rows`` rows (grown by GROWTH, capped at max_clients); new rows are zeros."""
+        if rows <= self.capacity:
+            return
+        want = max(rows, MIN_CAPACITY, int(self.capacity * GROWTH))
+        if self.max_clients is not None:
+            want = max(rows, min(want, self.max_clients))
+        for name, t in self._storage.items():
+            grown = torch.zeros((want, *t.shape[1:]), dtype=t.dtype, device=self.device)
+            grown[: len(self.rows)] = t[: len(self.rows)]
+            self._storage[name] = grown
 
     def select(self, client_ids: Sequence[Hashable]) -> slice | torch.Tensor:
         """``indices`` as a slice (a view, no copies) when the rows are consecutive."""
@@ -69,7 +98,11 @@ class ClientTable:
         return rows
 
     def state(self) -> dict[str, object]:
-        """``{"clients": [...], <table>: tensor, ...}`` (readable with ``weights_only=True``)."""
+        """``{"clients": [...], <table>: tensor, ...}`` (readable with ``weights_only=True``).
+        The storage is first cut to the rows in use (else ``torch.save`` would write the spare rows too)."""
+        k = len(self.rows)
+        if self.capacity > k:
+            self._storage = {name: t[:k].clone() for name, t in self._storage.items()}
         return {"clients": self.clients, **self.tables}
 
     def load(self, clients: Sequence[Hashable], tables: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> None:
@@ -81,4 +114,4 @@ class ClientTable:
             if tuple(t.shape) != want:
                 raise ValueError(f"state table {name!r} has shape {tuple(t.shape)}, expected {want}")
         self.rows = {c: i for i, c in enumerate(clients)}
-        self.tables = {name: t.to(self.device, dtypes[name]).clone() for name, t in tables.items()}
+        self._storage = {name: t.to(self.device, dtypes[name]).clone() for name, t in tables.items()}

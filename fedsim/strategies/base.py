@@ -109,6 +109,7 @@ class FedsimStrategy(Strategy):
         self.pinned_num_examples: dict[int, int] = {}
         # node id -> the partition id of its first used reply (its identity for the run)
         self.node_partitions: dict[int, int] = {}
+        self.partition_owner: dict[int, int] = {}  # the inverse: partition id -> its bound node (kept with it)
         self._prune_bindings = False  # set by load_state_dict: drop bindings of nodes gone since
         self.evaluation = evaluation
         self.max_node_clients = max_node_clients
@@ -192,6 +193,7 @@ class FedsimStrategy(Strategy):
         # checkpoints written before num-examples was pinned lack the key: pins start afresh
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
+        self.partition_owner = {pid: node for node, pid in self.node_partitions.items()}
         if self.evaluation is not None and "eval_rng" in state:
             self.evaluation.load(state["eval_rng"])
 
@@ -269,7 +271,10 @@ class FedsimStrategy(Strategy):
     def _remember(self, good: list[Reply[Any]]) -> None:
         """What the round's used replies bind, pin and report (only replies that passed
         every check: a rejected one changes nothing)."""
-        self.node_partitions.update({r.node_id: r.metrics.partition_id for r in good if r.metrics.partition_id is not None})
+        for r in good:
+            if r.metrics.partition_id is not None:
+                self.node_partitions[r.node_id] = r.metrics.partition_id
+                self.partition_owner[r.metrics.partition_id] = r.node_id
         self.pinned_num_examples.update({r.client: r.metrics.num_examples for r in good})
         self.reported_batch_sizes.update({r.client: r.metrics.batch_size for r in good})
         self.reported_devices.update({r.client: r.metrics.cuda_device for r in good if r.metrics.cuda_device is not None})
@@ -312,7 +317,7 @@ class FedsimStrategy(Strategy):
         """Rule: a reply may claim only its node's bound partition, and no partition bound to
         another node (a node cannot take over another's partition or its LLR history, nor
         wander between partitions)."""
-        owner = {pid: node for node, pid in self.node_partitions.items()}
+        owner = self.partition_owner
         def why_not(r: Reply[Any], _: list[Reply[Any]]) -> str | None:
             if r.metrics.partition_id is not None:
                 return self._identity_problem(r.node_id, r.metrics.partition_id, owner)
@@ -324,7 +329,7 @@ class FedsimStrategy(Strategy):
 
     def _identity_problem(self, node: int, pid: int, owner: dict[int, int] | None = None) -> str | None:
         """Why ``node`` may not speak for partition ``pid`` (None: it may)."""
-        owner = {p: n for n, p in self.node_partitions.items()} if owner is None else owner
+        owner = self.partition_owner if owner is None else owner
         bound, holder = self.node_partitions.get(node), owner.get(pid)
         if bound is not None and bound != pid:
             held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
@@ -348,7 +353,7 @@ class FedsimStrategy(Strategy):
         data (a node id is its identity there; registered devices bound it in deployment)."""
         if r.metrics.partition_id is not None or r.client in self.pinned_num_examples or self.max_node_clients is None:
             return None
-        known = sum(1 for c in self.pinned_num_examples if c not in self.node_partitions.values())
+        known = sum(1 for c in self.pinned_num_examples if c not in self.partition_owner)
         if known >= self.max_node_clients:
             return f"the server keeps state for at most {self.max_node_clients} nodes on their own data (num-nodes x 4); a new node is one too many"
         return None
@@ -365,14 +370,15 @@ class FedsimStrategy(Strategy):
     def _drop_bindings_of_absent_nodes(self, server_round: int, nodes: list[int]) -> None:
         """After a restore: forget bindings of nodes that are not connected now."""
         self._prune_bindings = False
-        gone = sorted(n for n in self.node_partitions if n not in set(nodes))
+        connected = set(nodes)
+        gone = sorted(n for n in self.node_partitions if n not in connected)
         if gone:
             log(
                 INFO, "round %d: %d node(s) bound before the checkpoint are not connected; their partitions %s bind afresh",
                 server_round, len(gone), sorted(self.node_partitions[n] for n in gone),
             )
         for n in gone:
-            del self.node_partitions[n]
+            self.partition_owner.pop(self.node_partitions.pop(n), None)
 
     @property
     def _sends_buffers(self) -> bool:
