@@ -17,6 +17,11 @@ Rows (see benchmarks/README.md):
   4. Every core: MNIST (fv-mnist-cnn), batch modes 2 and 4, the in-process engine as
      `fedsim run` runs it (--workers auto) vs the bare loop on one thread, interleaved
      blocks; target <= 0.55x on 2 cores.
+  5. Cross-device scale (benchmarks/bench_scale.py): FedAvg, 100 clients per round out
+     of N = 1,000 / 10,000 / 100,000, mnist-logreg and mnist-2nn: s/round, framework cost
+     per client-round (target: within 1.5x across N), start-up (target < 10 s at 100,000),
+     peak RSS, memory per client; beside the bare loop and Flower's runtime (N <= 10,000).
+     Not in the default --rows (it takes about 15 minutes).
 
 The table goes to stdout, progress to stderr, everything (with per-round times) to the
 JSON file given by --out. Nothing outside a temporary folder is written except --out.
@@ -556,6 +561,18 @@ def main(argv: list[str] | None = None) -> int:
                                           "ratio = that/bare on 1 thread)", "—", fmt(r["ceiling_per_round_s"], " s"), r["ceiling_ratio"]))
         elif 4 in wanted:
             progress("row 4 skipped: it needs MNIST (--mnist-dir)")
+        if 5 in wanted and have_mnist:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_scale import row5
+
+            quick = bool(args.quick)
+            r5_rows, r5_runs = row5(workdir, 4 if quick else 30, mnist_dir, [1000, 10000] if quick else [1000, 10000, 100000],
+                                    [] if quick else [1000, 10000], ["mnist-logreg"] if quick else ["mnist-logreg", "mnist-2nn"],
+                                    args.cpus_per_client, reps=1 if quick else 2)
+            rows += [table_row(r["row"], r["in-process"], r["other"], r["ratio"], r["target"], r["pass"]) for r in r5_rows]
+            runs.update(r5_runs)
+        elif 5 in wanted:
+            progress("row 5 skipped: it needs MNIST (--mnist-dir)")
     finally:
         if args.keep:
             progress(f"run folders and logs kept in {workdir}")

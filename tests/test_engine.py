@@ -1,6 +1,7 @@
 """The in-process Grid: Flower semantics (copies, error replies, node state) on a toy ClientApp."""
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -63,3 +64,33 @@ def test_fedsim_client_without_partition_in_node_config_replies_with_a_clear_err
     content = RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(2, np.float32))}), "config": ConfigRecord({"task": "sign", "server-round": 1})})
     (reply,) = grid.send_and_receive([grid.create_message(content, MessageType.TRAIN, FIRST_NODE_ID, "1")])
     assert reply.has_error() and "--node-config" in reply.error.reason
+
+
+stateless = ClientApp()
+
+
+@stateless.train()
+def _echo(msg: Message, context: Context) -> Message:
+    pid = context.node_config["partition-id"]
+    return Message(RecordDict({"metrics": MetricRecord({"pid": pid, "n": context.node_config["num-partitions"]})}), reply_to=msg)
+
+
+def test_a_node_costs_nothing_until_sampled_and_keeps_a_context_only_with_state():
+    import tracemalloc
+
+    tracemalloc.start()
+    grid = InProcessGrid(stateless, 100_000, run_config={"a": 1})
+    made = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert made < 1_000_000  # 100,000 nodes that exist: no Context, no node config each
+    ids = grid.get_node_ids()
+    assert len(ids) == 100_000 and ids[0] == FIRST_NODE_ID and ids[-1] == FIRST_NODE_ID + 99_999
+    content = RecordDict({"config": ConfigRecord({})})
+    replies = grid.send_and_receive([grid.create_message(content, MessageType.TRAIN, n, "1") for n in (FIRST_NODE_ID + 7, FIRST_NODE_ID + 99_999)])
+    assert [(r.content["metrics"]["pid"], r.content["metrics"]["n"]) for r in replies] == [(7, 100_000), (99_999, 100_000)]
+    assert len(grid.contexts) == 0  # stateless nodes: their Contexts went with the message
+    stateful = InProcessGrid(toy, 1000, run_config={})
+    _ = stateful.send_and_receive([stateful.create_message(RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(2, np.float32))}), "config": ConfigRecord({})}), MessageType.TRAIN, FIRST_NODE_ID + 3, "1")])
+    assert list(stateful.contexts) == [FIRST_NODE_ID + 3] and stateful.contexts[FIRST_NODE_ID + 3].state["count"]["n"] == 1
+    with pytest.raises(ValueError, match="unknown node"):
+        grid.push_messages([grid.create_message(content, MessageType.TRAIN, FIRST_NODE_ID + 100_000, "1")])

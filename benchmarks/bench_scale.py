@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Row 5 of the engine benchmark: cross-device scale, how a round's cost grows with the
+number of clients that exist.
+
+    python benchmarks/bench_scale.py            # N = 1,000 / 10,000 / 100,000, both models
+    python benchmarks/bench_scale.py --quick    # smoke run: 4 rounds, N = 1,000 and 10,000
+    python benchmarks/bench_engines.py --rows 5 # the same row inside the engine benchmark
+
+FedAvg on MNIST, 100 clients per round (fraction-train = 100 / N), every client holding
+20 examples drawn from the whole set (partitioning "sample:20", so that a client's work is
+the same at every N and N may exceed MNIST's 60,000), E = 1, B = 20 (one local step: the
+framework's cost is then a measurable part of a client-round), lr 0.1, models
+mnist-logreg and mnist-2nn. For each N, side by side in one run, in alternating blocks
+(engine, bare, engine, bare; each side's faster block counts):
+
+- the in-process engine as ``fedsim run --workers 1`` runs it (a child process);
+- the bare loop (no framework: the same sampled clients, the same local SGD with the
+  same generator streams, the same example-weighted mean, in one process); it is
+  checked to end with the same model;
+- Flower's simulation runtime (``--engine flower``: SuperLink + Ray) at N <= 10,000.
+
+Framework cost per client-round = (engine s/round - bare s/round) / 100. Start-up = the
+in-process run's time before its first round (plan, partitions, nodes, server set-up,
+data loading and the round-0 evaluation; imports excluded). Peak RSS per child process.
+Memory per client: bytes of server bookkeeping per client it has heard from (tracemalloc
+over a strategy's record of 100,000 replies) and per client that exists only (RSS of the
+plan and the grid at N = 100,000 minus at N = 1,000, divided by the difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MNIST_DIR = PROJECT_ROOT.parent / "shared" / "data" / "mnist"
+PER_ROUND = 100  # clients per round at every N
+FIRST_NODE_ID = 1001  # fedsim.engine.inprocess.FIRST_NODE_ID (not imported: this module imports no fedsim at top level)
+RATIO_TARGET = 1.5  # framework cost per client-round, largest / smallest N
+STARTUP_TARGET_S = 10.0  # at N = 100,000
+
+
+def progress(text: str) -> None:
+    print(f"[bench-scale] {text}", file=sys.stderr, flush=True)
+
+
+def scale_config(model: str, n: int, rounds: int, mnist_dir: Path, seed: int = 0) -> dict[str, Any]:
+    return {
+        "strategy": "fedavg", "dataset": "mnist", "data-dir": str(mnist_dir), "model": model, "num-nodes": n,
+        "fraction-train": PER_ROUND / n, "partitioning": "sample:20", "batch-size": 20, "local-epochs": 1, "lr": 0.1,
+        "num-server-rounds": rounds, "eval-every": rounds, "seed": seed,
+    }
+
+
+def sampled_partitions(n: int, rounds: int, seed: int) -> list[list[int]]:
+    """The partition ids FedsimStrategy samples each round: ``random.Random(seed)`` drawing
+    round(C N) of the sorted node ids (fedsim.strategies.base.configure_train)."""
+    rng = random.Random(seed)
+    nodes = list(range(FIRST_NODE_ID, FIRST_NODE_ID + n))
+    k = max(1, round(PER_ROUND / n * n))
+    return [[node - FIRST_NODE_ID for node in sorted(rng.sample(nodes, k))] for _ in range(rounds)]
+
+
+# --- children -----------------------------------------------------------------------------
+
+
+def child(kind: str, cfg: dict[str, Any], log: Path) -> dict[str, Any]:
+    """Run ``--child-<kind>`` in a fresh process; its BENCH line as a dict, plus wall time."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--child-{kind}", json.dumps(cfg)]
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
+    found = [ln for ln in log.read_text().splitlines() if ln.startswith("BENCH ")]
+    return {**json.loads(found[-1][len("BENCH "):]), "wall_s": wall}
+
+
+def steady(stamps: list[float]) -> float:
+    """The median s/round over rounds 2..R (round 1 also pays first-call costs; the median,
+    not the mean, so that a round slowed by another process does not count)."""
+    import itertools
+    import statistics
+
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps))
+
+
+def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The in-process engine, as ``fedsim run --workers 1``."""
+    import csv
+
+    import torch
+
+    from fedsim.engine.runner import run_inprocess
+
+    t0 = time.perf_counter()
+    out = run_inprocess(cfg, threads=1, quiet=True, workers=1)
+    run_s = time.perf_counter() - t0
+    with open(out / "rounds.csv", newline="") as f:
+        rows = {int(r["round"]): float(r["seconds"]) for r in csv.DictReader(f)}
+    stamps = [rows[r] for r in sorted(rows) if r >= 1]
+    summary = json.loads((out / "summary.json").read_text())
+    model = torch.load(out / "model.pt", weights_only=True) if (out / "model.pt").exists() else None
+    return {"per_round_s": steady(stamps), "round_seconds": stamps, "run_s": run_s, "strategy_s": summary.get("wall_seconds"),
+            "startup_s": run_s - float(summary.get("wall_seconds") or 0.0) + rows.get(0, 0.0),
+            "final_test_accuracy": summary.get("final_test_accuracy"), "maxrss_mb": _maxrss_mb(), "has_model": model is not None}
+
+
+def child_bare(cfg: dict[str, Any]) -> dict[str, Any]:
+    """FedAvg with no framework over the engine's sampled clients (module docstring)."""
+    import torch
+
+    from fedsim.clients.tasks import LocalData, local_epochs
+    from fedsim.core.aggregate import weighted_mean
+    from fedsim.engine.runner import keep_freed_memory
+    from fedsim.models import build_model
+    from fedsim.plan import server_plan
+    from fedsim.seeding import generator
+    from fedsim.validation import load_config
+
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    out = cfg.pop("bare-out")
+    c = load_config(cfg)
+    plan = server_plan(c)  # the same data, partitions and batch size as the engine's
+    x, y = plan.splits.x_train, plan.splits.y_train
+    model = build_model(plan.model, num_classes=plan.num_classes, seed=c.seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stamps, t0 = [], time.perf_counter()
+    for rnd, chosen in enumerate(sampled_partitions(c.num_nodes, c.num_server_rounds, c.seed), start=1):
+        uploads, weights = [], []
+        for pid in chosen:
+            model.load_state_dict(state)
+            data = LocalData(x, y, torch.tensor(plan.partitions[pid], dtype=torch.long))
+            local_epochs(model, data, c.option("local-epochs"), plan.batch_sizes[pid], c.lr, generator(c.seed, pid, rnd))
+            uploads.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            weights.append(len(data))
+        state = {k: weighted_mean([u[k].double() for u in uploads], weights).to(v.dtype) for k, v in state.items()}
+        stamps.append(time.perf_counter() - t0)
+    torch.save(state, out)
+    return {"per_round_s": steady(stamps), "round_seconds": stamps, "maxrss_mb": _maxrss_mb()}
+
+
+def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per idle client (plan + grid RSS, N large vs small) and per heard-from client
+    (tracemalloc over the strategy's bookkeeping of ``heard`` replies)."""
+    import gc
+    import tracemalloc
+
+    from fedsim.arrays import to_array_record
+    from fedsim.client_app import app as client_app
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.models import build_model
+    from fedsim.plan import server_plan
+    from fedsim.protocol import ModelSpec, ReplyMetrics, array_spec
+    from fedsim.strategies import Reply, build_strategy
+    from fedsim.validation import load_config
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    small, large, heard = cfg["small"], cfg["large"], cfg["heard"]
+    base = {k: v for k, v in cfg.items() if k not in ("small", "large", "heard")}
+    keep = []
+    server_plan(load_config({**base, "num-nodes": small, "fraction-train": PER_ROUND / small}))  # data loaded once
+    gc.collect()
+    r0 = rss()
+    for n in (small, large):
+        c = load_config({**base, "num-nodes": n, "fraction-train": PER_ROUND / n})
+        keep.append((server_plan(c), InProcessGrid(client_app, n, c.to_mapping())))
+        gc.collect()
+        if n == small:
+            r1 = rss()
+    r2 = rss()
+    idle = ((r2 - r1) - (r1 - r0)) / (large - small)
+    plan = keep[-1][0]
+    net = build_model(plan.model, num_classes=plan.num_classes, seed=0)
+    spec = ModelSpec.of(array_spec(to_array_record({k: v.numpy() for k, v in net.state_dict().items()})), [n for n, _ in net.named_parameters()])
+    strategy = build_strategy(load_config({**base, "num-nodes": large}), spec, num_partitions=large)
+    replies = [Reply(FIRST_NODE_ID + i, ReplyMetrics(num_examples=100, train_loss=0.5, partition_id=i, batch_size=10, cuda_device=-1), None, None)
+               for i in range(heard)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    strategy._remember(replies)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {"idle_bytes_per_client": idle, "heard_bytes_per_client": (after - before) / heard, "rss_small_mb": (r1 - r0) / 2**20,
+            "rss_large_mb": (r2 - r1) / 2**20, "maxrss_mb": _maxrss_mb()}
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_flower(cfg: dict[str, Any], workdir: Path, name: str, cpus: float) -> dict[str, Any]:
+    """Flower's simulation runtime on the same config (bench_engines.run_flower_timed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engines import run_flower_timed
+
+    r = run_flower_timed(cfg, workdir, name, "cpu", cpus, 0.0)
+    return {"per_round_s": steady(r["round_seconds"]), "round_seconds": r["round_seconds"], "wall_s": r["wall_s"]}
+
+
+# --- the row ------------------------------------------------------------------------------
+
+
+def same_model(engine_dir: Path, bare_file: Path) -> float | None:
+    """max |engine final - bare final| over the model's entries (None: no saved model)."""
+    import torch
+
+    from fedsim.checkpoint import CHECKPOINT
+
+    a_path = engine_dir / "model.pt"
+    if not a_path.exists():
+        a_path = engine_dir / CHECKPOINT
+    if not a_path.exists():
+        return None
+    a = torch.load(a_path, weights_only=True)
+    a = a.get("arrays", a) if isinstance(a, dict) else a
+    b = torch.load(bare_file, weights_only=True)
+    diffs = [float((torch.as_tensor(a[k]).double() - b[k].double()).abs().max()) for k in b if k in a]
+    return max(diffs) if diffs else None
+
+
+def row5(
+    workdir: Path, rounds: int, mnist_dir: Path, sizes: list[int], flower_sizes: list[int], models: list[str], cpus: float = 1.0, reps: int = 2,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Row 5's table rows and raw runs (module docstring)."""
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Any] = {}
+    for model in models:
+        cost: dict[int, float] = {}
+        for n in sizes:
+            cfg = scale_config(model, n, rounds, mnist_dir)
+            tag = f"row5-{model}-{n}"
+            engs, bares = [], []
+            for rep in range(reps):
+                progress(f"{tag}: in-process engine (--workers 1), {rounds} rounds, block {rep + 1}/{reps}")
+                engs.append(child("engine", {**cfg, "results-dir": str(workdir / f"{tag}-{rep}")}, workdir / f"{tag}-{rep}.log"))
+                progress(f"{tag}: bare loop over the same clients, block {rep + 1}/{reps}")
+                bares.append(child("bare", {**cfg, "bare-out": str(workdir / f"{tag}-bare.pt")}, workdir / f"{tag}-bare.log"))
+            eng = min(engs, key=lambda r: r["per_round_s"])
+            bare = min(bares, key=lambda r: r["per_round_s"])
+            eng["blocks_per_round_s"], bare["blocks_per_round_s"] = [r["per_round_s"] for r in engs], [r["per_round_s"] for r in bares]
+            eng["startup_s"] = min(r["startup_s"] for r in engs)
+            cost[n] = (eng["per_round_s"] - bare["per_round_s"]) / PER_ROUND
+            run = {"config": cfg, "inprocess": eng, "bare": bare, "framework_ms_per_client_round": 1e3 * cost[n],
+                   "same_model_max_abs_diff": same_model(workdir / f"{tag}-0", workdir / f"{tag}-bare.pt")}
+            if n in flower_sizes:
+                progress(f"{tag}: Flower simulation runtime (SuperLink + Ray, {cpus:g} CPU per client)")
+                run["flower"] = run_flower(cfg, workdir, f"{tag}-flower", cpus)
+            runs[tag] = run
+            fl = run.get("flower")
+            progress(f"  in-process {eng['per_round_s']:.4f} s/round, bare {bare['per_round_s']:.4f}, framework {1e3 * cost[n]:.3f} ms/client-round, "
+                     f"start-up {eng['startup_s']:.1f} s, peak RSS {eng['maxrss_mb']:.0f} MB" + (f", Flower {fl['per_round_s']:.3f} s/round" if fl else ""))
+            rows.append({"row": f"5 {model} N={n:,}: s/round (other = bare loop; ratio = in-process/bare)",
+                         "in-process": f"{eng['per_round_s']:.4f} s", "other": f"{bare['per_round_s']:.4f} s",
+                         "ratio": eng["per_round_s"] / bare["per_round_s"], "target": "—", "pass": None})
+            rows.append({"row": f"5 {model} N={n:,}: framework ms per client-round; start-up s; peak RSS MB",
+                         "in-process": f"{1e3 * cost[n]:.3f} ms; {eng['startup_s']:.1f} s; {eng['maxrss_mb']:.0f} MB", "other": "—",
+                         "ratio": None, "target": f"start-up < {STARTUP_TARGET_S:g} s at 100,000" if n == 100_000 else "—",
+                         "pass": eng["startup_s"] < STARTUP_TARGET_S if n == 100_000 else None})
+            if fl:
+                rows.append({"row": f"5 {model} N={n:,}: s/round (other = Flower runtime; ratio = Flower/in-process)",
+                             "in-process": f"{eng['per_round_s']:.4f} s", "other": f"{fl['per_round_s']:.4f} s",
+                             "ratio": fl["per_round_s"] / eng["per_round_s"], "target": "—", "pass": None})
+        spread = max(cost.values()) / min(cost.values()) if min(cost.values()) > 0 else None
+        rows.append({"row": f"5 {model}: framework cost per client-round, largest / smallest over N = {', '.join(f'{n:,}' for n in sizes)}",
+                     "in-process": ", ".join(f"{1e3 * cost[n]:.3f}" for n in sizes) + " ms", "other": "—", "ratio": spread,
+                     "target": f"≤ {RATIO_TARGET}×", "pass": spread is not None and spread <= RATIO_TARGET})
+    if len(sizes) > 1:
+        progress("memory per client (plan + grid at the smallest and largest N; strategy bookkeeping)")
+        mem = child("memory", {**scale_config(models[0], sizes[0], rounds, mnist_dir), "small": sizes[0], "large": sizes[-1], "heard": sizes[-1]},
+                    workdir / "row5-memory.log")
+        runs["row5-memory"] = mem
+        rows.append({"row": f"5 memory: bytes per client that exists only (N={sizes[-1]:,} vs {sizes[0]:,}); per client heard from (server bookkeeping)",
+                     "in-process": f"{mem['idle_bytes_per_client']:.0f} B; {mem['heard_bytes_per_client']:.0f} B", "other": "—", "ratio": None,
+                     "target": "—", "pass": None})
+    return rows, runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 rounds, N = 1,000 and 10,000, mnist-logreg, no Flower")
+    p.add_argument("--rounds", type=int, help="rounds per run (default 30; --quick 4)")
+    p.add_argument("--reps", type=int, help="alternating engine/bare blocks per N (default 2; --quick 1)")
+    p.add_argument("--sizes", default="1000,10000,100000", help="numbers of clients N (default 1000,10000,100000)")
+    p.add_argument("--flower-sizes", default="1000,10000", help="the N at which Flower's runtime runs too ('' for none)")
+    p.add_argument("--models", default="mnist-logreg,mnist-2nn")
+    p.add_argument("--mnist-dir", default=str(DEFAULT_MNIST_DIR))
+    p.add_argument("--out", help="JSON results file (default benchmarks/results-<date>-scale.json)")
+    for kind in ("engine", "bare", "memory"):
+        p.add_argument(f"--child-{kind}", metavar="JSON", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for kind, fn in (("engine", child_engine), ("bare", child_bare), ("memory", child_memory)):
+        given = getattr(args, f"child_{kind}")
+        if given:
+            print("BENCH " + json.dumps(fn(json.loads(given))), flush=True)
+            return 0
+    sizes = [1000, 10000] if args.quick else [int(x) for x in args.sizes.split(",") if x]
+    flower = [] if args.quick else [int(x) for x in args.flower_sizes.split(",") if x]
+    models = ["mnist-logreg"] if args.quick else [m for m in args.models.split(",") if m]
+    rounds = args.rounds or (4 if args.quick else 30)
+    reps = args.reps or (1 if args.quick else 2)
+    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-scale-") as tmp:
+        rows, runs = row5(Path(tmp), rounds, Path(args.mnist_dir), sizes, flower, models, reps=reps)
+    command = "python benchmarks/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        print(f"| {r['row']} | {r['in-process']} | {r['other']} | {ratio} | {r['target']} | {'' if r['pass'] is None else ('PASS' if r['pass'] else 'FAIL')} |")
+    out = Path(args.out) if args.out else PROJECT_ROOT / "benchmarks" / f"results-{time.strftime('%Y-%m-%d')}-scale.json"
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command, "load_average_at_start": load,
+              "load_average_at_end": os.getloadavg()[0], "cores": os.cpu_count(), "rounds": rounds, "reps": reps, "table": rows, "runs": runs,
+              "wall_seconds": time.perf_counter() - t0}
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    progress(f"done in {result['wall_seconds']:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
