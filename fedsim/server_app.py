@@ -37,7 +37,7 @@ from fedsim.device import device_label
 from fedsim.errors import RunFailed
 from fedsim.models import build_model, count_parameters
 from fedsim.parallel import available_cores, block_map
-from fedsim.partitions import IndexTable, format_label_counts, label_counts
+from fedsim.partitions import format_label_counts, label_counts
 from fedsim.plan import RunPlan, own_data, server_plan
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
@@ -150,8 +150,8 @@ LOGGED_CLIENTS = 100  # more clients than this: the log gets a summary, the file
 def log_setup(setup: ServerSetup) -> np.ndarray | None:
     """Log what the run is (model size, batch sizes, attackers, label counts); returns the
     label counts per client [clients, classes] (None for a regression task, the nodes' own
-    data, or "sample" with more than LOGGED_CLIENTS x 10 clients: drawing every client's
-    examples would cost more than the run's start)."""
+    data, or partitions drawn per client ("full", "sample") with more than LOGGED_CLIENTS x 10
+    clients: drawing every client's examples would cost more than the run's start)."""
     cfg, plan = setup.cfg, setup.plan
     log(INFO, "fedsim: %s on %s (%s, %d parameters), %d nodes, batch sizes by partition %s",
         cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), _listed(plan.batch_sizes))
@@ -159,7 +159,7 @@ def log_setup(setup: ServerSetup) -> np.ndarray | None:
         log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, _listed(plan.attackers))
     if not plan.splits.classification or not plan.partitions:  # regression, or the nodes' own data
         return None
-    if plan.partitions.overlapping and not isinstance(plan.partitions, IndexTable) and len(plan.partitions) > 10 * LOGGED_CLIENTS:
+    if plan.partitions.overlapping and len(plan.partitions) > 10 * LOGGED_CLIENTS:
         log(INFO, "fedsim: %d clients, each %d examples drawn from the whole set (%s); label counts per client not computed",
             len(plan.partitions), int(plan.partitions.sizes()[0]), cfg.partitioning)
         return None

@@ -327,13 +327,13 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(inbound, ctx)
             node.state = ctx.state
-            self.contexts.settle(node)
         except Exception as ex:
             # One line; the traceback only on request (a client's failure is often a setup problem, not a bug)
             detail = "\n" + traceback.format_exc() if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0") else ""
             log(ERROR, "node %d raised %s: %s%s", node.node_id, type(ex).__name__, ex, detail)
             reason = f"{type(ex)}:<'{ex}'>"
             reply = Message(client_app_error(reason), reply_to=msg)
+        self.contexts.settle(node)  # kept only while it holds state, failed message or not
         assign_message_id(reply, f"r{next(self._ids)}")
         return reply
 

@@ -226,7 +226,7 @@ class FedsimStrategy(Strategy):
         at least ``min_replies`` of them (else the global model is unchanged: None)."""
         checked, received, bytes_up = self._checked(server_round, replies)
         good = checked
-        for rule in (self._not_bound_elsewhere(), self._first_of_partition, self._pinned_num_examples, self._room_for_node):
+        for rule in (self._not_bound_elsewhere, self._first_of_partition, self._pinned_num_examples, self._room_for_node):
             good = self._keep(server_round, good, rule)
         self._remember(good)
         metrics = MetricRecord({"clients": len(good), "rejected": received - len(good), "bytes-up": bytes_up, "bytes-down": self._bytes_down, "updated": 0})
@@ -313,24 +313,19 @@ class FedsimStrategy(Strategy):
                 self._reject(server_round, r.node_id, reason)
         return out
 
-    def _not_bound_elsewhere(self) -> Callable[[Reply[Any], list[Reply[Any]]], str | None]:
+    def _not_bound_elsewhere(self, r: Reply[Any], _: list[Reply[Any]]) -> str | None:
         """Rule: a reply may claim only its node's bound partition, and no partition bound to
         another node (a node cannot take over another's partition or its LLR history, nor
         wander between partitions)."""
-        owner = self.partition_owner
-        def why_not(r: Reply[Any], _: list[Reply[Any]]) -> str | None:
-            if r.metrics.partition_id is not None:
-                return self._identity_problem(r.node_id, r.metrics.partition_id, owner)
-            if r.node_id in self.node_partitions:
-                return f"sends no partition-id, but node {r.node_id} is bound to partition-id {self.node_partitions[r.node_id]} by its first used reply"
-            return None
+        if r.metrics.partition_id is not None:
+            return self._identity_problem(r.node_id, r.metrics.partition_id)
+        if r.node_id in self.node_partitions:
+            return f"sends no partition-id, but node {r.node_id} is bound to partition-id {self.node_partitions[r.node_id]} by its first used reply"
+        return None
 
-        return why_not
-
-    def _identity_problem(self, node: int, pid: int, owner: dict[int, int] | None = None) -> str | None:
+    def _identity_problem(self, node: int, pid: int) -> str | None:
         """Why ``node`` may not speak for partition ``pid`` (None: it may)."""
-        owner = self.partition_owner if owner is None else owner
-        bound, holder = self.node_partitions.get(node), owner.get(pid)
+        bound, holder = self.node_partitions.get(node), self.partition_owner.get(pid)
         if bound is not None and bound != pid:
             held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
             return f"claims partition-id {pid}, but node {node} is bound to partition-id {bound} by its first used reply{held}"
