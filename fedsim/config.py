@@ -22,6 +22,10 @@ from typing import Any
 from fedsim.errors import ConfigError
 
 MAX_SEED = 2**32 - 1  # flwr-datasets/datasets shuffles take 32-bit seeds
+# The largest batch size a train reply may report (fedsim.protocol checks replies against
+# it): no minibatch has more rows than an int32 index can count. batch-size and every
+# batch-sizes entry are capped here, so that a config cannot make every reply invalid.
+MAX_BATCH_SIZE = 2**31 - 1
 # Keys that say where results and reports go, not what the experiment is: two runs that
 # differ only in these are the same experiment (config_differences ignores them).
 OUTPUT_KEYS = ("results-dir", "tensorboard", "mlflow", "callbacks")
@@ -31,7 +35,7 @@ OUTPUT_KEYS = ("results-dir", "tensorboard", "mlflow", "callbacks")
 FORMER_DEFAULTS: dict[str, Any] = {"zero-sign": "plus"}
 
 __all__ = [
-    "MAX_SEED", "OUTPUT_KEYS", "ConfigError", "Option", "RunConfig", "config_differences", "parse_override",
+    "MAX_BATCH_SIZE", "MAX_SEED", "OUTPUT_KEYS", "ConfigError", "Option", "RunConfig", "config_differences", "parse_override",
     "read_experiment", "read_toml", "same_experiment",
 ]
 
@@ -154,6 +158,7 @@ class RunConfig:
             (self.num_server_rounds >= 1, f"num-server-rounds={self.num_server_rounds}: must be >= 1"),
             (0.0 < self.fraction_train <= 1.0, f"fraction-train={self.fraction_train}: must be in (0, 1]"),
             (self.batch_size >= 0, f"batch-size={self.batch_size}: must be >= 0 (0 = the whole local set)"),
+            (self.batch_size <= MAX_BATCH_SIZE, batch_size_cap_message(f"batch-size={self.batch_size}")),
             (self.batch_mode in (0, 1, 2, 3, 4), f"batch-mode={self.batch_mode}: must be 0 (off) or 1-4"),
             (self.batch_mode < 2 or self.num_nodes >= 2, f"batch-mode={self.batch_mode} mixes small and large batches: it needs num-nodes >= 2, got {self.num_nodes}"),
             (_finite(self.lr) and self.lr > 0, f"lr={self.lr}: must be a finite number > 0"),
@@ -175,6 +180,14 @@ class RunConfig:
             (0.0 < self.local_test_fraction < 1.0, f"local-test-fraction={self.local_test_fraction}: must be in (0, 1)"),
             *((o.valid(self.option(k)), f"{k}={self.option(k)!r}: {o.rule}") for k, o in self.declared.items()),
         ]
+
+
+def batch_size_cap_message(setting: str) -> str:
+    """The error for a batch size above MAX_BATCH_SIZE; ``setting`` names the key and value."""
+    return (
+        f"{setting}: a batch size must be at most {MAX_BATCH_SIZE}, the largest batch size a client's reply may report "
+        "(every reply of that client would be rejected); use a smaller batch size, or 0 for the whole local set"
+    )
 
 
 def _common_keys() -> dict[str, str]:

@@ -32,6 +32,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim.arrays import decode_exact
+from fedsim.config import MAX_BATCH_SIZE
 from fedsim.core.signs import NONZERO, PACKED, ZEROS  # the sign codes' array names
 
 ARRAYS = "arrays"
@@ -82,8 +83,8 @@ def content_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-# No minibatch has more rows than an int32 index can count; larger batch sizes are absurd.
-MAX_BATCH_SIZE = 2**31 - 1
+# MAX_BATCH_SIZE (fedsim.config, which caps batch-size and batch-sizes at it): no minibatch
+# has more rows than an int32 index can count; larger batch sizes are absurd.
 # Weights are computed in float64: larger example counts would not even be exact there.
 MAX_NUM_EXAMPLES = 2**53
 MAX_CUDA_INDEX = 1023

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedsim.algorithms import REGISTRY, options
 from fedsim.attacks import ATTACKS
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import MAX_BATCH_SIZE, ConfigError, RunConfig, batch_size_cap_message
 from fedsim.data.formats import USER_FORMATS
 from fedsim.data.load import DATASETS
 from fedsim.device import DEVICE_FORMS, valid_device_name
@@ -66,10 +66,12 @@ def check_names(cfg: RunConfig) -> None:
             raise ConfigError(message)
     try:
         PartitionSpec.parse(cfg.partitioning)
-        if cfg.batch_sizes:
-            parse_batch_sizes(cfg.batch_sizes, cfg.num_nodes)
+        sizes = parse_batch_sizes(cfg.batch_sizes, cfg.num_nodes) if cfg.batch_sizes else []
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    for pid, size in enumerate(sizes):
+        if size > MAX_BATCH_SIZE:
+            raise ConfigError(batch_size_cap_message(f"batch-sizes={cfg.batch_sizes!r}: entry {pid} (partition-id {pid}) is {size}"))
 
 
 def callback_paths(cfg: RunConfig) -> list[str]:
