@@ -15,3 +15,21 @@ class ConfigError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run ended without a usable result; the message says why and where to look."""
+
+
+# A reason a client sent is logged on one line of at most this many characters.
+MAX_REASON_CHARS = 300
+
+
+def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` made safe for one log line: a traceback becomes its last line (the
+    exception), every character that is not printable (newlines, carriage returns, escape
+    codes, Unicode line separators) is written as its Python escape, and the result is cut
+    to ``limit`` characters, saying how many were left out."""
+    if "Traceback (most recent call last)" in text:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        text = lines[-1].strip() if lines else text
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(out) > limit:
+        out = f"{out[:limit]}... ({len(out) - limit} more characters)"
+    return out

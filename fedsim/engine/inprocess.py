@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from logging import ERROR
+from logging import ERROR, WARNING
 from typing import Any, TypeVar
 
 from flwr.app import Context, Message, RecordDict, UserConfig
@@ -44,6 +44,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedsim.clients.tasks import part_map
+from fedsim.engine.deadline import RoundReplies, Runner
 from fedsim.engine.flower_internals import (
     Run,
     assign_message_id,
@@ -52,6 +53,7 @@ from fedsim.engine.flower_internals import (
     message_with_metadata,
     set_server_identity,
 )
+from fedsim.errors import one_line
 from fedsim.parallel import available_cores
 
 FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
@@ -118,6 +120,7 @@ class _Workers:
         self._limit, self._active, self._returning = active, 0, 0
         self._closed = False
         self._local = threading.local()
+        self.size = active
         count = active + (active if spare is None else spare)
         self._threads = [threading.Thread(target=self._loop, name=f"fedsim-node-{i}", daemon=True) for i in range(count)]
         for t in self._threads:
@@ -169,11 +172,15 @@ class _Workers:
                 self._active += 1
 
     def close(self) -> None:
+        self.abandon()
+        for t in self._threads:
+            t.join()
+
+    def abandon(self) -> None:
+        """Stop taking tasks; each thread exits once its current task returns (never joined)."""
         with self._ready:
             self._closed = True
             self._ready.notify_all()
-        for t in self._threads:
-            t.join()
 
     def _loop(self) -> None:
         self._local.worker = True
@@ -219,6 +226,7 @@ class InProcessGrid(Grid):
         self.workers = workers
         threads = available_cores() if workers == "auto" else int(workers)
         self._pool = _Workers(threads) if threads > 1 else None  # plus as many spare threads
+        self._runner: Runner | None = None  # one worker: its clients run on this thread
         self._seconds: dict[int, float] = {}  # node id -> its fastest one-thread message time (auto)
         self._speedup: float | None = None  # the best of the all-core rounds auto tried
         self._retry_at = 0  # auto: the round count from which a short speedup is tried again
@@ -264,31 +272,77 @@ class InProcessGrid(Grid):
             ids.append(message_id)
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+    def pull_messages(self, message_ids: Iterable[str], timeout: float | None = None) -> list[Message]:
+        """The replies to ``message_ids`` in push order; with ``timeout`` (seconds), a client
+        call running longer is abandoned and the round goes on without it
+        (``fedsim.engine.deadline``)."""
         msgs = [self._pending.pop(mid) for mid in message_ids if mid in self._pending]
         plan = self._plan(msgs)
         self.plans[plan.workers] += 1
         self._pulls += 1
-        if plan.workers == 1 or self._pool is None:
-            replies = []
-            for m in msgs:
-                t0 = time.perf_counter()
-                replies.append(self._deliver(m))
-                if self._pulls > 1:  # the first round also pays for loading data and building models
-                    node, took = m.metadata.dst_node_id, time.perf_counter() - t0
-                    self._seconds[node] = min(took, self._seconds.get(node, took))  # a hiccup must not look like work
-            return replies
-        pool = self._pool
+        replies = RoundReplies(len(msgs))
         t0 = time.perf_counter()
-        futures = {i: pool.submit(functools.partial(self._parallel_deliver, msgs[i], pool.map_parts)) for i in plan.order}
-        replies = [futures[i].result() for i in range(len(msgs))]
-        if self._trial:
+        jobs = self._start(msgs, plan, replies, list(plan.order))
+        overran = False
+        try:
+            while not replies.wait(1.0 if timeout is None else replies.next_check(timeout)):
+                _raise_failed(jobs)
+                late = replies.overrun(timeout) if timeout is not None else []
+                if late:
+                    overran = True
+                    self._log_overrun(msgs, late, timeout)
+                    self._retire_workers(plan)
+                    jobs += self._start(msgs, plan, replies, replies.unclaimed())
+            _raise_failed(jobs)
+        except BaseException:  # a KeyboardInterrupt too: nothing may run on unwatched
+            self._retire_workers(plan)
+            raise
+        finally:
+            kept = replies.close()
+        if self._trial and not overran:
             one_thread = [self._seconds.get(m.metadata.dst_node_id) for m in msgs]
             if None not in one_thread:
                 measured = sum(one_thread) / (time.perf_counter() - t0)  # type: ignore[arg-type]
                 self._speedup = measured if self._speedup is None else max(self._speedup, measured)
                 self._retry_at = RETRY_FACTOR * self._pulls
-        return replies
+        return [kept[i] for i in sorted(kept)]
+
+    def _start(self, msgs: list[Message], plan: RoundPlan, replies: RoundReplies, order: list[int]) -> list[Future]:
+        """Hand the messages at ``order`` to the Runner (one worker) or the pool."""
+        if not order:
+            return []
+        if plan.workers == 1 or self._pool is None:
+            if self._runner is None or self._runner.retired:
+                self._runner = Runner()
+            runner = self._runner
+            return [runner.submit(functools.partial(self._deliver_all, msgs, order, replies, runner))]
+        pool = self._pool
+        return [pool.submit(functools.partial(self._parallel_deliver, msgs[i], i, replies, pool.map_parts)) for i in order]
+
+    def _retire_workers(self, plan: RoundPlan) -> None:
+        """The threads that may hold an abandoned call take no more work; fresh ones will."""
+        if plan.workers == 1 or self._pool is None:
+            if self._runner is not None:
+                self._runner.retire()
+        else:
+            self._pool.abandon()
+            self._pool = _Workers(self._pool.size)
+
+    def _deliver_all(self, msgs: list[Message], order: list[int], replies: RoundReplies, runner: Runner) -> None:
+        """The messages at ``order``, one after another on ``runner``, timing each for ``auto``."""
+        for i in order:
+            if runner.retired or not replies.start(i):
+                continue
+            t0 = time.perf_counter()
+            self._deliver(msgs[i], i, replies)
+            if self._pulls > 1:  # the first round also pays for loading data and building models
+                node, took = msgs[i].metadata.dst_node_id, time.perf_counter() - t0
+                self._seconds[node] = min(took, self._seconds.get(node, took))  # a hiccup must not look like work
+
+    def _log_overrun(self, msgs: list[Message], late: list[int], timeout: float | None) -> None:
+        for i in late:
+            log(WARNING, "round %s: node %d overran the round-timeout (%g s); the round goes on without it and its "
+                "reply will be discarded", _round_of(msgs[i]), msgs[i].metadata.dst_node_id, timeout)
 
     def _plan(self, msgs: list[Message]) -> RoundPlan:
         if self._pool is None:
@@ -303,39 +357,66 @@ class InProcessGrid(Grid):
         return plan
 
     def close(self) -> None:
-        """Stop the worker threads (if any)."""
+        """Stop the worker threads (if any; an abandoned client's thread is left to itself)."""
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._runner is not None:
+            self._runner.retire()
+            self._runner = None
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Flower's contract: the replies that came within ``timeout`` seconds (None: wait)."""
+        return self.pull_messages(self.push_messages(messages), timeout)
 
     # --- delivery ----------------------------------------------------------------------
 
-    def _parallel_deliver(self, msg: Message, mapper: Callable) -> Message:
-        """_deliver on a worker thread, micro-batches through ``mapper``."""
-        with part_map(mapper):
-            return self._deliver(msg)
+    def _parallel_deliver(self, msg: Message, index: int, replies: RoundReplies, mapper: Callable) -> None:
+        """_deliver on a worker thread (unless another thread has it), micro-batches through ``mapper``."""
+        if replies.start(index):
+            with part_map(mapper):
+                self._deliver(msg, index, replies)
 
-    def _deliver(self, msg: Message) -> Message:
-        """Run the ClientApp on a private copy of ``msg``; commit node state only on success."""
+    def _deliver(self, msg: Message, index: int, replies: RoundReplies) -> None:
+        """Run the ClientApp on a private copy of ``msg``; its reply and node state are kept
+        only if the round is still open (``RoundReplies.commit``), the state only on success."""
         node = self.contexts[msg.metadata.dst_node_id]
         state = copy.deepcopy(node.state) if len(node.state) else RecordDict()  # a private copy: rolled back on error
         ctx = Context(node.run_id, node.node_id, node.node_config, state, node.run_config)
         inbound = message_with_metadata(msg.metadata, _copy_content(msg.content))
+        ok = False
         try:
             reply = self.client_app(inbound, ctx)
-            node.state = ctx.state
+            ok = True
         except Exception as ex:
             # One line; the traceback only on request (a client's failure is often a setup problem, not a bug)
             detail = "\n" + traceback.format_exc() if os.environ.get("FEDSIM_DEBUG", "") not in ("", "0") else ""
-            log(ERROR, "node %d raised %s: %s%s", node.node_id, type(ex).__name__, ex, detail)
-            reason = f"{type(ex)}:<'{ex}'>"
-            reply = Message(client_app_error(reason), reply_to=msg)
-        self.contexts.settle(node)  # kept only while it holds state, failed message or not
+            log(ERROR, "node %d raised %s: %s%s", node.node_id, type(ex).__name__, one_line(str(ex)), detail)
+            reply = Message(client_app_error(f"{type(ex)}:<'{ex}'>"), reply_to=msg)
         assign_message_id(reply, f"r{next(self._ids)}")
-        return reply
+
+        def settle() -> None:
+            if ok:
+                node.state = ctx.state
+            self.contexts.settle(node)  # kept only while it holds state, failed message or not
+
+        if not replies.commit(index, reply, settle):
+            log(WARNING, "round %s: node %d replied after the round-timeout; its reply is discarded", _round_of(msg), node.node_id)
+
+
+def _round_of(msg: Message) -> str:
+    """The server round a fedsim message is for ("?" for a message without one)."""
+    try:
+        return str(int(msg.content.config_records["config"]["server-round"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return "?"
+
+
+def _raise_failed(jobs: list[Future]) -> None:
+    """Re-raise the error of a delivery job that failed outside a client (a bug, not a client's)."""
+    for job in jobs:
+        if job.done() and not job.cancelled() and job.exception() is not None:
+            raise job.exception()  # type: ignore[misc]
 
 
 class NodeContexts(dict[int, Context]):
