@@ -8,8 +8,10 @@ agreement counts). Checkpoints written before the two were namespaced (one flat
 round, so a resumed run continues bit for bit; the one exception is EF-signSGD, whose
 clients keep a residual in their node state, which no checkpoint holds (its residuals
 restart at zero). It is written atomically after every evaluated round (``eval-every``)
-and deleted when the run finishes. A damaged checkpoint (unreadable, missing or mistyped
-entries) is moved aside as ``checkpoint.pt.damaged`` and the run starts from round 0.
+and deleted when the run finishes. A checkpoint is untrusted input, checked as strictly as
+a client's reply: a damaged one (unreadable, missing or mistyped entries; arrays whose
+names, shapes or dtypes differ from the model's, never cast; arrays holding NaN or
+infinities) is moved aside as ``checkpoint.pt.damaged`` and the run starts from round 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
 from fedsim.config import RunConfig, same_experiment
+from fedsim.core.aggregate import non_finite_keys
 from fedsim.run_folder import CHECKPOINT, RunFolder, set_aside
 
 __all__ = ["CHECKPOINT", "Checkpoint", "load_checkpoint", "restore_strategy", "save_checkpoint"]
@@ -62,8 +65,9 @@ def save_checkpoint(
 def load_checkpoint(folder: Path, cfg: RunConfig, expected: ArrayRecord | None = None) -> Checkpoint | None:
     """The checkpoint in ``folder`` if there is one for this experiment, else None. A
     checkpoint of another experiment is ignored, with a warning; a damaged one (unreadable,
-    missing or mistyped entries, arrays unlike ``expected``'s names and shapes, a folder of
-    that name) is set aside as ``checkpoint.pt.damaged``, with a warning."""
+    missing or mistyped entries, arrays unlike ``expected``'s names, shapes and dtypes or
+    not finite, a folder of that name) is set aside as ``checkpoint.pt.damaged``, with a
+    warning."""
     path = RunFolder(folder).checkpoint
     if not os.path.lexists(path):
         return None
@@ -131,10 +135,27 @@ def _problem(state: Any, expected: ArrayRecord | None) -> str | None:
     if state["round"] < 0 or not all(isinstance(v, torch.Tensor) for v in state["arrays"].values()):
         return "bad round or arrays"
     if expected is not None:
-        want = {k: tuple(v.shape) for k, v in expected.to_torch_state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in state["arrays"].items()}
-        if want != have:
-            return "its arrays do not match the model (names or shapes)"
+        mismatch = _arrays_mismatch(state["arrays"], expected.to_torch_state_dict())
+        if mismatch is not None:
+            return f"its arrays do not match the model ({mismatch})"
+    bad = non_finite_keys(state["arrays"])
+    if bad:
+        return f"its arrays {bad} hold NaN or infinite values"
+    return None
+
+
+def _arrays_mismatch(have: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str | None:
+    """How a checkpoint's arrays differ from the model's state_dict, as a reply's would
+    (fedsim.protocol.checked_arrays): the same keys, shapes and exactly the same dtypes
+    (a float64 array for a float32 model is refused, never cast); None if they fit."""
+    if set(have) != set(want):
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        return f"names: missing {missing}, unexpected {extra}"
+    for key, ref in want.items():
+        if tuple(have[key].shape) != tuple(ref.shape):
+            return f"shapes: {key!r} is {tuple(have[key].shape)}, the model's is {tuple(ref.shape)}"
+        if have[key].dtype != ref.dtype:
+            return f"dtypes: {key!r} is {have[key].dtype}, the model's is {ref.dtype}; a checkpoint is not cast"
     return None
 
 

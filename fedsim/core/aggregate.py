@@ -1,9 +1,11 @@
 """Example-weighted means: the aggregation of FedSGD and FedAvg, and of federated
-evaluation's per-client figures."""
+evaluation's per-client figures; and the finiteness check every model passes before it
+is committed (the strategy's new global model, a checkpoint's arrays)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,3 +41,39 @@ def evaluation_figures(num_examples: Sequence[int], losses: Sequence[float], met
             out["accuracy_p10"] = float(np.percentile(v, 10))
             out["accuracy_min"] = float(v.min())
     return out
+
+
+def non_finite_keys(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> list[str]:
+    """The keys (in order) of the float entries holding a NaN or an infinity; integer
+    entries are finite by construction. Empty: every x_i is finite."""
+    out = []
+    for key, value in arrays.items():
+        if isinstance(value, torch.Tensor):
+            bad = value.is_floating_point() and not bool(torch.isfinite(value).all())
+        else:
+            bad = np.issubdtype(value.dtype, np.floating) and not bool(np.isfinite(value).all())
+        if bad:
+            out.append(key)
+    return out
+
+
+def payload_norm(payload: object) -> float:
+    """||payload||_2 over its float content: every float array, tensor and number (bools
+    and integer arrays, e.g. packed signs, count 0), through mappings, tuples and lists;
+    sqrt(sum x^2) in float64 (inf if that overflows, NaN if a value is NaN)."""
+    return math.sqrt(_square_sum(payload))
+
+
+def _square_sum(payload: object) -> float:
+    if isinstance(payload, Mapping):
+        return sum((_square_sum(v) for v in payload.values()), 0.0)
+    if isinstance(payload, (tuple, list)):
+        return sum((_square_sum(v) for v in payload), 0.0)
+    if isinstance(payload, torch.Tensor):
+        payload = payload.detach().double().cpu().numpy() if payload.is_floating_point() else None
+    if isinstance(payload, np.ndarray) and np.issubdtype(payload.dtype, np.floating):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.square(payload, dtype=np.float64).sum())
+    if isinstance(payload, float):
+        return payload * payload
+    return 0.0
