@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(ValueError):
     """A run-config value is missing or invalid; the message says which and what to do."""
@@ -19,17 +21,35 @@ class RunFailed(RuntimeError):
 
 # A reason a client sent is logged on one line of at most this many characters.
 MAX_REASON_CHARS = 300
+# Flower's wrapper of a raising ClientApp (flwr.clientapp.ClientAppException): str() of the
+# client's exception follows it.
+FLOWER_WRAPPER = "ClientAppException occurred. Message: "
+TRACEBACK = "Traceback (most recent call last)"
 
 
 def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` made safe for one log line: a traceback becomes its last line (the
-    exception), every character that is not printable (newlines, carriage returns, escape
-    codes, Unicode line separators) is written as its Python escape, and the result is cut
-    to ``limit`` characters, saying how many were left out."""
-    if "Traceback (most recent call last)" in text:
+    """``text`` made safe for one log line: Flower's wrapped client exception (a Ray
+    traceback around ``ClientAppException``) becomes ``Type: message`` of the client's
+    exception, any other traceback its last line; every character that is not printable
+    (newlines, carriage returns, escape codes, Unicode line separators) is written as its
+    Python escape, and the result is cut to ``limit`` characters, saying how many were
+    left out."""
+    if FLOWER_WRAPPER in text:
+        text = _client_exception(text)
+    elif TRACEBACK in text:
         lines = [ln for ln in text.splitlines() if ln.strip()]
         text = lines[-1].strip() if lines else text
     out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     if len(out) > limit:
         out = f"{out[:limit]}... ({len(out) - limit} more characters)"
     return out
+
+
+def _client_exception(text: str) -> str:
+    """``Type: message`` of the exception Flower wrapped (the type from the traceback's line
+    that starts the message, where there is one)."""
+    message = text.rsplit(FLOWER_WRAPPER, 1)[1].rstrip()
+    message = message.removesuffix("'>")
+    first = message.splitlines()[0] if message else ""
+    typed = re.search(rf"^([A-Za-z_][\w.]*): {re.escape(first)}$", text, re.MULTILINE) if first else None
+    return f"{typed.group(1)}: {message}" if typed else f"ClientApp raised: {message}"

@@ -41,6 +41,7 @@ from fedsim.partitions import format_label_counts, label_counts
 from fedsim.plan import RunPlan, own_data, server_plan
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
+from fedsim.log_lines import install as install_one_line_logs
 from fedsim.run_folder import claim_run_folder
 from fedsim.runtime import Runtime, evaluate, runtime
 from fedsim.strategies import FederatedEvaluation, FedsimStrategy, build_strategy
@@ -384,3 +385,4 @@ def main(grid: Grid, context: Context) -> None:
         run_experiment(grid, load_config(context.run_config), engine="flower")
     except (ConfigError, DataError, RunFailed) as err:
         log(ERROR, "fedsim: error: %s", err)
+    install_one_line_logs()  # Flower's simulation logs a raising client as ~20 lines

@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.algorithms.base import Algorithm
 from fedsim.core.aggregate import weighted_mean
+from fedsim.errors import one_line
 from fedsim.protocol import (
     ARRAYS,
     BUFFERS,
@@ -297,7 +298,7 @@ class FedsimStrategy(Strategy):
 
     @staticmethod
     def _reject(server_round: int, node: int, reason: str) -> None:
-        log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
+        log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, one_line(reason))
 
     def _keep(
         self, server_round: int, replies: list[Reply[Any]], why_not: Callable[[Reply[Any], list[Reply[Any]]], str | None]

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedsim.core.aggregate import evaluation_figures
+from fedsim.errors import one_line
 from fedsim.protocol import ARRAYS, CONFIG, BadReply, EvalMetrics, eval_reply_metrics
 from fedsim.seeding import stream_seed
 
@@ -74,7 +75,7 @@ class FederatedEvaluator:
                 used.append(r)
             except Exception as err:
                 reason = str(err) if isinstance(err, BadReply) else f"{type(err).__name__}: {err}"
-                log(WARNING, "round %d: rejected the evaluate reply of node %d: %s", server_round, node, reason)
+                log(WARNING, "round %d: rejected the evaluate reply of node %d: %s", server_round, node, one_line(reason))
         used.sort(key=lambda r: r.client)
         figures = evaluation_figures(
             [r.num_examples for r in used], [r.loss for r in used], {n: [r.values[n] for r in used] for n in self.names},
