@@ -80,6 +80,7 @@ class RunConfig:
     stop_at_accuracy: float = 0.0
     min_replies: int = 1
     round_timeout: float = 3600.0
+    max_bad_rounds: int = 20
     device: str = "auto"
     attackers: int = 0
     attack: str = "sign-flip"
@@ -168,6 +169,7 @@ class RunConfig:
             (self.min_replies <= per_round, f"min-replies={self.min_replies}: only {per_round} clients are sampled per round "
              f"(num-nodes={self.num_nodes}, fraction-train={self.fraction_train}); use min-replies <= {per_round}"),
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
+            (self.max_bad_rounds >= 1, f"max-bad-rounds={self.max_bad_rounds}: must be an integer >= 1 (consecutive rounds the model may stay unchanged before the run stops)"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),

@@ -24,9 +24,9 @@ ones) send nothing more.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -76,6 +76,18 @@ class Reply(Generic[P]):
         """Who the server keeps state for: the partition a reply speaks for, or, for a node
         on its own data (no ``partition-id``), the node itself (its authenticated id)."""
         return self.metrics.partition_id if self.metrics.partition_id is not None else self.node_id
+
+
+@runtime_checkable
+class PlausibilityBound(Protocol):
+    """An algorithm whose payloads have a plausible range given the round's global model
+    (e.g. EF-signSGD's scale against the model's scale). A payload outside it passes its
+    ``parse`` (well-formed, finite) but is rejected like any bad reply: the reason is
+    logged and the round goes on without it."""
+
+    def plausibility_rule(self, current: ArrayRecord) -> Callable[[Any], str | None]:
+        """For the round's global model ``current``: payload -> why it is implausible (None: plausible)."""
+        ...
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -8,6 +8,12 @@ the round's row (``RoundEnd``) and hands it to the run's callbacks in order
 (e.g. a progress bar), the run config's (TensorBoard, MLflow, a user's), save a
 checkpoint (when evaluated), log the progress line, stop at ``stop-at-accuracy``. A
 callback returns True to end the run after that round.
+
+A run is complete when every round it trained committed a new model; a round that kept
+the previous one (fewer than ``min-replies`` valid replies, or a non-finite aggregate:
+``FedsimStrategy.failed_rounds``) makes it incomplete: summary.json says
+``"complete": false`` and ``rounds_failed``, and ``run_experiment`` raises RunFailed (exit
+1). ``max-bad-rounds`` such rounds in a row stop the run early.
 """
 
 from __future__ import annotations
@@ -238,6 +244,7 @@ def run_rounds(grid: Grid, setup: ServerSetup, start: Start, callbacks: Sequence
     final = setup.strategy.run(
         grid, start.arrays, setup.cfg.num_server_rounds, on_round_end, timeout=setup.cfg.round_timeout,
         train_config=train_config(setup.device), first_round=start.first_round, eval_every=setup.cfg.eval_every,
+        max_bad_rounds=setup.cfg.max_bad_rounds,
     )
     return final, time.perf_counter() - t0
 
@@ -250,20 +257,36 @@ def final_figure(rows: list[RoundRow]) -> str:
     return f"final federated accuracy {fed[-1]:.4f}" if fed else f"final test accuracy {rows[-1].test_accuracy:.4f}"
 
 
-def failure(rows: list[RoundRow], min_replies: int) -> str | None:
-    """Why a run learned nothing (no trained round had min-replies valid replies), else None;
-    logs how many rounds were short when only some were."""
-    short = rounds_below_min_replies(rows, min_replies)
+def failure(rows: list[RoundRow], cfg: RunConfig, strategy: FedsimStrategy) -> str | None:
+    """Why a run is not complete (module docstring), else None: no trained round had
+    min-replies valid replies; or max-bad-rounds failed rounds in a row stopped it; or some
+    trained rounds kept the previous model."""
+    short = rounds_below_min_replies(rows, cfg.min_replies)
+    failed = failed_rounds(rows, cfg.min_replies, strategy)
     trained = sum(1 for r in rows if r.round > 0)
     if trained and len(short) == trained:
         return (
-            f"no round had min-replies={min_replies} valid replies, so the model never changed "
+            f"no round had min-replies={cfg.min_replies} valid replies, so the model never changed "
             f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
             f"columns of rounds.csv)"
         )
-    if short:
-        log(WARNING, "fedsim: %d of %d rounds had fewer than min-replies=%d valid replies and left the model unchanged", len(short), trained, min_replies)
+    non_finite = len(failed) - len(short)
+    why = (f"{len(short)} with fewer than min-replies={cfg.min_replies} valid replies, {non_finite} with a non-finite "
+           "aggregate: see the log's WARNING lines for those rounds")
+    if strategy.stalled_at is not None:
+        last = strategy.stalled_at
+        return (f"the model could not move for max-bad-rounds={cfg.max_bad_rounds} rounds in a row (rounds "
+                f"{last - cfg.max_bad_rounds + 1}-{last}), so the run stopped after round {last} of {cfg.num_server_rounds} "
+                f"({len(failed)} failed rounds in all: {why})")
+    if failed:
+        return f"{len(failed)} of {trained} rounds kept the previous model, so the run is incomplete ({why})"
     return None
+
+
+def failed_rounds(rows: list[RoundRow], min_replies: int, strategy: FedsimStrategy) -> list[int]:
+    """The trained rounds that kept the previous model: below min-replies (rounds.csv, also
+    before a resume) or recorded by the strategy (a non-finite aggregate)."""
+    return sorted(set(rounds_below_min_replies(rows, min_replies)) | set(strategy.failed_rounds))
 
 
 def summarise(setup: ServerSetup, start: Start, rows: list[RoundRow], wall: float, failed: str | None) -> dict[str, Any]:
@@ -279,7 +302,8 @@ def summarise(setup: ServerSetup, start: Start, rows: list[RoundRow], wall: floa
         "num_nodes": len(setup.nodes), "batch_sizes": list(plan.batch_sizes),
         "batch_sizes_reported": dict(sorted(strategy.reported_batch_sizes.items())),
         "resumed_after_round": start.resumed_after, "rounds_below_min_replies": len(rounds_below_min_replies(rows, cfg.min_replies)),
-        "failed": failed, "attackers": list(plan.attackers), "attack": cfg.attack if plan.attackers else None,
+        "rounds_failed": len(failed_rounds(rows, cfg.min_replies, strategy)), "complete": failed is None,
+        "stalled_after_round": strategy.stalled_at, "failed": failed, "attackers": list(plan.attackers), "attack": cfg.attack if plan.attackers else None,
         "algorithm": strategy.algorithm.report(), "model": plan.model_name, "num_parameters": setup.num_params,
         "data": {"dataset": cfg.dataset, "input_shape": list(plan.input_shape), "num_classes": plan.num_classes,
                  "task": "classification" if plan.splits.classification else "regression", **plan.splits.info},
@@ -308,7 +332,7 @@ def run_experiment(
     ``engine`` and ``engine_settings`` (e.g. threads, workers) are recorded in summary.json;
     ``callbacks`` run after each round, after the row is recorded and before the
     checkpoint; ``cores``: the server's share of the machine (default: every core).
-    Raises RunFailed when no round changed the model (summary.json says so too)."""
+    Raises RunFailed when the run is not complete (module docstring; summary.json says so too)."""
     environment = environment_info()  # before any round: the code this process runs
     setup = set_up(grid, cfg, cores)
     counts = log_setup(setup)
@@ -329,7 +353,7 @@ def run_experiment(
             cb.on_run_start(RunStart(cfg, folder, start.first_round, setup.num_params, {"num_nodes": len(setup.nodes)}))
         final, wall = run_rounds(grid, setup, start, cbs)
         log(INFO, "fedsim: %s after %d rounds (%.1f s)", final_figure(rows), rows[-1].round, wall)
-        failed = failure(rows, cfg.min_replies)
+        failed = failure(rows, cfg, setup.strategy)
         summary = {**summarise(setup, start, rows, wall, failed), "engine": engine, "engine_settings": dict(engine_settings or {}), **environment}
         if writer is not None:
             writer.finish(final.to_torch_state_dict(), summary)

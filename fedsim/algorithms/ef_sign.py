@@ -13,6 +13,13 @@ computed with the same convention, so e_m is exactly what the server did not get
 the scale ||p_m||_1 / N. Server: x^{t+1} = x^t - (1/M) sum_m Delta_m, the plain mean over
 the M valid replies (each client one worker, as in the distributed EF-signSGD variants).
 
+Plausibility bound: a reply's scale s must satisfy s <= MAX_SCALE_RATIO * max(1, ||x||_1 / N)
+for the round's global model x (N trainable coordinates): one reply moves every coordinate
+by s / M, and an honest s = ||lr g + e||_1 / N is one step's mean size, far below a
+thousand times the model's mean weight (or 1000 where weights are below 1). A finite but
+absurd scale (3e38 is a valid float32) would otherwise take the model to -inf in two
+rounds; it is rejected like any bad reply instead.
+
 The residual lives in the node's ``context.state`` (a node that is not sampled keeps
 it): EF-signSGD is the one algorithm here whose clients keep state between rounds. It is not in fedsim's checkpoints: a run resumed from a checkpoint restarts every
 residual at zero, so it is not bit-identical to an uninterrupted run (the only
@@ -21,23 +28,27 @@ algorithm here for which that holds).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend
-from fedsim.arrays import to_array_record
+from fedsim.arrays import to_array_record, to_state
 from fedsim.attacks import SIGN_ATTACKS
 from fedsim.clients.tasks import flat_gradient
 from fedsim.core.aggregate import weighted_mean
+from fedsim.core.model_vector import flatten
 from fedsim.core.signs import pack_signs, packed_size, unpack_signs
 from fedsim.protocol import PACKED, ArraySpec, BadReply, Reply, checked_arrays
 
 RECORD = "scaled-signs"
 SCALE = "scale"
 RESIDUAL = "ef-residual"  # the node state's ArrayRecord holding e_m
+MAX_SCALE_RATIO = 1e3  # the plausibility bound: scale <= MAX_SCALE_RATIO * max(1, mean |x_i|)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,21 @@ class EFSignSGD(Algorithm[EFParams, ScaledSigns]):
         if scale < 0:
             raise BadReply(f"{RECORD}[{SCALE!r}] is {scale}, a scale ||p||_1 / N is >= 0")
         return arrays[PACKED], scale
+
+    def plausibility_rule(self, current: ArrayRecord) -> Callable[[Any], str | None]:
+        """Payload -> why its scale s exceeds MAX_SCALE_RATIO * max(1, ||x||_1 / N) for the
+        round's global model x (module docstring), else None."""
+        x = flatten(to_state(current, copy=False), self.model.param_keys).to(torch.float64)
+        limit = MAX_SCALE_RATIO * max(1.0, float(x.abs().mean()))
+
+        def implausible(payload: ScaledSigns) -> str | None:
+            scale = payload[1]
+            if scale <= limit:
+                return None
+            return (f"{RECORD}[{SCALE!r}] is {scale:.3g}, above the plausibility bound {limit:.3g} "
+                    f"({MAX_SCALE_RATIO:g} x max(1, the model's mean |weight|)): one reply would move every weight that far")
+
+        return implausible
 
     def sample_upload(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         signs = torch.from_numpy(rng.choice([-1.0, 1.0], size=self.model.num_params).astype(np.float32))

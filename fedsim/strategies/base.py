@@ -18,6 +18,14 @@ id, then node id). The binding is part of ``state_dict``; after a restore, bindi
 nodes that are not connected any more are dropped at the next round (Flower's simulation
 runtime gives nodes new ids in every run), so their partitions bind afresh.
 
+No poison is committed: an algorithm with a plausibility bound (``PlausibilityBound``, e.g.
+EF-signSGD's scale against the model's) rejects a reply outside it like any bad reply, and
+a new global model with a NaN or an infinity (``non_finite_keys``, one check for every
+algorithm) is not committed: the round keeps the previous model and logs one WARNING line
+naming the replies with the largest norms. Rounds that keep the model (too few replies, a
+non-finite aggregate) are ``failed_rounds``; ``run`` stops after ``max_bad_rounds`` of them
+in a row (``stalled_at``).
+
 ``run`` is fedsim's round loop with an explicit hook after each round
 (``on_round_end(round, arrays, metrics) -> stop?``); Flower's own ``Strategy.start``
 (inherited) also works, with client evaluation skipped.
@@ -39,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.algorithms.base import Algorithm
-from fedsim.core.aggregate import weighted_mean
+from fedsim.core.aggregate import non_finite_keys, payload_norm, weighted_mean
 from fedsim.errors import one_line
 from fedsim.protocol import (
     ARRAYS,
@@ -47,6 +55,7 @@ from fedsim.protocol import (
     CONFIG,
     METRICS,
     BadReply,
+    PlausibilityBound,
     Reply,
     checked_arrays,
     content_bytes,
@@ -58,6 +67,16 @@ from fedsim.strategies.evaluation import FederatedEvaluation, FederatedEvaluator
 # (round, model after it, the round's train metrics (None for round 0), its federated
 # evaluation (None when none was due)) -> stop after this round?
 RoundEndHook = Callable[[int, ArrayRecord, MetricRecord | None, FederatedEvaluation | None], bool]
+
+# Why a round kept the previous model (FedsimStrategy.failed_rounds' values).
+TOO_FEW_REPLIES = "min-replies"
+NON_FINITE = "non-finite"
+NORMS_LOGGED = 3  # a non-finite aggregate's WARNING names this many replies, largest norm first
+
+
+def _ordered(norm: float) -> float:
+    """A norm for sorting, largest first: NaN (a payload holding NaN) counts as infinite."""
+    return math.inf if math.isnan(norm) else norm
 
 
 def _buffers(reply: Reply[Any]) -> dict[str, np.ndarray]:
@@ -115,6 +134,9 @@ class FedsimStrategy(Strategy):
         self.evaluation = evaluation
         self.max_node_clients = max_node_clients
         self.own_data = own_data
+        # round -> why it kept the previous model (TOO_FEW_REPLIES, NON_FINITE)
+        self.failed_rounds: dict[int, str] = {}
+        self.stalled_at: int | None = None  # the round after which run() stopped: max_bad_rounds failed in a row
 
     # --- fedsim's round loop -------------------------------------------------------------
 
@@ -129,12 +151,15 @@ class FedsimStrategy(Strategy):
         train_config: ConfigRecord | None = None,
         first_round: int = 1,
         eval_every: int = 1,
+        max_bad_rounds: int | None = None,
     ) -> ArrayRecord:
         """Rounds ``first_round``..``num_rounds`` (a resumed run starts after its checkpoint);
         ``on_round_end(round, arrays, metrics, evaluation)`` after each, and for round 0
         (the initial model, metrics None) when starting from round 1, with the round's
         federated evaluation when one is due (round 0, every ``eval_every``, the last). It
-        returns True to stop after that round. Returns the final global model."""
+        returns True to stop after that round. After ``max_bad_rounds`` failed rounds in a
+        row (None: never) the loop stops too, setting ``stalled_at``. Returns the final
+        global model."""
         log(INFO, "fedsim %s: %d trainable parameters in %d tensors, fraction-train %g, rounds %d..%d",
             self.algorithm.name, self.model.num_params, len(self.model.param_keys), self.fraction_train, first_round, num_rounds)
         if self.algorithm.describe():
@@ -153,9 +178,22 @@ class FedsimStrategy(Strategy):
             new, metrics = self.aggregate_train(rnd, replies)
             if new is not None:
                 arrays = new
-            if on_round_end(rnd, arrays, metrics, evaluated(rnd)):
+            stop = on_round_end(rnd, arrays, metrics, evaluated(rnd))
+            if max_bad_rounds is not None and self.failed_in_a_row(rnd) >= max_bad_rounds:
+                self.stalled_at = rnd
+                log(WARNING, "round %d: the global model has not changed for %d rounds in a row (max-bad-rounds); stopping",
+                    rnd, max_bad_rounds)
+                break
+            if stop:
                 break
         return arrays
+
+    def failed_in_a_row(self, server_round: int) -> int:
+        """How many rounds in a row, up to ``server_round``, kept the previous model."""
+        k = 0
+        while server_round - k >= 1 and server_round - k in self.failed_rounds:
+            k += 1
+        return k
 
     def _evaluate(self, grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> FederatedEvaluation:
         assert self.evaluation is not None
@@ -175,6 +213,7 @@ class FedsimStrategy(Strategy):
             "reported_devices": dict(self.reported_devices),
             "num_examples": dict(self.pinned_num_examples),
             "node_partitions": dict(self.node_partitions),
+            "failed_rounds": dict(self.failed_rounds),
         }
         if self.evaluation is not None:
             own["eval_rng"] = self.evaluation.state()
@@ -195,6 +234,7 @@ class FedsimStrategy(Strategy):
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
         self.partition_owner = {pid: node for node, pid in self.node_partitions.items()}
+        self.failed_rounds = {int(k): str(v) for k, v in state.get("failed_rounds", {}).items()}  # older checkpoints: none
         if self.evaluation is not None and "eval_rng" in state:
             self.evaluation.load(state["eval_rng"])
 
@@ -226,7 +266,7 @@ class FedsimStrategy(Strategy):
         """Check each reply, drop and log the bad ones, and apply the good ones if there are
         at least ``min_replies`` of them (else the global model is unchanged: None)."""
         checked, received, bytes_up = self._checked(server_round, replies)
-        good = checked
+        good = self._keep(server_round, checked, self._plausibility_rule())
         for rule in (self._not_bound_elsewhere, self._first_of_partition, self._pinned_num_examples, self._room_for_node):
             good = self._keep(server_round, good, rule)
         self._remember(good)
@@ -239,7 +279,18 @@ class FedsimStrategy(Strategy):
                 WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the global model is unchanged",
                 server_round, len(good), self.min_replies,
             )
+            self.failed_rounds[server_round] = TOO_FEW_REPLIES
             return None, metrics
+        new = self._aggregate(server_round, good)
+        if new is None:
+            self.failed_rounds[server_round] = NON_FINITE
+            return None, metrics
+        metrics["updated"] = 1
+        return new, metrics
+
+    def _aggregate(self, server_round: int, good: list[Reply[Any]]) -> ArrayRecord | None:
+        """The algorithm's new global model (with the replies' mean buffers), or None, with
+        one WARNING line, if it holds a NaN or an infinity: such a model is never committed."""
         assert self._global is not None
         new = self.algorithm.server_rule(server_round, self._global, good)
         if self._sends_buffers:
@@ -247,8 +298,22 @@ class FedsimStrategy(Strategy):
             for key in self.buffer_spec:
                 mean = weighted_mean([torch.from_numpy(_buffers(r)[key].copy()) for r in good], weights)
                 new[key] = Array(mean.numpy().astype(self.buffer_spec[key][1]))
-        metrics["updated"] = 1
-        return new, metrics
+        bad = non_finite_keys({k: new[k].numpy() for k in new.keys()})
+        if not bad:
+            return new
+        norms = sorted(((payload_norm((r.payload, r.buffers)), r.node_id) for r in good), key=lambda t: (-_ordered(t[0]), t[1]))
+        largest = ", ".join(f"node {node} ({norm:.3g})" for norm, node in norms[:NORMS_LOGGED])
+        log(WARNING, "round %d: the aggregate of %d replies holds NaN or infinite values in %s; the global model is unchanged; "
+            "largest replies by norm: %s", server_round, len(good), bad, largest)
+        return None
+
+    def _plausibility_rule(self) -> Callable[[Reply[Any], list[Reply[Any]]], str | None]:
+        """Rule: a payload within its algorithm's plausibility bound for this round's model
+        (fedsim.protocol.PlausibilityBound; an algorithm without one accepts every payload)."""
+        if not isinstance(self.algorithm, PlausibilityBound) or self._global is None:
+            return lambda r, _: None
+        implausible = self.algorithm.plausibility_rule(self._global)
+        return lambda r, _: implausible(r.payload)
 
     def _checked(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Reply[Any]], int, int]:
         """(the replies that pass their own checks, sorted by client then node; how many came;
