@@ -41,13 +41,13 @@ from fedsim.config import ConfigError, RunConfig
 from fedsim.data.errors import DataError
 from fedsim.device import device_label
 from fedsim.errors import RunFailed
+from fedsim.log_lines import install as install_one_line_logs
 from fedsim.models import build_model, count_parameters
 from fedsim.parallel import available_cores, block_map
 from fedsim.partitions import format_label_counts, label_counts
 from fedsim.plan import RunPlan, own_data, server_plan
 from fedsim.protocol import ModelSpec, array_spec
 from fedsim.results import RoundRow, RunWriter, environment_info
-from fedsim.log_lines import install as install_one_line_logs
 from fedsim.run_folder import claim_run_folder
 from fedsim.runtime import Runtime, evaluate, runtime
 from fedsim.strategies import FederatedEvaluation, FedsimStrategy, build_strategy
@@ -405,8 +405,8 @@ def main(grid: Grid, context: Context) -> None:
     """Flower entry point (``flwr run .``, a deployment). A bad run config (or a run that
     learned nothing) is one ERROR line, not a traceback, and the run ends there. (fedsim's
     in-process engine calls ``run_experiment`` itself, and its caller reports errors.)"""
+    install_one_line_logs()  # Flower's simulation logs a raising client as ~20 lines
     try:
         run_experiment(grid, load_config(context.run_config), engine="flower")
     except (ConfigError, DataError, RunFailed) as err:
         log(ERROR, "fedsim: error: %s", err)
-    install_one_line_logs()  # Flower's simulation logs a raising client as ~20 lines
