@@ -18,7 +18,7 @@ PACKAGE = ROOT / "fedsim"
 # Layers, lowest first; a module may import modules of its own layer or below, never above.
 # A module is placed by the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
-    ("fedsim.errors", "fedsim.config", "fedsim.seeding", "fedsim.plugins", "fedsim.core", "fedsim.parallel", "fedsim.engine.settings", "fedsim.scaffold"),
+    ("fedsim.errors", "fedsim.log_lines", "fedsim.config", "fedsim.seeding", "fedsim.plugins", "fedsim.core", "fedsim.parallel", "fedsim.engine.settings", "fedsim.scaffold"),
     ("fedsim.data", "fedsim.models", "fedsim.partitions", "fedsim.device", "fedsim.arrays", "fedsim.attacks", "fedsim.objective", "fedsim.analysis"),
     ("fedsim.clients",),
     ("fedsim.protocol", "fedsim.run_folder"),
