@@ -81,6 +81,7 @@ class RunConfig:
     min_replies: int = 1
     round_timeout: float = 3600.0
     max_bad_rounds: int = 20
+    node_partitions: str = ""
     device: str = "auto"
     attackers: int = 0
     attack: str = "sign-flip"
@@ -171,6 +172,7 @@ class RunConfig:
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
             (self.max_bad_rounds >= 1, f"max-bad-rounds={self.max_bad_rounds}: must be an integer >= 1 (consecutive rounds the model may stay unchanged before the run stops)"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
+            (node_partitions_problem(self.node_partitions, self.num_nodes) is None, str(node_partitions_problem(self.node_partitions, self.num_nodes))),
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
@@ -182,6 +184,37 @@ class RunConfig:
             (0.0 < self.local_test_fraction < 1.0, f"local-test-fraction={self.local_test_fraction}: must be in (0, 1)"),
             *((o.valid(self.option(k)), f"{k}={self.option(k)!r}: {o.rule}") for k, o in self.declared.items()),
         ]
+
+
+def node_partition_map(text: str) -> dict[int, int]:
+    """``node-partitions``: ``"NODE:PARTITION,NODE:PARTITION,..."`` -> {node id: partition id}
+    ("" -> {}); ValueError for text that is not such pairs (``node_partitions_problem`` says why)."""
+    pairs = [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
+    out: dict[int, int] = {}
+    for pair in pairs:
+        node, sep, pid = pair.partition(":")
+        if not sep or not node.strip().isdigit() or not pid.strip().isdigit():
+            raise ValueError(f"{pair!r} is not NODE:PARTITION (two non-negative integers)")
+        out[int(node)] = int(pid)
+    if len(out) != len(pairs):
+        raise ValueError("a node id is given twice")
+    return out
+
+
+def node_partitions_problem(text: str, num_nodes: int) -> str | None:
+    """Why ``node-partitions`` is unusable (None: it is fine): pairs, each partition once, in 0..num-nodes-1."""
+    how = ("give 'NODE:PARTITION,...' with each node id (as `flwr supernode register` printed it) and each partition "
+           f"id in 0..{num_nodes - 1} at most once, e.g. '11021394607732558363:0,7225216816040098346:1'")
+    try:
+        mapping = node_partition_map(text)
+    except ValueError as err:
+        return f"node-partitions={text!r}: {err}; {how}"
+    pids = list(mapping.values())
+    if len(set(pids)) != len(pids):
+        return f"node-partitions={text!r}: a partition id is given to two nodes; {how}"
+    if any(p >= num_nodes for p in pids):
+        return f"node-partitions={text!r}: partition id {max(pids)} is not below num-nodes={num_nodes}; {how}"
+    return None
 
 
 def batch_size_cap_message(setting: str) -> str:

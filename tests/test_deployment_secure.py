@@ -1,6 +1,7 @@
 """Real deployment, secure, on loopback: the sequence of docs/deployment.md. A TLS
 SuperLink with SuperNode authentication; four registered SuperNodes: partitions 0, 1, 2
-(batch sizes 4, 64, 16) and an impostor that also claims partition 0; an unregistered
+(batch sizes 4, 64, 16), bound ahead of time by ``node-partitions``, and an impostor
+with the lowest node id that also claims partition 0; an unregistered
 and an insecure SuperNode, which must be refused; ``flwr run`` of 2 rounds of the LLR
 vote, during which the SuperNode of partition 2 is SIGKILLed after round 1.
 
@@ -25,7 +26,8 @@ from fedsim.engine.flower_runtime import PROJECT_ROOT, LocalSuperLink
 
 pytestmark = pytest.mark.flower
 
-# (name, node config); the impostor is given the highest node id, so it also loses round 1
+# (name, node config); the impostor is given the lowest node id, so without node-partitions
+# it would win partition 0 in round 1 (the first-claim rule) and the honest p0 would lose it
 HONEST = [
     ("p0", "partition-id=0 num-partitions=3 batch-size=4"),
     ("p1", "partition-id=1 num-partitions=3 batch-size=64"),
@@ -45,6 +47,11 @@ class SecureRun:
     refused: dict[str, tuple[int | None, str]]  # unregistered / insecure: exit code, log
     online: set[int]  # node ids `flwr supernode ls` listed online before the run
     left: list[int]  # processes found after stopping everything
+
+
+def bound(node_ids: dict[str, int]) -> str:
+    """The run config's node-partitions: each honest node id -> its partition."""
+    return ",".join(f"{node_ids[name]}:{i}" for i, (name, _) in enumerate(HONEST))
 
 
 def rounds_csv(results: Path) -> list[dict[str, str]]:
@@ -72,8 +79,9 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> SecureRun:
     with LocalSuperLink(home, simulation=False, tls=tls, supernode_auth=True) as link:
         try:
             registered = sorted((link.register(keys[k].public), k) for k in "abcd")
-            node_ids = {name: node for (node, _), (name, _) in zip(registered, [*HONEST, ("impostor", IMPOSTOR)], strict=True)}
-            for (_, key), (name, node_config) in zip(registered, [*HONEST, ("impostor", IMPOSTOR)], strict=True):
+            nodes = [("impostor", IMPOSTOR), *HONEST]
+            node_ids = {name: node for (node, _), (name, _) in zip(registered, nodes, strict=True)}
+            for (_, key), (name, node_config) in zip(registered, nodes, strict=True):
                 link.start_supernode(name, node_config, private_key=keys[key].private)
             link.start_supernode("unregistered", HONEST[1][1], private_key=keys["unregistered"].private)
             link.start_supernode("insecure", HONEST[1][1], insecure=True, extra=["--max-retries", "1"])
@@ -90,7 +98,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> SecureRun:
 
             run = subprocess.Popen(
                 ["flwr", "run", str(PROJECT_ROOT), link.connection, "--stream",
-                 "--run-config", f"{RUN_CONFIG} results-dir='{results}'"],
+                 "--run-config", f"{RUN_CONFIG} results-dir='{results}' node-partitions='{bound(node_ids)}'"],
                 env=link.env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
             wait_for_round(results, 1, run, timeout=300)
@@ -132,13 +140,12 @@ def test_a_killed_supernode_leaves_the_rounds_after_it_to_the_others(secure_run:
     assert json.loads((secure_run.results / "summary.json").read_text())["rounds"] == 2
 
 
-def test_an_impostor_claiming_a_bound_partition_is_rejected_naming_both_nodes(secure_run: SecureRun) -> None:
+def test_an_impostor_with_the_lowest_node_id_is_rejected_from_round_1_by_node_partitions(secure_run: SecureRun) -> None:
     honest, impostor = secure_run.node_ids["p0"], secure_run.node_ids["impostor"]
-    assert (
-        f"round 1: rejected the reply of node {impostor}: partition-id 0 already replied this round (node {honest})"
-        in secure_run.log
-    ), secure_run.log[-3000:]
-    assert (
-        f"round 2: rejected the reply of node {impostor}: claims partition-id 0, which is bound to node {honest}"
-        in secure_run.log
-    ), secure_run.log[-3000:]
+    assert impostor < honest
+    for rnd in (1, 2):
+        assert (
+            f"round {rnd}: rejected the reply of node {impostor}: claims partition-id 0, but node {impostor} is not in "
+            "node-partitions (the run config binds 3 nodes to their partitions)" in secure_run.log
+        ), secure_run.log[-3000:]
+    assert f"rejected the reply of node {honest}" not in secure_run.log, secure_run.log[-3000:]

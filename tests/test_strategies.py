@@ -2,6 +2,7 @@
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +11,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from strategy_kit import make
 
 from fedsim import protocol
+from fedsim.cli import main
+from fedsim.config import node_partition_map
 from fedsim.core.signs import pack_signs
 from fedsim.engine.flower_internals import assign_message_id, set_server_identity
+from fedsim.validation import load_config
 
 set_server_identity(run_id=7)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 W0 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 B0 = np.array([0.5, -0.5], np.float32)
@@ -462,3 +468,62 @@ def test_bindings_survive_a_checkpoint_for_connected_nodes_and_rebind_when_node_
     old = {**state, "strategy": {k: v for k, v in state["strategy"].items() if k != "node_partitions"}}  # a checkpoint from before binding
     fresh.load_state_dict(old)
     assert fresh.node_partitions == {}
+
+
+def test_node_partitions_bind_ahead_of_time_so_a_lower_id_impostor_loses_round_1(caplog):
+    """node-partitions = "101:0,102:1": node 100 (lowest id, which would win partition 0 by
+    the first-claim rule) is rejected from round 1, as is 101 claiming 102's partition; the
+    bindings survive a checkpoint and the pruning of nodes absent on resume."""
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2, node_partitions="101:0,102:1")
+    assert s.node_partitions == {101: 0, 102: 1}
+    msgs = to_nodes(s, Nodes(100, 101, 102), 1)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, metrics = s.aggregate_train(1, [sign_reply(msgs[n], [1] * 6, p) for n, p in ((100, 0), (101, 0), (102, 0))])
+    assert (metrics["clients"], metrics["rejected"]) == (1, 2)
+    assert rejections(caplog) == [
+        "round 1: rejected the reply of node 100: claims partition-id 0, but node 100 is not in node-partitions "
+        "(the run config binds 2 nodes to their partitions); add it there if it is one of yours",
+        "round 1: rejected the reply of node 102: claims partition-id 0, but node 102 is bound to partition-id 1 "
+        "by its first used reply; partition-id 0 is bound to node 101",
+    ]
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    resumed = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2, node_partitions="101:0,102:1")
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    msgs = to_nodes(resumed, Nodes(100, 101), 2)  # 102 is away: its binding stays
+    assert resumed.node_partitions == {101: 0, 102: 1}
+    _, metrics = resumed.aggregate_train(2, [sign_reply(msgs[100], [1] * 6, 1), sign_reply(msgs[101], [1] * 6, 0)])
+    assert (metrics["clients"], metrics["rejected"]) == (1, 1) and resumed.partition_owner == {0: 101, 1: 102}
+
+
+def test_node_partitions_override_a_checkpoint_binding_they_contradict():
+    s = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2)
+    msgs = to_nodes(s, Nodes(100, 101), 1)
+    s.aggregate_train(1, [sign_reply(msgs[100], [1] * 6, 0), sign_reply(msgs[101], [1] * 6, 1)])
+    pinned = make("sign-mv", SPEC, PARAMS, lr=0.01, num_partitions=2, node_partitions="101:0")
+    pinned.load_state_dict(s.state_dict())
+    assert pinned.node_partitions == {101: 0} and pinned.partition_owner == {0: 101}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("101:0,102", "'102' is not NODE:PARTITION"),
+    ("101:0,x:1", "'x:1' is not NODE:PARTITION"),
+    ("101:-1", "'101:-1' is not NODE:PARTITION"),
+    ("101:0,101:1", "a node id is given twice"),
+    ("101:0,102:0", "a partition id is given to two nodes"),
+    ("101:0,102:3", "partition id 3 is not below num-nodes=3"),
+])
+def test_bad_node_partitions_are_one_line_exit_2(text, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", str(ROOT / "experiments" / "quick.toml"), "--set", "num-nodes=3",
+               "--set", f"node-partitions='{text}'", "--results-dir", str(tmp_path / "r")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("fedsim: error: node-partitions="), lines
+    assert fragment in lines[0] and "as `flwr supernode register` printed it" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_node_partitions_parse_with_spaces_and_newlines():
+    cfg = load_config({"num-nodes": 3, "node-partitions": " 11021394607732558363:2,\n7:0 "})
+    assert node_partition_map(cfg.node_partitions) == {11021394607732558363: 2, 7: 0}

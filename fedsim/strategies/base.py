@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -99,6 +99,7 @@ class FedsimStrategy(Strategy):
         evaluation: FederatedEvaluator | None = None,
         max_node_clients: int | None = None,
         own_data: bool = False,
+        node_partitions: Mapping[int, int] | None = None,
     ) -> None:
         """``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
         ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
@@ -106,7 +107,9 @@ class FedsimStrategy(Strategy):
         the global model unchanged; ``evaluation``: federated evaluation (None: none);
         ``max_node_clients``: the most nodes on their own data (replies without a
         partition id) the server keeps state for (None: no cap); ``own_data``: the nodes
-        train on their own data, each its own client (replies carry no partition id)."""
+        train on their own data, each its own client (replies carry no partition id);
+        ``node_partitions``: node id -> partition id bound ahead of time (the run config's
+        ``node-partitions``): only these nodes may reply, each for its partition, from round 1."""
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if min_replies < 1:
@@ -130,6 +133,8 @@ class FedsimStrategy(Strategy):
         # node id -> the partition id of its first used reply (its identity for the run)
         self.node_partitions: dict[int, int] = {}
         self.partition_owner: dict[int, int] = {}  # the inverse: partition id -> its bound node (kept with it)
+        self.fixed_partitions: dict[int, int] = dict(node_partitions or {})  # never dropped, never rebound
+        self._bind_fixed()
         self._prune_bindings = False  # set by load_state_dict: drop bindings of nodes gone since
         self.evaluation = evaluation
         self.max_node_clients = max_node_clients
@@ -234,6 +239,7 @@ class FedsimStrategy(Strategy):
         self.pinned_num_examples = {int(k): int(v) for k, v in state.get("num_examples", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
         self.partition_owner = {pid: node for node, pid in self.node_partitions.items()}
+        self._bind_fixed()  # the run config's bindings win over a checkpoint's
         self.failed_rounds = {int(k): str(v) for k, v in state.get("failed_rounds", {}).items()}  # older checkpoints: none
         if self.evaluation is not None and "eval_rng" in state:
             self.evaluation.load(state["eval_rng"])
@@ -389,8 +395,18 @@ class FedsimStrategy(Strategy):
             return f"sends no partition-id, but node {r.node_id} is bound to partition-id {self.node_partitions[r.node_id]} by its first used reply"
         return None
 
+    def _bind_fixed(self) -> None:
+        """Put the ``node_partitions`` bindings in place (dropping any binding they contradict)."""
+        for node, pid in self.fixed_partitions.items():
+            self.partition_owner.pop(self.node_partitions.pop(node, -1), None)
+            self.node_partitions.pop(self.partition_owner.pop(pid, -1), None)
+            self.node_partitions[node], self.partition_owner[pid] = pid, node
+
     def _identity_problem(self, node: int, pid: int) -> str | None:
         """Why ``node`` may not speak for partition ``pid`` (None: it may)."""
+        if self.fixed_partitions and node not in self.fixed_partitions:
+            return (f"claims partition-id {pid}, but node {node} is not in node-partitions (the run config binds "
+                    f"{len(self.fixed_partitions)} nodes to their partitions); add it there if it is one of yours")
         bound, holder = self.node_partitions.get(node), self.partition_owner.get(pid)
         if bound is not None and bound != pid:
             held = f"; partition-id {pid} is bound to node {holder}" if holder is not None else ""
@@ -432,7 +448,7 @@ class FedsimStrategy(Strategy):
         """After a restore: forget bindings of nodes that are not connected now."""
         self._prune_bindings = False
         connected = set(nodes)
-        gone = sorted(n for n in self.node_partitions if n not in connected)
+        gone = sorted(n for n in self.node_partitions if n not in connected and n not in self.fixed_partitions)
         if gone:
             log(
                 INFO, "round %d: %d node(s) bound before the checkpoint are not connected; their partitions %s bind afresh",
