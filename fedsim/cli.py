@@ -33,6 +33,7 @@ from fedsim.callbacks import Callback, check_named_callbacks
 from fedsim.config import ConfigError, RunConfig, parse_override, read_experiment
 from fedsim.data.errors import DataError
 from fedsim.engine import ENGINES, check_engine_options, run_engine
+from fedsim.engine.processes import Terminated, stop_signals_interrupt
 from fedsim.errors import RunFailed
 from fedsim.plan import own_data, server_plan
 from fedsim.run_folder import RunFolder, claim_run_folder
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["FEDSIM_DEBUG"] = "1"  # the engines read it too (a raising client's traceback)
     try:
-        return int(args.func(args))
+        with stop_signals_interrupt():  # SIGTERM stops a run as Ctrl-C does: what it started is stopped too
+            return int(args.func(args))
     except (ConfigError, DataError) as err:
         if debug:
             raise
@@ -367,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fedsim: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"fedsim: {how}; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:
         if debug:
             raise

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,17 @@ from typing import Any
 from fedsim.callbacks.mlflow import default_tracking_uri
 from fedsim.config import ConfigError, RunConfig
 from fedsim.device import cuda_count, default_gpu_share
+from fedsim.engine.processes import (
+    Watchdog,
+    alive,
+    deferred_interrupts,
+    end_tree,
+    kill_group,
+    kill_pids,
+    processes_mentioning,
+    stop_group,
+    tree_of,
+)
 from fedsim.run_folder import RunFolder
 from fedsim.validation import load_config
 
@@ -35,6 +45,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # How long processes that name a stopped SuperLink (Flower's detached SuperExec) get to exit
 # by themselves before LocalSuperLink.stop() kills them and counts them as stragglers.
 EXIT_GRACE_S = 10.0
+# Seconds each process group gets after SIGTERM when a run is interrupted (SIGINT, SIGTERM).
+INTERRUPT_GRACE_S = 2.0
+# Seconds `flwr run` may go on after the run's summary.json is written before fedsim stops
+# it: Flower's simulation process waits for every in-flight client, so one client blocked
+# past round-timeout would keep it (and fedsim) running forever.
+FINISH_GRACE_S = 20.0
 
 
 def free_port() -> int:
@@ -64,6 +80,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
     )
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # The ServerApp evaluates on one thread, as the in-process engine does by default: a
+    # CNN's loss on 2 threads differs in the 7th digit (oneDNN sums in another order).
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
@@ -116,9 +135,12 @@ class LocalSuperLink:
         self.supernodes: dict[str, subprocess.Popen[bytes]] = {}
         self._supernode_addresses: list[str] = []
         self.stragglers: list[int] = []
+        self.watchdog: Watchdog | None = None
 
     def __enter__(self) -> LocalSuperLink:
         ray_tmpdir(self.flwr_home).mkdir(parents=True, exist_ok=True)
+        self.watchdog = Watchdog()  # ends all of it should this process die without stop()
+        self.watchdog.guard_marks(*self._marks())
         security = f'root-certificates = "{self.tls.ca_cert}"' if self.tls else "insecure = true"
         (self.flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "fedsim-local"\n\n'
@@ -145,9 +167,13 @@ class LocalSuperLink:
         return self
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        """Start ``cmd`` in a new session (its own process group), output to ``<name>.out``."""
+        """Start ``cmd`` in a new session (its own process group, which the watchdog
+        guards), output to ``<name>.out``."""
         with open(self.flwr_home / f"{name}.out", "wb") as log:
-            return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.watchdog is not None:
+            self.watchdog.guard_group(proc.pid)
+        return proc
 
     def log_text(self, name: str) -> str:
         """What process ``name`` ("superlink", a SuperNode's name) has written so far."""
@@ -195,6 +221,8 @@ class LocalSuperLink:
             security = ["--root-certificates", str(self.tls.ca_cert)]
         port = free_port()
         self._supernode_addresses.append(f"127.0.0.1:{port}")
+        if self.watchdog is not None:
+            self.watchdog.guard_marks(f"127.0.0.1:{port} ")
         cmd = [
             "flower-supernode", *security, "--superlink", self.address, "--port", str(port),
             *(["--auth-supernode-private-key", str(private_key)] if private_key else []),
@@ -205,14 +233,17 @@ class LocalSuperLink:
 
     def kill_supernode(self, name: str) -> None:
         """SIGKILL a SuperNode and the ClientApps it started (a device that crashes)."""
-        _kill_group(self.supernodes[name])
+        kill_group(self.supernodes[name])
+
+    def _marks(self) -> list[str]:
+        """What the command line of every process this SuperLink started holds one of."""
+        return [str(self.flwr_home), str(ray_tmpdir(self.flwr_home)), *(f"{a} " for a in [self.address, *self._supernode_addresses])]
 
     def leftovers(self) -> list[int]:
         """PIDs of live processes that name this SuperLink's home or any of its addresses."""
-        marks = [str(self.flwr_home), str(ray_tmpdir(self.flwr_home)), *(f"{a} " for a in [self.address, *self._supernode_addresses])]
-        return sorted({pid for mark in marks for pid in processes_mentioning(mark)})
+        return sorted({pid for mark in self._marks() for pid in processes_mentioning(mark)})
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         """Stop the SuperNodes' and then the SuperLink's process groups (SIGTERM, then
         SIGKILL after 10 s), then any straggler that names this SuperLink (their PIDs are
         kept in ``stragglers``: a deployment leaves none when its groups hold everything).
@@ -221,89 +252,39 @@ class LocalSuperLink:
         group); it polls its parent's PID and exits by itself once the SuperLink is gone,
         which under load took longer than the group stop (seen with flwr 1.42.0; Flower's
         code for it is the same in 1.41.0). So processes naming this SuperLink get up to
-        ``EXIT_GRACE_S`` to exit before they count as stragglers."""
-        for proc in [*self.supernodes.values(), self.proc]:
-            _stop_group(proc)
-        deadline = time.monotonic() + EXIT_GRACE_S
+        ``EXIT_GRACE_S`` to exit before they count as stragglers. ``grace``: seconds each
+        group and the stragglers get (``__exit__`` on an interrupt gives 2: the user is waiting)."""
+        started = [p for p in [*self.supernodes.values(), self.proc] if p is not None]
+        tree = tree_of([p.pid for p in started])  # before the stop: what the groups and marks miss
+        for proc in started:
+            stop_group(proc, grace)
+        deadline = time.monotonic() + min(grace, EXIT_GRACE_S)
         while time.monotonic() < deadline and (self.leftovers() or processes_mentioning(str(self.flwr_home))):
             time.sleep(0.2)
-        stragglers = stop_stragglers(self.flwr_home) + self.leftovers()
-        kill_pids(stragglers)
+        stragglers = stop_stragglers(self.flwr_home, grace=min(grace, 5.0)) + self.leftovers()
+        kill_pids(stragglers, grace=min(grace, 5.0))
+        survivors = {pid: pgid for pid, pgid in tree.items() if alive(pid)}
+        end_tree(survivors, grace=min(grace, 5.0))
+        stragglers += list(survivors)
         self.stragglers = sorted(set(stragglers))
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs of live processes whose command line contains ``text`` (Linux /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        with deferred_interrupts():  # a second Ctrl-C must not cut the stop short (the watchdog would finish it)
+            self.stop(grace=INTERRUPT_GRACE_S if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) else 10.0)
 
 
-def kill_pids(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM each PID, wait up to ``grace`` seconds, then SIGKILL the survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.1)
-        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
-        if not pids:
-            return
-
-
-def stop_stragglers(flwr_home: Path) -> list[int]:
+def stop_stragglers(flwr_home: Path, grace: float = 5.0) -> list[int]:
     """Kill, by PID, every process whose command line names ``flwr_home`` or its Ray
     temp dir (anything that left the SuperLink's process group, e.g. Ray daemons), and
     remove the Ray temp dir. Returns the PIDs it found."""
     ray_dir = ray_tmpdir(flwr_home)
     pids = sorted(set(processes_mentioning(str(flwr_home))) | set(processes_mentioning(str(ray_dir))))
-    kill_pids(pids)
+    kill_pids(pids, grace)
     shutil.rmtree(ray_dir, ignore_errors=True)
     return pids
-
-
-def _stop_group(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
-    """SIGTERM ``proc``'s process group, wait up to ``grace`` seconds, then SIGKILL it."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def gpu_share(cfg: RunConfig, cpus_per_client: float, gpus_per_client: float | None) -> float:
@@ -346,6 +327,43 @@ def staged_app(app: Path, config: Mapping[str, Any], home: Path) -> Path:
     return dest
 
 
+def _flwr_run(cmd: list[str], link: LocalSuperLink, results: RunFolder, echo: bool) -> int:
+    """Run ``flwr run`` (its own session, guarded by the link's watchdog) until it exits, or
+    until ``FINISH_GRACE_S`` after the run wrote a new summary.json (then it is stopped,
+    logged, and counts as exit 0: the results are complete). Returns its exit code."""
+    started = time.time()
+    with open(link.flwr_home / "flwr-run.out", "wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=link.env, cwd=link.flwr_home, start_new_session=True,
+            stdout=None if echo else out, stderr=None if echo else subprocess.STDOUT,
+        )
+    assert link.watchdog is not None
+    link.watchdog.guard_group(proc.pid)
+    finished_at: float | None = None
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if finished_at is None and _written_since(results, started):
+                finished_at = time.monotonic()
+            if finished_at is not None and time.monotonic() - finished_at > FINISH_GRACE_S:
+                print(
+                    f"fedsim: the run wrote its results {FINISH_GRACE_S:.0f} s ago, but Flower's processes are still "
+                    "running (a client still busy past round-timeout?); stopping them", file=sys.stderr,
+                )
+                stop_group(proc, INTERRUPT_GRACE_S)
+                return 0
+        return int(proc.returncode)
+    finally:
+        stop_group(proc, INTERRUPT_GRACE_S)
+
+
+def _written_since(results: RunFolder, t: float) -> bool:
+    try:
+        return results.summary.stat().st_mtime >= t
+    except OSError:
+        return False
+
+
 def run_flower(
     run_config: RunConfig | Mapping[str, Any],
     cpus_per_client: float = 1.0,
@@ -379,16 +397,16 @@ def run_flower(
         f"client-resources-num-gpus={_num(gpus_per_client)}"
     )
     project = PROJECT_ROOT if app is None else staged_app(app, mapping, home)
+    results = RunFolder(Path(mapping["results-dir"]))
     with LocalSuperLink(home) as link:
         cmd = [
             "flwr", "run", str(project), link.connection, "--run-config", str(config_file),
             "--federation-config", federation, "--stream",
         ]
-        proc = subprocess.run(cmd, env=link.env, cwd=home, capture_output=not echo, text=True)
-        if proc.returncode != 0:
-            detail = "" if echo else (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:]
-            raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}\n{detail}")
-    results = RunFolder(Path(mapping["results-dir"]))
+        code = _flwr_run(cmd, link, results, echo)
+        if code != 0:
+            detail = "" if echo else (home / "flwr-run.out").read_text(errors="replace")[-6000:]
+            raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {code}\n{detail}")
     if not results.finished:
         raise RuntimeError(f"the Flower run ended without writing {results.summary}; see {home}/superlink.out")
     return results.path
