@@ -90,6 +90,11 @@ def use_app(app: Path, values: dict[str, Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     args.workers, args.threads = check_engine_options(args.engine, args.workers, args.threads)
+    if args.ray is not None and args.engine != "flower":
+        raise ConfigError(
+            f"--ray {args.ray}: a single run joins a Ray cluster through Flower's runtime; add --engine flower "
+            "(to run in-process runs as Ray tasks, use fedsim sweep --ray)"
+        )
     values = read_experiment(args.experiment)
     args.app = flower_app(args.experiment)
     if args.app is not None:
@@ -141,6 +146,7 @@ def _execute(cfg: RunConfig, args: argparse.Namespace) -> Path:
         return run_engine(
             cfg, args.engine, workers=args.workers, threads=args.threads, cpus_per_client=args.cpus_per_client,
             gpus_per_client=args.gpus_per_client, callbacks=bar, quiet=bool(bar), app=getattr(args, "app", None),
+            ray_address=getattr(args, "ray", None),
         )
 
 
@@ -314,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start afresh in a results folder that holds a run of another config (its run files are deleted)",
     )
     _engine_options(run, results_help="where the run's folder goes (default runs/<experiment>-<time>)")
+    run.add_argument(
+        "--ray", metavar="ADDRESS",
+        help="flower engine: Flower's simulation runtime joins this Ray cluster ('auto': the one started here with "
+        "`ray start`; host:port: that head) and spreads the clients over its nodes; each node needs fedsim and the data",
+    )
     run.set_defaults(func=cmd_run)
     sweep = sub.add_parser("sweep", help="run a grid of experiments; finished runs are skipped on rerun")
     sweep.add_argument("sweep", help="a sweep TOML (see fedsim/sweep.py), e.g. experiments/sweeps/fv_mnist_modes.toml")

@@ -239,6 +239,57 @@ def test_sweep_on_a_two_node_ray_cluster_equals_the_sequential_sweep_and_survive
         assert (settings["engine"], settings["workers"], settings["threads"]) == ("inprocess", 1, 1)
 
 
+def _node_of(pid: int, roots: dict[int, str]) -> str | None:
+    """Which ``ray start`` process (its name in ``roots``) ``pid`` descends from."""
+    seen = set()
+    while pid and pid not in seen:
+        if pid in roots:
+            return roots[pid]
+        seen.add(pid)
+        pid = _ppid(pid) or 0
+    return None
+
+
+@pytest.mark.flower
+def test_one_flower_run_spreads_its_clients_over_the_cluster_and_equals_the_inprocess_run(tmp_path, cluster):
+    """`fedsim run --engine flower --ray ADDRESS`: Flower's simulation runtime joins the
+    two-node cluster, its ClientApp actors run on both nodes, and with every client in every
+    round (Flower's node ids are random, so only then do the engines sample the same
+    partitions) the results are the in-process engine's, bit for bit."""
+    run = [sys.executable, "-m", "fedsim.cli", "run", str(REPO / "experiments" / "quick.toml"), "--set", "num-nodes=4",
+           "--set", "num-server-rounds=4", "--set", "eval-every=2", "--set", "batch-mode=0", "--set", "batch-size=16"]
+    local = subprocess.run([*run, "--results-dir", str(tmp_path / "inprocess")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-2000:]
+    cluster.wait_for(1)
+    cluster.start_worker()
+    cluster.wait_for(2)
+    roots = {cluster.procs[0].pid: "head", cluster.procs[1].pid: "worker"}
+    flower = subprocess.Popen([*run, "--engine", "flower", "--ray", cluster.address, "--results-dir", str(tmp_path / "flower")],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    actors_on: set[str] = set()
+    deadline = time.monotonic() + 300
+    while flower.poll() is None and time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _cmdline(int(entry.name)).startswith("ray::ClientAppActor"):
+                actors_on.add(_node_of(int(entry.name), roots) or "elsewhere")
+        time.sleep(0.3)
+    if flower.poll() is None:
+        flower.kill()
+    out = flower.communicate(timeout=60)[0]
+    assert flower.returncode == 0, out[-3000:]
+    assert {"head", "worker"} <= actors_on, (actors_on, out[-2000:])  # "elsewhere": another run's, on this machine
+    assert _results(tmp_path / "flower") == _results(tmp_path / "inprocess")
+
+
+def test_a_single_run_takes_ray_only_with_the_flower_engine(tmp_path, capsys):
+    from fedsim.cli import main
+
+    code = main(["run", str(REPO / "experiments" / "quick.toml"), "--ray", "auto", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "add --engine flower" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_ray_options_are_checked_before_anything_runs(tmp_path, capsys):
     from fedsim.cli import main
 

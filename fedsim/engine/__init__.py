@@ -41,6 +41,7 @@ def run_engine(
     callbacks: Sequence[Callback] = (),
     quiet: bool = False,
     app: Path | None = None,
+    ray_address: str | None = None,
 ) -> Path:
     """Run ``cfg`` (``results_dir`` set) to the end on ``engine`` and return its results
     folder, with ``engine_settings`` (``engine_settings()``) in its summary.json: the
@@ -52,7 +53,8 @@ def run_engine(
     Flower's per-round INFO lines). flower:
     ``cpus_per_client``, ``gpus_per_client`` (None: fedsim.device's share), ``quiet``
     (Flower's streamed log is shown only if the run fails), ``app`` (the Flower app to
-    run, a user's project whose components are fedsim's apps; default: fedsim's own).
+    run, a user's project whose components are fedsim's apps; default: fedsim's own),
+    ``ray_address`` (Flower's simulation joins this Ray cluster; None: a private local Ray).
     Raises ConfigError for a bad
     option, RunFailed when the run ended without a usable result (summary.json says why).
     """
@@ -77,7 +79,9 @@ def run_engine(
     settings = engine_settings(engine, cpus_per_client=cpus_per_client, gpus_per_client=gpus)
     folder = RunFolder(Path(cfg.results_dir))
     try:
-        out = flower_runtime.run_flower(cfg, cpus_per_client=cpus_per_client, gpus_per_client=gpus, echo=not quiet, app=app)
+        out = flower_runtime.run_flower(
+            cfg, cpus_per_client=cpus_per_client, gpus_per_client=gpus, echo=not quiet, app=app, ray_address=ray_address,
+        )
     except RunFailed:  # raised once the summary saying why is written: it gets the settings too
         if folder.read_summary() is not None:
             folder.add_to_summary(engine_settings=settings)

@@ -117,11 +117,13 @@ class LocalSuperLink:
     ``simulation=False``: a deployment SuperLink; SuperNodes connect to ``address``
     (``start_supernode``). ``tls``: serve TLS with these files (else ``--insecure``);
     ``supernode_auth``: only SuperNodes whose public key was registered (``register``)
-    may connect. Flower 1.42 (as 1.41) serves its Control, Fleet and Runtime APIs on one HTTP port.
+    may connect; ``extra_env``: set for every process it starts (e.g. ``RAY_ADDRESS``).
+    Flower 1.42 (as 1.41) serves its Control, Fleet and Runtime APIs on one HTTP port.
     """
 
     def __init__(
-        self, flwr_home: Path, simulation: bool = True, tls: TLSFiles | None = None, supernode_auth: bool = False
+        self, flwr_home: Path, simulation: bool = True, tls: TLSFiles | None = None, supernode_auth: bool = False,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.flwr_home = flwr_home
         self.simulation = simulation
@@ -129,7 +131,7 @@ class LocalSuperLink:
         self.supernode_auth = supernode_auth
         self.http_port = free_port()
         self.address = f"127.0.0.1:{self.http_port}"
-        self.env = flower_env(flwr_home)
+        self.env = {**flower_env(flwr_home), **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.connection = "fedsim-local"
         self.supernodes: dict[str, subprocess.Popen[bytes]] = {}
@@ -371,12 +373,15 @@ def run_flower(
     flwr_home: Path | None = None,
     echo: bool = True,
     app: Path | None = None,
+    ray_address: str | None = None,
 ) -> Path:
     """Run ``run_config`` (a RunConfig, or a run-config mapping that ``load_config``
     checks) through ``flwr run`` on Flower's simulation runtime with ``num-nodes``
     SuperNodes; return the results folder (``results-dir``, made absolute).
     ``gpus_per_client``: see ``gpu_share``; ``app``: the Flower app's folder (default:
-    fedsim's own project)."""
+    fedsim's own project); ``ray_address``: the Ray cluster Flower's simulation joins
+    (``RAY_ADDRESS`` for its processes: Flower's ``ray.init()`` reads it; None: whatever
+    the environment says, normally a private local Ray)."""
     cfg = run_config if isinstance(run_config, RunConfig) else load_config(run_config)
     if not cfg.results_dir:
         raise ValueError("run_flower needs results-dir: the folder the run's results go to")
@@ -398,7 +403,7 @@ def run_flower(
     )
     project = PROJECT_ROOT if app is None else staged_app(app, mapping, home)
     results = RunFolder(Path(mapping["results-dir"]))
-    with LocalSuperLink(home) as link:
+    with LocalSuperLink(home, extra_env={} if ray_address is None else {"RAY_ADDRESS": ray_address}) as link:
         cmd = [
             "flwr", "run", str(project), link.connection, "--run-config", str(config_file),
             "--federation-config", federation, "--stream",
