@@ -3,7 +3,7 @@
     fedsim run experiments/X.toml [--set key=value ...] [--engine inprocess|flower]
                                   [--results-dir DIR] [--workers N] [--threads N]
     fedsim sweep experiments/sweeps/Y.toml [--dry-run] [--set ...] [--engine ...]
-                                  [--ray [ADDRESS] [--ray-cpus-per-run N] [--ray-gpus-per-run G]]
+                                  [--ray [ADDRESS] [--ray-cpus-per-run N] [--ray-gpus-per-run G] [--ray-memory-per-run GB]]
     fedsim store runs/Y docs/results/runs/Y     # finished runs' small files, to commit
     fedsim new my-app                           # a Flower app that uses fedsim (task.py: Net, load_data)
     fedsim split X.toml devices/ [--test-fraction F]   # one save_to_disk folder per device
@@ -179,8 +179,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.ray is not None:
         return _sweep_on_ray(runs, args)
-    if args.ray_cpus_per_run is not None or args.ray_gpus_per_run is not None:
-        raise ConfigError("--ray-cpus-per-run and --ray-gpus-per-run set the runs' Ray tasks: add --ray [ADDRESS]")
+    if args.ray_cpus_per_run is not None or args.ray_gpus_per_run is not None or args.ray_memory_per_run is not None:
+        raise ConfigError("--ray-cpus-per-run, --ray-gpus-per-run and --ray-memory-per-run set the runs' Ray tasks: add --ray [ADDRESS]")
 
     failed: list[str] = []
 
@@ -211,7 +211,7 @@ def _sweep_on_ray(runs: list[Any], args: argparse.Namespace) -> int:
         raise ConfigError("--ray runs each run of the sweep on the inprocess engine in a Ray task; --engine flower starts its own Ray")
     options = RayOptions(
         address=args.ray, cpus_per_run=1.0 if args.ray_cpus_per_run is None else args.ray_cpus_per_run,
-        gpus_per_run=args.ray_gpus_per_run, workers=args.workers, threads=args.threads,
+        gpus_per_run=args.ray_gpus_per_run, workers=args.workers, threads=args.threads, memory_per_run=args.ray_memory_per_run,
     )
     outcomes = run_sweep_on_ray(runs, options)
     counts = {what: sum(o.what == what for o in outcomes) for what in ("ran", "skipped", "busy", "failed")}
@@ -337,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         "every node sees (checked at start)",
     )
     sweep.add_argument("--ray-cpus-per-run", type=_number(float, 0.0, strict=True), metavar="N", help="with --ray: CPUs each run's task declares (default 1)")
+    sweep.add_argument(
+        "--ray-memory-per-run", type=_number(float, 0.0, strict=True), metavar="GB",
+        help="with --ray: GB of memory each run's task declares, so Ray puts no more runs on a node than fit (default: none declared)",
+    )
     sweep.add_argument(
         "--ray-gpus-per-run", type=_number(float, 0.0), metavar="G",
         help="with --ray: GPU share each run's task declares (0.25: four runs per GPU; default 0 without GPUs, "

@@ -64,6 +64,7 @@ class RayOptions:
     gpus_per_run: float | None = None  # None: the default share (``default_gpus_per_run``)
     workers: int | str | None = None  # in-process engine workers per run; None: the run's CPUs
     threads: int | None = None  # torch threads per worker; None: 1
+    memory_per_run: float | None = None  # GB of memory each run's task declares (Ray's ``memory``); None: none
 
     def __post_init__(self) -> None:
         if not (isinstance(self.cpus_per_run, int | float) and math.isfinite(self.cpus_per_run) and self.cpus_per_run > 0):
@@ -71,6 +72,14 @@ class RayOptions:
         g = self.gpus_per_run
         if g is not None and not (isinstance(g, int | float) and math.isfinite(g) and 0 <= g and (g <= 1 or g == int(g))):
             raise ConfigError(f"--ray-gpus-per-run must be 0, a share in (0, 1] or a whole number of GPUs, got {g!r}")
+        m = self.memory_per_run
+        if m is not None and not (isinstance(m, int | float) and math.isfinite(m) and m > 0):
+            raise ConfigError(f"--ray-memory-per-run must be a number of GB > 0, got {m!r}")
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory each run's task declares, in bytes (0: none)."""
+        return 0 if self.memory_per_run is None else int(self.memory_per_run * 1e9)
 
 
 @dataclass
@@ -368,12 +377,17 @@ def _gpus_per_run(nodes: list[dict[str, Any]], options: RayOptions, pending: lis
     fits = [
         n for n in nodes
         if float(n["Resources"].get("CPU", 0)) >= options.cpus_per_run and float(n["Resources"].get("GPU", 0)) >= gpus
+        and float(n["Resources"].get("memory", 0)) >= options.memory_bytes
     ]
     if not fits:
-        have = ", ".join(f"{node_name(n)}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
+        have = ", ".join(
+            f"{node_name(n)}: {n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} GPU, "
+            f"{float(n['Resources'].get('memory', 0)) / 1e9:.1f} GB" for n in nodes
+        )
+        memory = f" and {options.memory_per_run:g} GB of memory" if options.memory_per_run is not None else ""
         raise ConfigError(
-            f"no Ray node has {options.cpus_per_run:g} CPU(s) and {gpus:g} GPU(s) for a run "
-            f"(--ray-cpus-per-run, --ray-gpus-per-run); the cluster has {have}"
+            f"no Ray node has {options.cpus_per_run:g} CPU(s), {gpus:g} GPU(s){memory} for a run "
+            f"(--ray-cpus-per-run, --ray-gpus-per-run, --ray-memory-per-run); the cluster has {have}"
         )
     return gpus
 
@@ -386,7 +400,7 @@ def _run_tasks(tally: _Tally, options: RayOptions, gpus: float, workers: int | s
     task = ray.remote(max_retries=0)(_run_here)
     pending = tally.pending
     refs = {
-        task.options(num_cpus=options.cpus_per_run, num_gpus=gpus, name=f"fedsim-run:{run.name}").remote(
+        task.options(num_cpus=options.cpus_per_run, num_gpus=gpus, memory=options.memory_bytes, name=f"fedsim-run:{run.name}").remote(
             run, workers, options.threads, progress, LOCK_WAIT_S
         ): run
         for run in pending

@@ -296,6 +296,8 @@ def test_ray_options_are_checked_before_anything_runs(tmp_path, capsys):
     sweep = _sweep(tmp_path)
     for args, message in [
         (["--ray-cpus-per-run", "2"], "add --ray"),
+        (["--ray-memory-per-run", "2"], "add --ray"),
+        (["--ray", "--ray-memory-per-run", "0"], "must be > 0"),
         (["--ray", "--engine", "flower"], "--engine flower starts its own Ray"),
         (["--ray", "127.0.0.1:1"], "cannot reach a Ray head"),
         (["--ray", "nonsense"], "give host:port"),
@@ -346,6 +348,27 @@ def test_a_failed_run_is_reported_with_its_folder_and_the_others_go_on_on_a_loca
     assert "Traceback" not in stderr
     assert json.loads((out_dir / "seed=1" / "summary.json").read_text())["failed"] is None
     assert not list(out_dir.glob(".fedsim-ray-check-*"))  # the storage check cleans up
+
+
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="the real MNIST files (../shared/data/mnist) are not beside this clone")
+def test_a_100k_client_run_is_one_ray_task_that_declares_its_memory(tmp_path):
+    """experiments/sweeps/cross_device_100k.toml on a private local Ray with
+    --ray-memory-per-run 2 (GB): the run finishes with its 100,000 clients; asking more
+    memory than the node has is one line naming it, exit 2, before anything runs."""
+    sweep = REPO / "experiments" / "sweeps" / "cross_device_100k.toml"
+    common = [str(sweep), "--results-dir", str(tmp_path / "out"), "--set", f"data-dir='{MNIST}'", "--set", "num-server-rounds=5",
+              "--set", "eval-every=5", "--ray"]
+    too_big = subprocess.run(_cli(*common, "--ray-memory-per-run", "100000"), env=_env(), capture_output=True, text=True, timeout=240)
+    assert too_big.returncode == 2, too_big.stdout[-2000:] + too_big.stderr[-2000:]
+    assert "and 100000 GB of memory for a run" in too_big.stderr and "Traceback" not in too_big.stderr, too_big.stderr
+    assert not list((tmp_path / "out").glob("*/summary.json"))
+    ok = subprocess.run(_cli(*common, "--ray-memory-per-run", "2"), env=_env(), capture_output=True, text=True, timeout=400)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "seed=0" / "summary.json").read_text())
+    assert summary["num_nodes"] == 100_000 and summary["rounds"] == 5 and summary["failed"] is None, summary
 
 
 def test_the_storage_check_names_what_a_node_cannot_do_with_the_sweep_folder(tmp_path):
