@@ -290,6 +290,51 @@ fig.tight_layout()
 if MODE == "full":
     fig.savefig(ROOT / "docs" / "results" / f"{Path(sweep_file).stem}.png", dpi=110)'''
     ),
+    new_markdown_cell(
+        "## Table 1: the effect of the client fraction C (2NN, E = 1, target 97%)\n\n"
+        "The paper's Table 1 (seed 003): rounds to 97% test accuracy for the 2NN with E = 1, for "
+        "C = 0 (one client per round), 0.1, 0.2, 0.5, 1.0, B in {inf, 10}, IID and the pathological "
+        "non-IID shards. As the paper, each cell reports the best learning rate of a grid fixed "
+        "before running (ours: 0.03, 0.1, 0.3 for B = 10; 0.1, 0.3, 1.0 for B = inf), with the speed-up "
+        "over C = 0 in its column. **quick**: the same table in miniature on digits "
+        "(`experiments/sweeps/fedavg_digits_table1_quick.toml`, C in {0, 0.5}, target 80%). **full**: "
+        "reads `experiments/sweeps/fedavg_table1_2nn_b10.toml` and `fedavg_table1_2nn_binf.toml` "
+        "(our copies in `docs/results/runs/`); cells whose runs are not finished show as missing, "
+        "\"not reached\" means no lr of the grid reached the target within the sweep's round cap. "
+        "The paper's column is the paper's numbers, not ours."
+    ),
+    new_code_cell(
+        '''from fedsim.analysis import best_setting
+
+t1_files, t1_target = ({"quick": (["experiments/sweeps/fedavg_digits_table1_quick.toml"], 0.8),
+                        "full": (["experiments/sweeps/fedavg_table1_2nn_b10.toml",
+                                  "experiments/sweeps/fedavg_table1_2nn_binf.toml"], 0.97)}[MODE])
+t1_runs = [r for f in t1_files for r in sweep_results(f, run_missing=MODE == "quick", results_dir=sweep_folder(f))]
+# FedAvg paper, Table 1, 2NN (rounds to 97%): (C, B) -> (IID, non-IID); None: not in the paper ("-")
+PAPER_T1 = {(0.0, 0): (1455, 4278), (0.1, 0): (1474, 1796), (0.2, 0): (1658, 1528), (0.5, 0): (None, None),
+            (1.0, 0): (None, None), (0.0, 10): (316, 3275), (0.1, 10): (87, 664), (0.2, 10): (77, 619),
+            (0.5, 10): (75, 443), (1.0, 10): (70, 380)}
+t1 = run_table(load_runs([r.folder for r in t1_runs]), by=["partitioning", "batch-size", "fraction-train", "lr", "num-nodes"],
+               target=t1_target)
+t1["C"] = [0.0 if round(f * n) <= 1 else f for f, n in zip(t1["fraction-train"], t1["num-nodes"])]
+best = best_setting(t1, ["partitioning", "batch-size", "C"], over="lr")
+cells = {}
+for (part, b), g in best.groupby(["partitioning", "batch-size"]):
+    base = g[g["C"] == 0.0]["rounds_to_target"]
+    base = float(base.iloc[0]) if len(base) else float("nan")  # C = 0's rounds: the speed-up's baseline
+    for _, row in g.iterrows():
+        r = row["rounds_to_target"]
+        gain = f" ({base / r:.1f}x)" if base == base and r == r else ""
+        ours = "not reached" if r != r else f"{r:.0f}{gain} lr {row['lr']:g}"
+        key = ("IID" if part == "iid" else "non-IID", "inf" if b == 0 else b)
+        cells.setdefault(key + ("ours",), {})[row["C"]] = ours
+        if MODE == "full":
+            paper = PAPER_T1.get((row["C"], b), (None, None))[0 if part == "iid" else 1]
+            cells.setdefault(key + ("paper",), {})[row["C"]] = "-" if paper is None else paper
+table1 = pd.DataFrame(cells).sort_index()
+table1.index.name = "C"
+table1'''
+    ),
 ]
 
 
