@@ -1,8 +1,11 @@
 """Byzantine clients: which clients attack, and what an attacker does to its upload.
 
-``attackers`` (k) clients, drawn from the run's seed (``attacker_ids``), run the same
-ClientApp as everyone else, on every engine; the algorithm's client step calls the
-attack at two points, before and after encoding:
+The attackers are the partition ids ``attacker-ids`` names, else ``attackers`` (k) clients
+drawn from the run's seed (``attacker_ids``) among ``num-nodes``: ``run_attackers`` derives
+them from the run config alone, so the server (whatever number of nodes connected) and
+every client (whatever ``num-partitions`` its node config says) agree on them. They run
+the same ClientApp as everyone else, on every engine; the algorithm's client step calls
+the attack at two points, before and after encoding:
 
 - ``sign-flip``: the gradient g (or FedAvg's update x_k - x) is negated before encoding,
   so a sign vote gets sign(-g); under zero-sign "plus" an exactly zero coordinate is still
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedsim.config import RunConfig, parse_attacker_ids
 from fedsim.core.signs import NONZERO, PACKED, ZEROS
 
 ATTACKS = ("sign-flip", "bit-flip", "random", "scale", "noise")
@@ -40,6 +44,14 @@ def attacker_ids(seed: int, num_partitions: int, k: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_partitions, size=k, replace=False))
 
 
+def run_attackers(cfg: RunConfig) -> tuple[int, ...]:
+    """The run's attackers, sorted: ``attacker-ids`` if given, else ``attackers`` drawn from
+    the seed among ``num-nodes`` partitions (the run config's number, never a count of
+    connected nodes or a node's ``num-partitions``: both sides must get the same set)."""
+    named = parse_attacker_ids(cfg.attacker_ids)
+    return named if named else tuple(attacker_ids(cfg.seed, cfg.num_nodes, cfg.attackers))
+
+
 @dataclass(frozen=True)
 class Attack:
     """What one client does to its upload; ``kind`` "none" is an honest client."""
@@ -47,6 +59,11 @@ class Attack:
     kind: str = "none"
     scale: float = 10.0
     noise: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Attack:
+        """The run config's ``attack`` with its settings (what an attacker of this run does)."""
+        return cls(cfg.attack, cfg.attack_scale, cfg.attack_noise)
 
     def gradient(self, g: torch.Tensor) -> torch.Tensor:
         """Before a sign code: -g for sign-flip, else g."""

@@ -86,7 +86,7 @@ def _attack(m: _Message, node: Mapping[str, Any]) -> Attack:
     seeded draw (which a node on its own data has no partition for)."""
     if "attacker" in node:
         flag = str(node["attacker"]).lower() in ("1", "true", "yes")
-        return Attack(m.cfg.attack, m.cfg.attack_scale, m.cfg.attack_noise) if flag else HONEST
+        return Attack.of(m.cfg) if flag else HONEST
     return HONEST if m.own else m.plan.attack_of(m.partition_id)
 
 

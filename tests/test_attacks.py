@@ -4,6 +4,7 @@ checks, and attacked runs on the in-process engine."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +13,16 @@ from flwr.app import RecordDict
 from torch import nn
 
 from fedsim.algorithms import REGISTRY, ClientStep
-from fedsim.attacks import HONEST, Attack, attacker_ids
+from fedsim.attacks import HONEST, Attack, attacker_ids, run_attackers
+from fedsim.cli import main
 from fedsim.clients.tasks import LocalData
 from fedsim.config import ConfigError
 from fedsim.core.signs import PACKED, pack_signs, unpack_signs
 from fedsim.engine.runner import run_inprocess
+from fedsim.plan import client_plan, release_plans, server_plan
 from fedsim.validation import load_config
+
+QUICK = str(Path(__file__).resolve().parents[1] / "experiments" / "quick.toml")
 
 
 def test_attackers_are_k_distinct_clients_drawn_from_the_seed():
@@ -27,6 +32,50 @@ def test_attackers_are_k_distinct_clients_drawn_from_the_seed():
     assert attacker_ids(0, 15, 0) == [] and attacker_ids(3, 4, 4) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="attackers=5"):
         attacker_ids(0, 4, 5)
+
+
+def test_server_and_clients_agree_on_the_attackers_whatever_their_counts():
+    """The server plans for the nodes that connected (12 here) and a client for its node
+    config's num-partitions (7): both take the attackers from the run config's num-nodes."""
+    cfg = load_config({"attackers": 3, "num-nodes": 10, "seed": 4})
+    try:
+        server, client = server_plan(cfg, 12), client_plan(cfg, 7)
+        assert server.num_partitions == 12 and client.num_partitions == 7
+        assert server.attackers == client.attackers == tuple(attacker_ids(4, 10, 3))
+        assert [client.attack_of(i).kind for i in range(7)] == ["sign-flip" if i in server.attackers else "none" for i in range(7)]
+    finally:
+        release_plans()
+
+
+def test_named_attackers_replace_the_draw():
+    assert run_attackers(load_config({"attacker-ids": " 7, 0,3 "})) == (0, 3, 7)
+    assert run_attackers(load_config({"attacker-ids": "0,3,7", "attackers": 3})) == (0, 3, 7)
+    assert run_attackers(load_config({"attackers": 2, "seed": 5})) == tuple(attacker_ids(5, 10, 2))
+    assert run_attackers(load_config({})) == ()
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ('"0,0"', "attacker-ids='0,0': partition id 0 is given twice; give distinct partition ids in 0..9"),
+        ('"0,10"', "attacker-ids='0,10': partition id 10 is not below num-nodes=10"),
+        ('"1,x"', "attacker-ids='1,x': 'x' is not a partition id"),
+        ('"-1"', "attacker-ids='-1': '-1' is not a partition id"),
+        ("3", "run-config key 'attacker-ids': expected str, got 3"),
+    ],
+)
+def test_bad_attacker_ids_are_one_line_exit_2(value, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", QUICK, "--set", f"attacker-ids={value}", "--set", 'strategy="sign-mv"'])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("fedsim: error: ") and fragment in lines[0], (rc, out, err)
+    assert "Traceback" not in out + err and list(tmp_path.iterdir()) == []
+
+
+def test_named_attackers_and_a_different_count_conflict():
+    with pytest.raises(ConfigError, match=r"attacker-ids='0,3,7' names 3 attackers but attackers=2: set attackers = 0 \(or 3\)"):
+        load_config({"attacker-ids": "0,3,7", "attackers": 2})
 
 
 def test_bit_flip_inverts_every_sent_sign_and_keeps_the_padding_zero():
