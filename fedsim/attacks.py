@@ -16,6 +16,13 @@ the attack at two points, before and after encoding:
 - ``scale``: the update u (FedSGD's gradient, FedAvg's x_k - x) is sent as -c u
   (c = ``attack-scale``).
 - ``noise``: u + N(0, sigma^2) per coordinate (sigma = ``attack-noise``).
+- ``stochastic``: each coordinate flipped independently with probability p
+  (``attack-prob``), drawn from the client's seeded stream: a sign upload's sent bits
+  (after encoding, as ``bit-flip``: p = 1 is ``bit-flip``, p = 1/2 sends fair coins like
+  ``random``), a real-valued update's coordinates negated (E[sent] = (1 - 2p) u).
+- ``gauss``: the update u replaced by N(0, sigma^2) per coordinate (sigma =
+  ``attack-noise``), for real-valued uploads only: the signs of such a payload are fair
+  coins, which ``random`` already sends.
 
 An algorithm declares which of these apply to its upload (``Algorithm.attacks``).
 """
@@ -31,9 +38,9 @@ import torch
 from fedsim.config import RunConfig, parse_attacker_ids
 from fedsim.core.signs import NONZERO, PACKED, ZEROS
 
-ATTACKS = ("sign-flip", "bit-flip", "random", "scale", "noise")
-SIGN_ATTACKS = ("sign-flip", "bit-flip", "random")  # for uploads of packed signs
-UPDATE_ATTACKS = ("sign-flip", "scale", "noise")  # for uploads of real-valued updates
+ATTACKS = ("sign-flip", "bit-flip", "random", "scale", "noise", "stochastic", "gauss")
+SIGN_ATTACKS = ("sign-flip", "bit-flip", "random", "stochastic")  # for uploads of packed signs
+UPDATE_ATTACKS = ("sign-flip", "scale", "noise", "stochastic", "gauss")  # for uploads of real-valued updates
 
 
 def attacker_ids(seed: int, num_partitions: int, k: int) -> list[int]:
@@ -59,34 +66,47 @@ class Attack:
     kind: str = "none"
     scale: float = 10.0
     noise: float = 1.0
+    prob: float = 0.5
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Attack:
         """The run config's ``attack`` with its settings (what an attacker of this run does)."""
-        return cls(cfg.attack, cfg.attack_scale, cfg.attack_noise)
+        return cls(cfg.attack, cfg.attack_scale, cfg.attack_noise, cfg.attack_prob)
 
     def gradient(self, g: torch.Tensor) -> torch.Tensor:
         """Before a sign code: -g for sign-flip, else g."""
         return -g if self.kind == "sign-flip" else g
 
     def update(self, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A real-valued update as sent: -u (sign-flip), -c u (scale), u + sigma z (noise)."""
+        """A real-valued update as sent: -u (sign-flip), -c u (scale), u + sigma z (noise),
+        u with each coordinate negated with probability p (stochastic), sigma z (gauss);
+        z ~ N(0, 1) per coordinate."""
         if self.kind == "sign-flip":
             return -u
         if self.kind == "scale":
             return -self.scale * u
-        if self.kind == "noise":
+        if self.kind in ("noise", "gauss"):
             z = torch.randn(u.shape, generator=generator, device=u.device, dtype=torch.float32).to(u.dtype)
-            return u + self.noise * z
+            return u + self.noise * z if self.kind == "noise" else self.noise * z
+        if self.kind == "stochastic":
+            return torch.where(self.flips(u.numel(), generator).to(u.device).reshape(u.shape), -u, u)
         return u
+
+    def flips(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n independent Bernoulli(p) draws (bool) from the client's stream: which
+        coordinates ``stochastic`` flips."""
+        return torch.rand(n, generator=generator, device=generator.device) < self.prob
 
     def signs(self, arrays: Mapping[str, np.ndarray], n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
         """A sign code's arrays as sent (``PACKED`` 1-bit signs of n coordinates, and the
-        ternary code's ``NONZERO`` or ``ZEROS``): inverted bits (bit-flip) or fair random
-        signs on every coordinate (random)."""
+        ternary code's ``NONZERO`` or ``ZEROS``): inverted bits (bit-flip), each bit inverted
+        with probability p (stochastic; an abstaining coordinate stays abstaining) or fair
+        random signs on every coordinate (random)."""
         out = dict(arrays)
         if self.kind == "bit-flip":
             out[PACKED] = np.bitwise_not(out[PACKED]) & _valid_bits(n)
+        elif self.kind == "stochastic":
+            out[PACKED] = np.bitwise_xor(out[PACKED], np.packbits(self.flips(n, generator).cpu().numpy()))
         elif self.kind == "random":
             bits = torch.randint(0, 2, (n,), generator=generator, device=generator.device).cpu().numpy().astype(np.uint8)
             out[PACKED] = np.packbits(bits)

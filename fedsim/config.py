@@ -88,6 +88,7 @@ class RunConfig:
     attack: str = "sign-flip"
     attack_scale: float = 10.0
     attack_noise: float = 1.0
+    attack_prob: float = 0.5
     image_column: str = "image"
     label_column: str = "label"
     normalize: str = "auto"
@@ -179,6 +180,7 @@ class RunConfig:
              str(attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers))),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
+            (0.0 < self.attack_prob <= 1.0, f"attack-prob={self.attack_prob}: must be in (0, 1] (the probability that stochastic flips a coordinate)"),
             (_normalization_ok(self.normalize),
              f"normalize={self.normalize!r}: choose 'auto' (the training set's mean and std), 'none', or 'MEAN/STD' per channel or feature, e.g. '0.2860/0.3530'"),
             (self.num_classes >= 0, f"num-classes={self.num_classes}: must be >= 0 (0 = from the data)"),

@@ -101,6 +101,34 @@ def test_scale_and_noise_change_the_update_as_stated():
     assert abs(float(noisy.std()) - 0.5) < 0.02
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.8])
+def test_stochastic_flips_each_sent_sign_with_probability_p(p):
+    n = 100_003  # not a multiple of 8: the padding bits must stay 0
+    g = torch.from_numpy(np.random.default_rng(0).standard_normal(n).astype(np.float32))
+    honest = {PACKED: pack_signs(g)}
+    a, b = (Attack("stochastic", prob=p).signs(honest, n, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert np.array_equal(a[PACKED], b[PACKED])  # the client's seeded stream: same seed, same flips
+    flipped = unpack_signs(a[PACKED], n) != unpack_signs(honest[PACKED], n)
+    assert abs(float(flipped.double().mean()) - p) < 4.5 * (p * (1 - p) / n) ** 0.5
+    assert a[PACKED][-1] & 0b00011111 == 0  # 100003 = 8 * 12500 + 3: 5 padding bits
+
+
+def test_stochastic_negates_each_update_coordinate_with_probability_p():
+    u = torch.from_numpy(np.random.default_rng(1).uniform(0.5, 2.0, 50_000).astype(np.float32)).reshape(250, 200)
+    sent = Attack("stochastic", prob=0.3).update(u, torch.Generator().manual_seed(9))
+    assert sent.shape == u.shape and torch.equal(sent.abs(), u.abs())
+    assert abs(float((sent < 0).double().mean()) - 0.3) < 4.5 * (0.3 * 0.7 / u.numel()) ** 0.5
+    assert torch.equal(Attack("stochastic", prob=1.0).update(u, torch.Generator()), -u)
+
+
+def test_gauss_replaces_the_update_by_zero_mean_noise_of_sigma():
+    u = torch.full((40_000,), 5.0)
+    sent = Attack("gauss", noise=2.0).update(u, torch.Generator().manual_seed(2))
+    same_draw = Attack("gauss", noise=2.0).update(torch.zeros(40_000), torch.Generator().manual_seed(2))
+    assert torch.equal(sent, same_draw)  # nothing of u is left
+    assert abs(float(sent.mean())) < 4.5 * 2.0 / 200 and abs(float(sent.std()) - 2.0) < 0.03
+
+
 def test_a_fedavg_attacker_sends_the_start_minus_c_times_its_update():
     torch.manual_seed(0)
     x = torch.randn(64, 4)
@@ -128,6 +156,9 @@ def test_a_fedavg_attacker_sends_the_start_minus_c_times_its_update():
         ({"attackers": 11}, "attackers=11: must be in 0..num-nodes (10)"),
         ({"attack": "flip"}, "attack='flip': choose one of"),
         ({"attack-scale": 0.0}, "attack-scale=0.0: must be a finite number > 0"),
+        ({"attack-prob": 0.0}, "attack-prob=0.0: must be in (0, 1]"),
+        ({"attack-prob": 1.5}, "attack-prob=1.5: must be in (0, 1]"),
+        ({"strategy": "sign-mv", "attackers": 2, "attack": "gauss"}, "attack='gauss' does not apply to strategy='sign-mv'"),
         ({"zero-sign": "minus"}, "zero-sign='minus': choose one of ['plus', 'random', 'abstain']"),
     ],
 )
@@ -161,3 +192,30 @@ def test_an_honest_run_records_no_attackers(tmp_path):
     out = run_inprocess({"strategy": "sign-mv", "lr": 0.01, "num-server-rounds": 2, "results-dir": str(tmp_path / "run")}, quiet=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["attackers"] == [] and summary["attack"] is None and summary["algorithm"] == {}
+
+
+# --- the new attacks end to end (fedsim run on the embedded digits data) -------------------
+
+SHORT = ["--set", "num-server-rounds=3", "--set", "eval-every=3", "--set", "batch-mode=0"]
+
+
+def _fedsim_run(folder: Path, *settings: str, workers: int = 1) -> Path:
+    """``fedsim run experiments/quick.toml`` for 3 rounds with ``settings`` (key=value); the run's folder."""
+    argv = ["run", QUICK, *SHORT, *[a for s in settings for a in ("--set", s)], "--results-dir", str(folder), "--workers", str(workers)]
+    assert main(argv) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def honest_models(tmp_path_factory):
+    """Each strategy's model after an honest run of the same settings (to tell that an attack did something)."""
+    root = tmp_path_factory.mktemp("honest")
+    return {s: (_fedsim_run(root / s, f'strategy="{s}"') / "model.pt").read_bytes() for s in ("sign-mv", "fedsgd")}
+
+
+@pytest.mark.parametrize("strategy, attack", [("sign-mv", "stochastic"), ("fedsgd", "stochastic"), ("fedsgd", "gauss")])
+def test_each_new_attack_runs_to_the_end_and_changes_the_model(strategy, attack, honest_models, tmp_path):
+    out = _fedsim_run(tmp_path / "run", f'strategy="{strategy}"', "attackers=3", f'attack="{attack}"', "attack-prob=0.7")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["attack"] == attack and summary["attackers"] == attacker_ids(0, 10, 3)
+    assert (out / "model.pt").read_bytes() != honest_models[strategy]
