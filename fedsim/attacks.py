@@ -23,6 +23,19 @@ the attack at two points, before and after encoding:
 - ``gauss``: the update u replaced by N(0, sigma^2) per coordinate (sigma =
   ``attack-noise``), for real-valued uploads only: the signs of such a payload are fair
   coins, which ``random`` already sends.
+- ``lie`` ("A Little Is Enough", Baruch et al., NeurIPS 2019): the attackers collude and
+  send mu - z sigma per coordinate, mu and sigma the mean and standard deviation of the
+  honest clients' payloads of the round, z = ``alie_z(n, f)``. In simulation the attackers
+  may read the honest uploads of the round; the one place that has them, on every engine
+  and whatever the order replies arrive in or the number of workers, is the server. So the
+  attacker's client sends its honest upload (``Attack.of`` is HONEST for it) and the
+  strategy replaces the payloads of the run's attackers (``run_attackers``, from the run
+  config: no mark a client sends is trusted) by the algorithm's ``lie`` payload before
+  aggregating (fedsim.strategies.base). Real-valued payloads (FedSGD's gradients, FedAvg's
+  models: mu - z sigma of the models is x + mu - z sigma of the updates) get the vector
+  itself; the sign votes get sign(mu - z sigma) of the honest signs (what the server sees
+  of them; an exact 0 is sent as +1, or abstains under zero-sign "abstain"); EF-signSGD's
+  scaled signs have no lie.
 
 An algorithm declares which of these apply to its upload (``Algorithm.attacks``).
 """
@@ -38,9 +51,10 @@ import torch
 from fedsim.config import RunConfig, parse_attacker_ids
 from fedsim.core.signs import NONZERO, PACKED, ZEROS
 
-ATTACKS = ("sign-flip", "bit-flip", "random", "scale", "noise", "stochastic", "gauss")
+ATTACKS = ("sign-flip", "bit-flip", "random", "scale", "noise", "stochastic", "gauss", "lie")
 SIGN_ATTACKS = ("sign-flip", "bit-flip", "random", "stochastic")  # for uploads of packed signs
-UPDATE_ATTACKS = ("sign-flip", "scale", "noise", "stochastic", "gauss")  # for uploads of real-valued updates
+UPDATE_ATTACKS = ("sign-flip", "scale", "noise", "stochastic", "gauss", "lie")  # for uploads of real-valued updates
+SERVER_PLAYED = ("lie",)  # attacks the strategy plays for the attackers (their clients send honest uploads)
 
 
 def attacker_ids(seed: int, num_partitions: int, k: int) -> list[int]:
@@ -59,6 +73,43 @@ def run_attackers(cfg: RunConfig) -> tuple[int, ...]:
     return named if named else tuple(attacker_ids(cfg.seed, cfg.num_nodes, cfg.attackers))
 
 
+def alie_z(n: int, f: int) -> float:
+    """ALIE's z_max for n clients of which f attack (Baruch et al. 2019, Algorithm 3):
+    s = floor(n/2 + 1) - f, the honest clients the attackers need on their side for a
+    majority, and z = Phi^{-1}((n - s) / n), Phi the standard normal CDF. With f > n/2 the
+    formula's s <= 0 (no honest client needed); s is taken as at least 1, so z stays finite."""
+    if not 1 <= f < n:
+        raise ValueError(f"alie_z: need 1 <= f < n, got n={n}, f={f}")
+    s = max(n // 2 + 1 - f, 1)
+    return float(torch.special.ndtri(torch.tensor((n - s) / n, dtype=torch.float64)))
+
+
+def alie_vector(honest: torch.Tensor, z: float) -> torch.Tensor:
+    """mu - z sigma per coordinate of the honest updates ``honest`` [M, ...], in float64:
+    mu their mean, sigma their sample standard deviation (M - 1 in the denominator; 0 for
+    M = 1)."""
+    x = honest.to(torch.float64)
+    sigma = x.std(dim=0, correction=1) if len(x) > 1 else torch.zeros_like(x[0])
+    return x.mean(dim=0) - z * sigma
+
+
+def alie_arrays(honest: list[Mapping[str, np.ndarray]], z: float) -> dict[str, np.ndarray]:
+    """The ALIE payload of real-valued uploads: ``alie_vector`` of each entry over the
+    honest payloads, in each entry's dtype (integer entries rounded)."""
+    out: dict[str, np.ndarray] = {}
+    for key, first in honest[0].items():
+        v = alie_vector(torch.from_numpy(np.stack([np.asarray(p[key], np.float64) for p in honest])), z)
+        out[key] = (v if np.issubdtype(first.dtype, np.floating) else v.round()).numpy().astype(first.dtype)
+    return out
+
+
+def alie_signs(honest: torch.Tensor, z: float, abstain: bool) -> torch.Tensor:
+    """The ALIE payload of sign uploads: sign(mu - z sigma) of the honest signs [M, N] as
+    int8; an exact 0 becomes +1 unless ``abstain`` (a ternary code may send 0)."""
+    s = torch.sign(alie_vector(honest, z)).to(torch.int8)
+    return s if abstain else torch.where(s == 0, torch.ones_like(s), s)
+
+
 @dataclass(frozen=True)
 class Attack:
     """What one client does to its upload; ``kind`` "none" is an honest client."""
@@ -70,7 +121,10 @@ class Attack:
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Attack:
-        """The run config's ``attack`` with its settings (what an attacker of this run does)."""
+        """What an attacker's client of this run does: the run config's ``attack`` with its
+        settings; nothing (HONEST) for an attack the server plays (``lie``)."""
+        if cfg.attack in SERVER_PLAYED:
+            return HONEST
         return cls(cfg.attack, cfg.attack_scale, cfg.attack_noise, cfg.attack_prob)
 
     def gradient(self, g: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsim.attacks import HONEST, Attack, run_attackers
+from fedsim.attacks import HONEST, SERVER_PLAYED, Attack, run_attackers
 from fedsim.config import ConfigError, RunConfig, parse_shape
 from fedsim.data import DataError, augment_batch, center_crop
 from fedsim.data.formats import USER_FORMATS
@@ -144,6 +144,9 @@ def _plan_without_data(cfg: RunConfig, num_nodes: int) -> RunPlan:
     entry = dataset_entry(cfg.dataset)
     if cfg.model == "auto":
         raise ConfigError("set model to yours ('package.module:Net') or a built-in")
+    if cfg.attack in SERVER_PLAYED and (cfg.attackers or cfg.attacker_ids):
+        raise ConfigError(f"attack={cfg.attack!r} is played by the server on the attackers' partition ids, and nodes on their own data have "
+                          "none: choose another attack (and give the attacking nodes --node-config \"attacker=true\")")
     if cfg.normalize == "auto":
         raise ConfigError("normalize='auto' would standardise each device's data with its own mean and std; on the nodes' own data "
                           "set normalize='MEAN/STD' (e.g. '0.2860/0.3530') or 'none', so that every device and the server see the same inputs")

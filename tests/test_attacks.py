@@ -4,23 +4,34 @@ checks, and attacked runs on the in-process engine."""
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
+from statistics import NormalDist
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
+from fedsim import protocol
 from fedsim.algorithms import REGISTRY, ClientStep
-from fedsim.attacks import HONEST, Attack, attacker_ids, run_attackers
+from fedsim.attacks import HONEST, Attack, alie_arrays, alie_signs, alie_vector, alie_z, attacker_ids, run_attackers
 from fedsim.cli import main
+from fedsim.client_app import _attack
 from fedsim.clients.tasks import LocalData
 from fedsim.config import ConfigError
 from fedsim.core.signs import PACKED, pack_signs, unpack_signs
+from fedsim.engine.flower_internals import assign_message_id, set_server_identity
 from fedsim.engine.runner import run_inprocess
 from fedsim.plan import client_plan, release_plans, server_plan
+from fedsim.protocol import ModelSpec, array_spec
+from fedsim.strategies import build_strategy
 from fedsim.validation import load_config
+
+set_server_identity(run_id=7)
 
 QUICK = str(Path(__file__).resolve().parents[1] / "experiments" / "quick.toml")
 
@@ -129,6 +140,132 @@ def test_gauss_replaces_the_update_by_zero_mean_noise_of_sigma():
     assert abs(float(sent.mean())) < 4.5 * 2.0 / 200 and abs(float(sent.std()) - 2.0) < 0.03
 
 
+# --- ALIE ("lie") ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, f", [(10, 3), (50, 12), (15, 5), (7, 2), (2, 1), (4, 1), (5, 4), (10, 9)])
+def test_alie_z_is_the_papers_formula(n, f):
+    """z_max = Phi^{-1}((n - s) / n), s = floor(n/2 + 1) - f (at least 1), by Python's own normal quantile."""
+    s = max(math.floor(n / 2 + 1) - f, 1)
+    assert alie_z(n, f) == pytest.approx(NormalDist().inv_cdf((n - s) / n), abs=1e-12)
+    assert alie_z(10, 3) == pytest.approx(0.5244005, abs=1e-6)  # s = 3: Phi^{-1}(0.7)
+    with pytest.raises(ValueError, match="1 <= f < n"):
+        alie_z(5, 0)
+
+
+def test_the_lie_is_mean_minus_z_std_of_the_honest_updates():
+    honest = np.random.default_rng(4).standard_normal((6, 3, 5)).astype(np.float32)
+    lie = alie_vector(torch.from_numpy(honest), 0.7)
+    x = honest.astype(np.float64)
+    np.testing.assert_allclose(lie.numpy(), x.mean(axis=0) - 0.7 * x.std(axis=0, ddof=1), rtol=1e-12, atol=1e-12)
+    one = alie_vector(torch.from_numpy(honest[:1]), 0.7)
+    assert torch.equal(one, torch.from_numpy(x[0]))  # one honest update: sigma = 0
+    arrays = alie_arrays([{"w": h, "steps": np.array(i, np.int64)} for i, h in enumerate(honest)], 0.7)
+    assert arrays["w"].dtype == np.float32 and arrays["w"].shape == (3, 5)
+    np.testing.assert_allclose(arrays["w"], (x.mean(axis=0) - 0.7 * x.std(axis=0, ddof=1)).astype(np.float32))
+    assert arrays["steps"].dtype == np.int64 and arrays["steps"] == round(2.5 - 0.7 * np.std(np.arange(6), ddof=1))
+
+
+def test_the_lie_on_signs_is_the_sign_of_mean_minus_z_std_of_the_honest_signs():
+    honest = torch.tensor([[1, 1, -1, 1], [1, -1, -1, 1], [1, 1, -1, -1]], dtype=torch.int8)
+    x = honest.numpy().astype(np.float64)
+    want = np.sign(x.mean(axis=0) - 0.5 * x.std(axis=0, ddof=1))
+    assert alie_signs(honest, 0.5, abstain=True).tolist() == want.astype(np.int8).tolist()
+    # coordinate 1: mean 1/3, std 1.1547 -> negative; coordinate 3 likewise; unanimous ones keep their sign
+    assert want.tolist() == [1, -1, -1, -1]
+    assert alie_signs(honest[:1], 0.0, abstain=False).tolist() == [1, 1, -1, 1]
+    tie = torch.tensor([[1], [-1]], dtype=torch.int8)  # mean 0: with z = 0 the lie is an exact 0
+    assert alie_signs(tie, 0.0, abstain=True).tolist() == [0] and alie_signs(tie, 0.0, abstain=False).tolist() == [1]
+
+
+W0 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+B0 = np.array([0.5, -0.5], np.float32)
+GLOBAL = ArrayRecord({"w": Array(W0), "b": Array(B0)})
+
+
+def _strategy(strategy: str, lr: float, **more):
+    cfg = load_config({"strategy": strategy, "lr": lr, "num-nodes": 5, "attack": "lie", "attacker-ids": "1,3", **more})
+    s = build_strategy(cfg, ModelSpec.of(array_spec(GLOBAL), ["w", "b"]), num_partitions=5)
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(100, 105))
+
+    msgs = list(s.configure_train(1, GLOBAL, ConfigRecord(), Grid()))
+    for i, m in enumerate(msgs):
+        assign_message_id(m, f"id{i}")
+    return s, msgs
+
+
+def _reply(to: Message, record: str, arrays: dict, pid: int, n: int = 10) -> Message:
+    metrics = MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": pid, "batch-size": 4})
+    return Message(RecordDict({record: ArrayRecord({k: Array(v) for k, v in arrays.items()}), protocol.METRICS: metrics}), reply_to=to)
+
+
+def test_the_strategy_gives_the_attackers_the_lie_of_the_honest_replies_only():
+    """FedSGD, 5 clients, partitions 1 and 3 lie: whatever they send (here 1e6 and -1e6), the
+    step is the example-weighted mean of the honest g0, g2, g4 and twice mu - z sigma of
+    those three, z = alie_z(5, 2); the replies' order does not matter."""
+    s, msgs = _strategy("fedsgd", 0.5)
+    rng = np.random.default_rng(2)
+    grads = {pid: {"w": rng.standard_normal((2, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)} for pid in range(5)}
+    grads[1] = {k: np.full_like(v, 1e6) for k, v in grads[1].items()}
+    grads[3] = {k: np.full_like(v, -1e6) for k, v in grads[3].items()}
+    sizes = {0: 10, 1: 20, 2: 30, 3: 40, 4: 50}
+    replies = [_reply(msgs[pid], protocol.GRADS, grads[pid], pid, sizes[pid]) for pid in range(5)]
+    random.Random(1).shuffle(replies)
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert metrics["clients"] == 5 and metrics["updated"] == 1
+    z = NormalDist().inv_cdf(4 / 5)  # s = floor(5/2 + 1) - 2 = 1
+    for key, x0 in (("w", W0), ("b", B0)):
+        honest = np.stack([grads[p][key].astype(np.float64) for p in (0, 2, 4)])
+        lie = honest.mean(axis=0) - z * honest.std(axis=0, ddof=1)
+        step = (10 * honest[0] + 30 * honest[1] + 50 * honest[2] + (20 + 40) * lie) / 150
+        np.testing.assert_allclose(arrays[key].numpy(), x0 - 0.5 * step, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sign_vote_counts_the_lie_for_each_attacker():
+    """sign-mv: honest signs of partitions 0, 2, 4 and the liars 1, 3; the liars' sent signs
+    (all -1) are replaced by sign(mu - z sigma) of the honest ones."""
+    s, msgs = _strategy("sign-mv", 1.0)
+    honest = {0: [1, 1, 1, -1, 1, 1], 2: [1, 1, -1, -1, 1, -1], 4: [1, -1, 1, -1, -1, 1]}
+    replies = [_reply(msgs[p], protocol.SIGNS, {protocol.PACKED: pack_signs(torch.tensor(v, dtype=torch.float32))}, p) for p, v in honest.items()]
+    replies += [_reply(msgs[p], protocol.SIGNS, {protocol.PACKED: pack_signs(-torch.ones(6))}, p) for p in (1, 3)]
+    seen = []
+    rule = s.algorithm.server_rule
+    s.algorithm.server_rule = lambda rnd, current, good: seen.extend(good) or rule(rnd, current, good)
+    arrays, _ = s.aggregate_train(1, replies)
+    x = np.array(list(honest.values()), np.float64)
+    lie = np.sign(x.mean(axis=0) - NormalDist().inv_cdf(4 / 5) * x.std(axis=0, ddof=1))
+    lie[lie == 0] = 1
+    assert {r.client: r.payload.tolist() for r in seen} == {**honest, 1: lie.tolist(), 3: lie.tolist()}
+    vote = np.sign(x.sum(axis=0) + 2 * lie)
+    got = np.concatenate([arrays["w"].numpy().reshape(-1), arrays["b"].numpy()])
+    np.testing.assert_allclose(got, np.concatenate([W0.reshape(-1), B0]) - vote)
+    assert lie.tolist() == [1, -1, -1, -1, -1, -1]  # only the unanimous coordinates survive z = 0.84
+
+
+def test_a_round_of_liars_only_leaves_them_out(caplog):
+    s, msgs = _strategy("fedsgd", 0.5)
+    g = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
+    arrays, metrics = s.aggregate_train(1, [_reply(msgs[1], protocol.GRADS, g, 1), _reply(msgs[3], protocol.GRADS, g, 3)])
+    assert arrays is None and metrics["clients"] == 0 and "no honest reply" in caplog.text
+
+
+def test_lie_is_played_by_the_server_not_by_a_node():
+    cfg = load_config({"strategy": "fedsgd", "attack": "lie", "attackers": 2})
+    assert Attack.of(cfg) is HONEST  # the attacker's client sends its honest upload
+    m = SimpleNamespace(cfg=cfg, own=True, plan=None, partition_id=0)
+    with pytest.raises(ValueError, match="attack='lie' is played by the server"):
+        _attack(m, {"attacker": "true"})
+    assert _attack(m, {"attacker": "false"}) is HONEST
+    with pytest.raises(ConfigError, match="attack='lie' does not apply to strategy='ef-sign'"):
+        load_config({"strategy": "ef-sign", "attack": "lie", "attackers": 2})
+    own = load_config({"dataset": "npz", "model": "digits-mlp", "strategy": "fedsgd", "attack": "lie", "attackers": 2})
+    with pytest.raises(ConfigError, match="attack='lie' is played by the server on the attackers' partition ids"):
+        server_plan(own)
+
+
 def test_a_fedavg_attacker_sends_the_start_minus_c_times_its_update():
     torch.manual_seed(0)
     x = torch.randn(64, 4)
@@ -213,9 +350,27 @@ def honest_models(tmp_path_factory):
     return {s: (_fedsim_run(root / s, f'strategy="{s}"') / "model.pt").read_bytes() for s in ("sign-mv", "fedsgd")}
 
 
-@pytest.mark.parametrize("strategy, attack", [("sign-mv", "stochastic"), ("fedsgd", "stochastic"), ("fedsgd", "gauss")])
+@pytest.mark.parametrize(
+    "strategy, attack", [("sign-mv", "stochastic"), ("fedsgd", "stochastic"), ("fedsgd", "gauss"), ("sign-mv", "lie"), ("fedsgd", "lie")]
+)
 def test_each_new_attack_runs_to_the_end_and_changes_the_model(strategy, attack, honest_models, tmp_path):
     out = _fedsim_run(tmp_path / "run", f'strategy="{strategy}"', "attackers=3", f'attack="{attack}"', "attack-prob=0.7")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["attack"] == attack and summary["attackers"] == attacker_ids(0, 10, 3)
     assert (out / "model.pt").read_bytes() != honest_models[strategy]
+
+
+def _rows(folder: Path) -> list[str]:
+    """rounds.csv without its wall-time column."""
+    lines = (folder / "rounds.csv").read_text().splitlines()
+    drop = lines[0].split(",").index("seconds")
+    return [",".join(v for i, v in enumerate(line.split(",")) if i != drop) for line in lines]
+
+
+@pytest.mark.parametrize("strategy", ["fedsgd", "sign-mv"])
+def test_the_lie_run_is_bit_identical_across_reruns_and_worker_counts(strategy, tmp_path):
+    settings = (f'strategy="{strategy}"', "attackers=3", 'attack="lie"', "num-server-rounds=4")
+    runs = [_fedsim_run(tmp_path / f"w{w}-{i}", *settings, workers=w) for i, w in enumerate((1, 1, 2))]
+    for out in runs[1:]:
+        assert _rows(out) == _rows(runs[0])
+        assert (out / "model.pt").read_bytes() == (runs[0] / "model.pt").read_bytes()
