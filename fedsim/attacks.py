@@ -77,7 +77,9 @@ def alie_z(n: int, f: int) -> float:
     """ALIE's z_max for n clients of which f attack (Baruch et al. 2019, Algorithm 3):
     s = floor(n/2 + 1) - f, the honest clients the attackers need on their side for a
     majority, and z = Phi^{-1}((n - s) / n), Phi the standard normal CDF. With f > n/2 the
-    formula's s <= 0 (no honest client needed); s is taken as at least 1, so z stays finite."""
+    formula's s <= 0 (no honest client needed); s is taken as at least 1, so z stays finite.
+    (The formula as issue #24 states it and as we read the paper's Algorithm 3; the paper's
+    text was not at hand to check it again when this was written.)"""
     if not 1 <= f < n:
         raise ValueError(f"alie_z: need 1 <= f < n, got n={n}, f={f}")
     s = max(n // 2 + 1 - f, 1)
