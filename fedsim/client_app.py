@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from fedsim import protocol
 from fedsim.algorithms import REGISTRY, Algorithm, ClientStep
 from fedsim.arrays import load_into, to_array_record
-from fedsim.attacks import HONEST, Attack
+from fedsim.attacks import HONEST, SERVER_PLAYED, Attack
 from fedsim.config import RunConfig
 from fedsim.device import client_device, device_code
 from fedsim.plan import RunPlan, client_plan, node_plan, own_data
@@ -86,7 +86,10 @@ def _attack(m: _Message, node: Mapping[str, Any]) -> Attack:
     seeded draw (which a node on its own data has no partition for)."""
     if "attacker" in node:
         flag = str(node["attacker"]).lower() in ("1", "true", "yes")
-        return Attack(m.cfg.attack, m.cfg.attack_scale, m.cfg.attack_noise) if flag else HONEST
+        if flag and m.cfg.attack in SERVER_PLAYED:
+            raise ValueError(f"attack={m.cfg.attack!r} is played by the server for the run config's attackers (attackers, attacker-ids), "
+                             "not by a node: remove attacker from this node's --node-config and name its partition in attacker-ids")
+        return Attack.of(m.cfg) if flag else HONEST
     return HONEST if m.own else m.plan.attack_of(m.partition_id)
 
 

@@ -84,9 +84,11 @@ class RunConfig:
     node_partitions: str = ""
     device: str = "auto"
     attackers: int = 0
+    attacker_ids: str = ""
     attack: str = "sign-flip"
     attack_scale: float = 10.0
     attack_noise: float = 1.0
+    attack_prob: float = 0.5
     image_column: str = "image"
     label_column: str = "label"
     normalize: str = "auto"
@@ -174,8 +176,11 @@ class RunConfig:
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
             (node_partitions_problem(self.node_partitions, self.num_nodes) is None, str(node_partitions_problem(self.node_partitions, self.num_nodes))),
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
+            (attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers) is None,
+             str(attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers))),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
+            (0.0 < self.attack_prob <= 1.0, f"attack-prob={self.attack_prob}: must be in (0, 1] (the probability that stochastic flips a coordinate)"),
             (_normalization_ok(self.normalize),
              f"normalize={self.normalize!r}: choose 'auto' (the training set's mean and std), 'none', or 'MEAN/STD' per channel or feature, e.g. '0.2860/0.3530'"),
             (self.num_classes >= 0, f"num-classes={self.num_classes}: must be >= 0 (0 = from the data)"),
@@ -214,6 +219,35 @@ def node_partitions_problem(text: str, num_nodes: int) -> str | None:
         return f"node-partitions={text!r}: a partition id is given to two nodes; {how}"
     if any(p >= num_nodes for p in pids):
         return f"node-partitions={text!r}: partition id {max(pids)} is not below num-nodes={num_nodes}; {how}"
+    return None
+
+
+def parse_attacker_ids(text: str) -> tuple[int, ...]:
+    """``attacker-ids``: ``"0,3,7"`` -> (0, 3, 7), sorted ("" -> ()); ValueError for an entry
+    that is not a non-negative integer or an id given twice."""
+    entries = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [e for e in entries if not (e.isascii() and e.isdigit())]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a partition id (a non-negative integer)")
+    ids = [int(e) for e in entries]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"partition id {next(i for i in ids if ids.count(i) > 1)} is given twice")
+    return tuple(sorted(ids))
+
+
+def attacker_ids_problem(text: str, num_nodes: int, attackers: int) -> str | None:
+    """Why ``attacker-ids`` is unusable with ``num-nodes`` and ``attackers`` (None: fine):
+    distinct ids in 0..num-nodes-1, and ``attackers`` either 0 or their number."""
+    how = f"give distinct partition ids in 0..{num_nodes - 1}, comma-separated, e.g. '0,3,7' ('' = the seeded draw of attackers)"
+    try:
+        ids = parse_attacker_ids(text)
+    except ValueError as err:
+        return f"attacker-ids={text!r}: {err}; {how}"
+    if ids and ids[-1] >= num_nodes:
+        return f"attacker-ids={text!r}: partition id {ids[-1]} is not below num-nodes={num_nodes}; {how}"
+    if ids and attackers not in (0, len(ids)):
+        return (f"attacker-ids={text!r} names {len(ids)} attackers but attackers={attackers}: set attackers = 0 (or {len(ids)}), "
+                "or attacker-ids = '' for a seeded draw of attackers")
     return None
 
 

@@ -1,8 +1,8 @@
 """What a run config means for one side of a run, resolved once: ``RunPlan``.
 
 The facts derived from the config and the number of clients (the data set and its shape
-and classes, the model, every client's examples and batch size, the attackers, the
-server's device) are computed once per side and read by validation, the server and the
+and classes, the model, every client's examples and batch size, the server's device; the
+attackers come from the config alone, so both sides agree on them) are computed once per side and read by validation, the server and the
 clients; nothing recomputes them per message. Building a plan is also the check of a
 config against its data: a mistake is one ConfigError that names the key and what to do.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsim.attacks import HONEST, Attack, attacker_ids
+from fedsim.attacks import HONEST, SERVER_PLAYED, Attack, run_attackers
 from fedsim.config import ConfigError, RunConfig, parse_shape
 from fedsim.data import DataError, augment_batch, center_crop
 from fedsim.data.formats import USER_FORMATS
@@ -52,7 +52,7 @@ class RunPlan:
     num_partitions: int
     partitions: Partitions  # client -> its example indices into the training set
     batch_sizes: tuple[int, ...]  # client -> its batch size (B = 0: the whole local set)
-    attackers: tuple[int, ...]  # the attacking clients' partition ids, sorted
+    attackers: tuple[int, ...]  # the attacking clients' partition ids, sorted (fedsim.attacks.run_attackers)
     augment: Augment | None  # training augmentation of a batch (None: none)
     eval_transform: Transform | None  # what the model's test inputs go through (None: nothing)
     device: torch.device | None  # the server's device; None in a client's plan
@@ -77,7 +77,7 @@ class RunPlan:
         """What client ``partition_id`` does to its upload (HONEST unless it attacks)."""
         if partition_id not in self.attackers:
             return HONEST
-        return Attack(self.cfg.attack, self.cfg.attack_scale, self.cfg.attack_noise)
+        return Attack.of(self.cfg)
 
 
 def own_data(cfg: RunConfig) -> bool:
@@ -129,7 +129,7 @@ def _plan(cfg: RunConfig, num_partitions: int, server: bool) -> RunPlan:
         sizes = client_batch_sizes(cfg.batch_size, cfg.batch_sizes, cfg.batch_mode, num_partitions, cfg.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    attackers = attacker_ids(cfg.seed, num_partitions, min(cfg.attackers, num_partitions))
+    attackers = run_attackers(cfg)  # from num-nodes on both sides, not num_partitions (fedsim.attacks)
     return RunPlan(
         cfg, entry, splits, model, num_partitions, parts, tuple(sizes), tuple(attackers), augment, transform, device,
         objective, names, num_params, local_test,
@@ -144,6 +144,9 @@ def _plan_without_data(cfg: RunConfig, num_nodes: int) -> RunPlan:
     entry = dataset_entry(cfg.dataset)
     if cfg.model == "auto":
         raise ConfigError("set model to yours ('package.module:Net') or a built-in")
+    if cfg.attack in SERVER_PLAYED and (cfg.attackers or cfg.attacker_ids):
+        raise ConfigError(f"attack={cfg.attack!r} is played by the server on the attackers' partition ids, and nodes on their own data have "
+                          "none: choose another attack (and give the attacking nodes --node-config \"attacker=true\")")
     if cfg.normalize == "auto":
         raise ConfigError("normalize='auto' would standardise each device's data with its own mean and std; on the nodes' own data "
                           "set normalize='MEAN/STD' (e.g. '0.2860/0.3530') or 'none', so that every device and the server see the same inputs")

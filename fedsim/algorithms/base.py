@@ -82,7 +82,7 @@ class Algorithm(ABC, Generic[H, P]):
     params: ClassVar[type]  # the hyperparameter dataclass H
     options: ClassVar[tuple[Option, ...]] = ()  # run-config keys this class adds to its parents'
     sends_buffers: ClassVar[bool] = True  # float buffers (BatchNorm statistics) travel beside the payload
-    attacks: ClassVar[tuple[str, ...]] = ()  # the fedsim.attacks kinds its client step applies
+    attacks: ClassVar[tuple[str, ...]] = ()  # the fedsim.attacks kinds its uploads can carry ("lie": via ``lie``)
 
     def __init__(
         self, hp: H, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None,
@@ -137,6 +137,13 @@ class Algorithm(ABC, Generic[H, P]):
     def sample_upload(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Arrays an honest client could send in its record for this model (random
         values): what tests build valid replies from."""
+
+    def lie(self, honest: list[Reply[P]], z: float) -> P:
+        """The payload ALIE's colluding attackers send this round, from the round's honest
+        replies (fedsim.attacks: mu - z sigma of their payloads); the strategy puts it in
+        the attackers' replies when the run's ``attack`` is "lie". Only an algorithm that
+        lists "lie" in ``attacks`` has one."""
+        raise NotImplementedError(f"{self.name} has no lie attack")
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state a checkpoint must keep (lists, dicts, numbers, tensors)."""

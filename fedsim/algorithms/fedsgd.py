@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend, random_floats
-from fedsim.attacks import UPDATE_ATTACKS
+from fedsim.attacks import UPDATE_ATTACKS, alie_arrays
 from fedsim.clients.tasks import minibatch_gradient
 from fedsim.core.aggregate import weighted_mean
 from fedsim.protocol import GRADS, Reply, checked_arrays
@@ -42,6 +42,10 @@ class FedSGD(Algorithm[StepSize, Grads]):
         grads, loss, _ = minibatch_gradient(step.model, step.data, step.batch_size, step.generator, step.objective)
         grads = [step.attack.update(g, step.generator) for g in grads]
         return Upload({k: g.detach().cpu().numpy() for k, g in zip(step.param_names, grads, strict=True)}, loss)
+
+    def lie(self, honest: list[Reply[Grads]], z: float) -> Grads:
+        """ALIE: mu - z sigma of the honest gradients, per coordinate (fedsim.attacks)."""
+        return alie_arrays([r.payload for r in honest], z)
 
     def parse(self, msg: Message) -> Grads:
         return checked_arrays(msg, GRADS, self.model.param_spec)

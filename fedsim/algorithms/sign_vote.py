@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload, descend
-from fedsim.attacks import SIGN_ATTACKS
+from fedsim.attacks import SIGN_ATTACKS, alie_signs
 from fedsim.clients.tasks import flat_gradient
 from fedsim.core.signs import ZERO_SIGNS, decode_ternary, encode_ternary, fill_zeros, pack_signs, packed_size, unpack_signs
 from fedsim.protocol import PACKED, SIGNS, BadReply, ModelSpec, Reply, packed_signs, ternary_signs
@@ -52,7 +52,7 @@ class SignVote(Algorithm[HS, torch.Tensor]):
 
     record = SIGNS
     options: ClassVar[tuple[Option, ...]] = (ZERO_SIGN,)
-    attacks = SIGN_ATTACKS
+    attacks = (*SIGN_ATTACKS, "lie")
 
     @classmethod
     def client_step(cls, hp: HS, step: ClientStep) -> Upload:
@@ -63,6 +63,11 @@ class SignVote(Algorithm[HS, torch.Tensor]):
         else:
             arrays = {PACKED: pack_signs(fill_zeros(vec, hp.zero_sign, step.generator))}
         return Upload(step.attack.signs(arrays, vec.numel(), step.generator), loss)
+
+    def lie(self, honest: list[Reply[torch.Tensor]], z: float) -> torch.Tensor:
+        """ALIE on signs: sign(mu - z sigma) of the honest signs (what the server has of the
+        honest clients), 0 sent as +1 unless zero-sign is "abstain" (fedsim.attacks)."""
+        return alie_signs(torch.stack([r.payload for r in honest]), z, self.hp.zero_sign == "abstain")
 
     def parse(self, msg: Message) -> torch.Tensor:
         """The reply's signs as int8 {-1, +1}^N ({-1, 0, +1}^N under zero-sign "abstain")."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedsim.algorithms import REGISTRY, Algorithm
 from fedsim.arrays import to_array_record
+from fedsim.attacks import SERVER_PLAYED, run_attackers
 from fedsim.config import RunConfig, node_partition_map
 from fedsim.core.blocks import BlockMap, sequential_blocks
 from fedsim.protocol import ModelSpec, Reply, array_spec
@@ -64,6 +65,7 @@ def build_strategy(
         fraction_train=cfg.fraction_train, seed=cfg.seed, num_partitions=num_partitions, max_examples=max_examples,
         min_replies=cfg.min_replies, evaluation=evaluation, max_node_clients=node_cap, own_data=max_clients_by_node,
         node_partitions=node_partition_map(cfg.node_partitions),
+        liars=run_attackers(cfg) if cfg.attack in SERVER_PLAYED else (),
     )
 
 

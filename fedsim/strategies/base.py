@@ -26,6 +26,13 @@ naming the replies with the largest norms. Rounds that keep the model (too few r
 non-finite aggregate) are ``failed_rounds``; ``run`` stops after ``max_bad_rounds`` of them
 in a row (``stalled_at``).
 
+ALIE (the run's ``attack`` is "lie"): after every check, the replies of the run's
+attackers (``liars``: partition ids from the run config, never a mark a reply carries) get
+the algorithm's ``lie`` payload, mu - z sigma of the round's honest payloads, z from the
+round's valid replies n and attackers among them f (fedsim.attacks.alie_z); the honest
+replies are in partition-id order, so the lie is the same for any arrival order or
+number of workers. A round with attackers and no honest reply leaves the attackers out.
+
 ``run`` is fedsim's round loop with an explicit hook after each round
 (``on_round_end(round, arrays, metrics) -> stop?``); Flower's own ``Strategy.start``
 (inherited) also works, with client evaluation skipped.
@@ -33,9 +40,10 @@ in a row (``stalled_at``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -47,6 +55,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.algorithms.base import Algorithm
+from fedsim.attacks import alie_z
 from fedsim.core.aggregate import non_finite_keys, payload_norm, weighted_mean
 from fedsim.errors import one_line
 from fedsim.protocol import (
@@ -100,6 +109,7 @@ class FedsimStrategy(Strategy):
         max_node_clients: int | None = None,
         own_data: bool = False,
         node_partitions: Mapping[int, int] | None = None,
+        liars: Collection[int] = (),
     ) -> None:
         """``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
         ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
@@ -109,7 +119,9 @@ class FedsimStrategy(Strategy):
         partition id) the server keeps state for (None: no cap); ``own_data``: the nodes
         train on their own data, each its own client (replies carry no partition id);
         ``node_partitions``: node id -> partition id bound ahead of time (the run config's
-        ``node-partitions``): only these nodes may reply, each for its partition, from round 1."""
+        ``node-partitions``): only these nodes may reply, each for its partition, from round 1;
+        ``liars``: the partition ids whose payloads ALIE replaces (module docstring; the run's
+        attackers when its ``attack`` is "lie", else none)."""
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if min_replies < 1:
@@ -142,6 +154,7 @@ class FedsimStrategy(Strategy):
         # round -> why it kept the previous model (TOO_FEW_REPLIES, NON_FINITE)
         self.failed_rounds: dict[int, str] = {}
         self.stalled_at: int | None = None  # the round after which run() stopped: max_bad_rounds failed in a row
+        self.liars = frozenset(liars)
 
     # --- fedsim's round loop -------------------------------------------------------------
 
@@ -276,6 +289,7 @@ class FedsimStrategy(Strategy):
         for rule in (self._not_bound_elsewhere, self._first_of_partition, self._pinned_num_examples, self._room_for_node):
             good = self._keep(server_round, good, rule)
         self._remember(good)
+        good = self._lie(server_round, good)
         metrics = MetricRecord({"clients": len(good), "rejected": received - len(good), "bytes-up": bytes_up, "bytes-down": self._bytes_down, "updated": 0})
         losses = [(r.metrics.train_loss, r.metrics.num_examples) for r in good if not math.isnan(r.metrics.train_loss)]
         if losses:
@@ -293,6 +307,20 @@ class FedsimStrategy(Strategy):
             return None, metrics
         metrics["updated"] = 1
         return new, metrics
+
+    def _lie(self, server_round: int, good: list[Reply[Any]]) -> list[Reply[Any]]:
+        """ALIE: the liars' replies with the algorithm's ``lie`` payload from the honest ones
+        (module docstring); without honest replies, the honest ones (none) with one WARNING."""
+        lying = [r for r in good if r.metrics.partition_id in self.liars]
+        if not lying:
+            return good
+        honest = [r for r in good if r.metrics.partition_id not in self.liars]
+        if not honest:
+            log(WARNING, "round %d: attack 'lie': no honest reply to take the mean and std of; the %d attackers' replies are left out",
+                server_round, len(lying))
+            return honest
+        payload = self.algorithm.lie(honest, alie_z(len(good), len(lying)))
+        return [dataclasses.replace(r, payload=payload) if r.metrics.partition_id in self.liars else r for r in good]
 
     def _aggregate(self, server_round: int, good: list[Reply[Any]]) -> ArrayRecord | None:
         """The algorithm's new global model (with the replies' mean buffers), or None, with
