@@ -4,15 +4,36 @@ run-config keys through FedSGD and FedAvg, the checks before a run and in a roun
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategy_kit import make, sent
 
+from fedsim import protocol
 from fedsim.aggregators import AGGREGATORS, Settings
 from fedsim.aggregators.krum import krum_scores, squared_distances
+from fedsim.cli import main
+from fedsim.config import ConfigError
+from fedsim.core.aggregate import weighted_mean
+from fedsim.engine.flower_internals import set_server_identity
+from fedsim.results import RoundRow
+from fedsim.server_app import failure
+from fedsim.strategies.base import NON_FINITE, TOO_FEW_FOR_RULE
+from fedsim.validation import load_config
+
+set_server_identity(run_id=24)
+
+QUICK = str(Path(__file__).resolve().parents[1] / "experiments" / "quick.toml")
 
 ROBUST = ("median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 
@@ -166,3 +187,161 @@ def test_an_exact_tie_of_krum_scores_goes_to_the_smaller_vector_whatever_the_ord
     for perm in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
         assert ours("krum", x[perm], np.ones(3), byzantine_f=0).tolist() == [0.0]
     assert flat(aggregate_krum([([np.array([1.0])], 1), ([np.array([0.0])], 1), ([np.array([5.0])], 1)], 0, 0)).tolist() == [1.0]  # Flower: list order
+
+
+# --- through FedSGD and FedAvg ---------------------------------------------------------------
+
+W0 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+B0 = np.array([0.5, -0.5], np.float32)
+GLOBAL = ArrayRecord({"w": Array(W0), "b": Array(B0), "steps": Array(np.array(4, np.int64))})
+SPEC = protocol.array_spec(GLOBAL)
+PARAMS = ["w", "b"]
+
+
+def reply(to: Message, record: str, arrays: dict[str, np.ndarray], n: int, pid: int) -> Message:
+    metrics = MetricRecord({"num-examples": n, "train-loss": 1.0, "partition-id": pid, "batch-size": 4})
+    return Message(RecordDict({record: ArrayRecord({k: Array(v) for k, v in arrays.items()}), protocol.METRICS: metrics}), reply_to=to)
+
+
+def grads_round(strategy, grads: list[dict[str, np.ndarray]], ns: list[int]) -> tuple[ArrayRecord | None, Any]:
+    msgs = sent(strategy, GLOBAL, len(grads))
+    return strategy.aggregate_train(1, [reply(m, protocol.GRADS, g, n, pid) for pid, (m, g, n) in enumerate(zip(msgs, grads, ns, strict=True))])
+
+
+def random_grads(seed: int, n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"w": rng.standard_normal((2, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)} for _ in range(n)]
+
+
+def test_fedsgd_with_the_median_steps_by_the_median_gradient():
+    grads = random_grads(1, 6)
+    grads[2] = {"w": np.full((2, 2), 1e30, np.float32), "b": np.full(2, -1e30, np.float32)}  # one attacker
+    arrays, metrics = grads_round(make("fedsgd", SPEC, PARAMS, lr=0.5, aggregator="median"), grads, [10, 20, 30, 40, 50, 60])
+    assert arrays is not None and metrics["updated"] == 1
+    for key, start in (("w", W0), ("b", B0)):
+        expected = start - np.float32(0.5) * np.median(np.stack([g[key] for g in grads]).astype(np.float64), axis=0).astype(np.float32)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert arrays["steps"].numpy() == 4  # not a trainable entry: untouched
+
+
+def test_fedavg_with_krum_takes_one_honest_clients_whole_model_and_mean_is_the_old_rule_bit_for_bit():
+    rng = np.random.default_rng(2)
+    models = [{"w": rng.standard_normal((2, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32),
+               "steps": np.array(5 + i, np.int64)} for i in range(6)]
+    models[4] = {"w": np.full((2, 2), 1e6, np.float32), "b": np.full(2, 1e6, np.float32), "steps": np.array(0, np.int64)}
+    ns = [10, 20, 30, 40, 50, 60]
+
+    def run(**options: Any) -> ArrayRecord:
+        s = make("fedavg", SPEC, PARAMS, lr=0.1, **options)
+        msgs = sent(s, GLOBAL, 6)
+        arrays, _ = s.aggregate_train(1, [reply(m, protocol.ARRAYS, a, n, pid) for pid, (m, a, n) in enumerate(zip(msgs, models, ns, strict=True))])
+        assert arrays is not None
+        return arrays
+
+    picked = run(aggregator="krum", byzantine_f=1)
+    assert sum(all(np.array_equal(picked[k].numpy(), m[k]) for k in m) for i, m in enumerate(models) if i != 4) == 1
+    mean = run()
+    for key in ("w", "b", "steps"):  # the rule before the aggregator existed
+        old = weighted_mean([torch.from_numpy(m[key].astype(np.float64)) for m in models], ns)
+        old = old.round() if key == "steps" else old
+        assert np.array_equal(mean[key].numpy(), old.numpy().astype(models[0][key].dtype))
+
+
+def test_a_round_with_too_few_valid_replies_for_krum_keeps_the_model_and_logs_one_line(caplog):
+    s = make("fedsgd", SPEC, PARAMS, lr=0.5, aggregator="krum", byzantine_f=1)
+    grads = random_grads(3, 5)
+    grads[1]["w"][0, 0] = np.nan  # rejected: 4 valid replies, Krum with f = 1 needs 5
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = grads_round(s, grads, [10] * 5)
+    assert arrays is None and metrics["updated"] == 0 and metrics["clients"] == 4 and metrics["rejected"] == 1
+    assert s.failed_rounds == {1: TOO_FEW_FOR_RULE}
+    lines = [r.getMessage() for r in caplog.records if "valid replies" in r.getMessage()]
+    assert lines == ["round 1: 4 valid replies: aggregator='krum' with byzantine-f=1 needs n > 2f + 2 (n >= 5) and has n = 4; "
+                     "the global model is unchanged"]
+    arrays, _ = grads_round(s, random_grads(4, 5), [10] * 5)  # five valid replies: it moves again
+    assert arrays is not None
+
+
+# --- the checks before a run -----------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ({"aggregator": "geomed"}, "aggregator='geomed': choose one of ['mean', 'median', 'trimmed-mean', 'krum', 'multi-krum', 'bulyan']"),
+    ({"trim-fraction": 0.5}, "trim-fraction=0.5: must be a number in [0, 0.5)"),
+    ({"byzantine-f": -1}, "byzantine-f=-1: must be an integer >= 0"),
+    ({"krum-m": -2}, "krum-m=-2: must be an integer >= 0"),
+    ({"aggregator": "krum", "byzantine-f": 4},
+     "byzantine-f=4: aggregator='krum' needs n > 2f + 2 (n >= 11), but only 10 clients are sampled per round (num-nodes=10, "
+     "fraction-train=1.0); sample at least 11 clients per round or lower byzantine-f to 3"),
+    ({"aggregator": "bulyan", "byzantine-f": 1, "fraction-train": 0.5},
+     "byzantine-f=1: aggregator='bulyan' needs n >= 4f + 3 (n >= 7), but only 5 clients are sampled per round (num-nodes=10, "
+     "fraction-train=0.5); sample at least 7 clients per round or lower byzantine-f to 0"),
+    ({"aggregator": "multi-krum", "krum-m": 11}, "krum-m=11: aggregator='multi-krum' needs n >= krum-m, but only 10 clients"),
+    ({"strategy": "sign-mv", "aggregator": "median"}, "aggregator='median' does not apply to strategy='sign-mv': it applies to ['fedsgd', 'fedavg']"),
+]
+
+
+@pytest.mark.parametrize("values, fragment", BAD_OPTIONS)
+def test_bad_aggregator_settings_are_config_errors(values, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config({"strategy": "fedsgd", "num-nodes": 10, **values})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_conditions_at_their_bounds_are_accepted():
+    for strategy in ("fedsgd", "fedavg"):
+        load_config({"strategy": strategy, "num-nodes": 5, "aggregator": "krum", "byzantine-f": 1})
+        load_config({"strategy": strategy, "num-nodes": 7, "aggregator": "bulyan", "byzantine-f": 1})
+        load_config({"strategy": strategy, "num-nodes": 7, "aggregator": "multi-krum", "krum-m": 7})
+        load_config({"strategy": strategy, "num-nodes": 2, "aggregator": "median", "byzantine-f": 5})  # median reads no f
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:
+        rc = exit_.code
+    return int(rc or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings_, fragment", [
+    (['strategy="fedsgd"', 'aggregator="bulyan"', "byzantine-f=2"], "byzantine-f=2: aggregator='bulyan' needs n >= 4f + 3 (n >= 11)"),
+    (['strategy="fedavg"', 'aggregator="multi-krum"', "krum-m=12"], "krum-m=12: aggregator='multi-krum' needs n >= krum-m"),
+    (['aggregator="krum"'], "aggregator='krum' does not apply to strategy='llr-vote'"),
+])
+def test_an_aggregator_condition_the_run_cannot_meet_is_one_line_exit_2_and_no_folder(settings_, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    rc, err = _cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(results)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("fedsim: error: "), err
+    assert fragment in lines[0]
+    assert not results.exists() and list(tmp_path.iterdir()) == []
+
+
+# --- a whole run -----------------------------------------------------------------------------
+
+def test_fedsgd_with_krum_and_one_attacker_runs_to_the_end_on_the_in_process_engine(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "krum"
+    settings_ = ['strategy="fedsgd"', 'aggregator="krum"', "byzantine-f=1", "attackers=1", 'attack="scale"',
+                 "num-server-rounds=20", "lr=0.5"]
+    rc, err = _cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(results)], capsys)
+    assert rc == 0, err
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["complete"] and summary["rounds"] == 20 and len(summary["attackers"]) == 1
+    config = json.loads((results / "config.json").read_text())
+    assert config["aggregator"] == "krum" and config["byzantine-f"] == 1
+    with open(results / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["clients"]) for r in rows[1:]] == [10] * 20
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"]) + 0.2  # the scaled attacker did not stop it
+
+
+def test_an_incomplete_run_counts_the_rounds_the_aggregator_could_not_use_apart():
+    s = make("fedsgd", SPEC, PARAMS, lr=0.5, aggregator="krum")
+    s.failed_rounds = {2: TOO_FEW_FOR_RULE, 3: NON_FINITE}
+    rows = [RoundRow(round=r, clients=5) for r in range(5)]
+    why = failure(rows, load_config({"strategy": "fedsgd", "aggregator": "krum"}), s)
+    assert why is not None and why.startswith("2 of 4 rounds kept the previous model")
+    assert ("0 with fewer than min-replies=1 valid replies, 1 with fewer valid replies than the aggregator needs, "
+            "1 with a non-finite aggregate") in why
