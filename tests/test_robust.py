@@ -247,6 +247,21 @@ def test_fedavg_with_krum_takes_one_honest_clients_whole_model_and_mean_is_the_o
         assert np.array_equal(mean[key].numpy(), old.numpy().astype(models[0][key].dtype))
 
 
+@pytest.mark.parametrize("options, n, line", [
+    ({"aggregator": "bulyan", "byzantine_f": 1}, 6, "aggregator='bulyan' with byzantine-f=1 needs n >= 4f + 3 (n >= 7) and has n = 6"),
+    ({"aggregator": "multi-krum", "byzantine_f": 0, "krum_m": 6}, 5,
+     "aggregator='multi-krum' with byzantine-f=0, krum-m=6 needs n > 2f + 2 and n >= krum-m (n >= 6) and has n = 5"),
+])
+def test_too_few_replies_for_bulyan_or_for_krum_m_keep_the_model(options, n, line, caplog):
+    s = make("fedsgd", SPEC, PARAMS, lr=0.5, **options)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, _ = grads_round(s, random_grads(5, n), [10] * n)
+    assert arrays is None and s.failed_rounds == {1: TOO_FEW_FOR_RULE}
+    assert f"round 1: {n} valid replies: {line}; the global model is unchanged" in caplog.text
+    arrays, _ = grads_round(s, random_grads(6, n + 1), [10] * (n + 1))
+    assert arrays is not None
+
+
 def test_a_round_with_too_few_valid_replies_for_krum_keeps_the_model_and_logs_one_line(caplog):
     s = make("fedsgd", SPEC, PARAMS, lr=0.5, aggregator="krum", byzantine_f=1)
     grads = random_grads(3, 5)

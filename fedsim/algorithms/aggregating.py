@@ -77,16 +77,19 @@ class Aggregating(Algorithm[HA, P]):
         rule = self.hp.rule
         if rule.name == "mean":
             return ""
-        keys = ", ".join(f"{k}={getattr(self.hp, k.replace('-', '_'))}" for k in rule.reads)
+        keys = self._read()
         weights = "weighted by num-examples" if rule.weighted else "unweighted"
         return f"aggregator {rule.name} ({keys + ', ' if keys else ''}{weights}; needs {rule.condition or 'n >= 1'})"
+
+    def _read(self) -> str:
+        """The settings its rule reads, as ``key=value, ...``."""
+        return ", ".join(f"{k}={getattr(self.hp, k.replace('-', '_'))}" for k in self.hp.rule.reads)
 
     def replies_problem(self, n: int) -> str | None:
         need = self.hp.rule.min_clients(self.hp.settings)
         if n >= need:
             return None
-        return (f"aggregator={self.hp.aggregator!r} with byzantine-f={self.hp.byzantine_f} needs {self.hp.rule.condition} "
-                f"(n >= {need}) and has n = {n}")
+        return f"aggregator={self.hp.aggregator!r} with {self._read()} needs {self.hp.rule.condition} (n >= {need}) and has n = {n}"
 
     @classmethod
     def config_problem(cls, cfg: RunConfig) -> str | None:
