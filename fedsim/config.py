@@ -153,8 +153,13 @@ class RunConfig:
             if not ok:
                 raise ConfigError(message)
 
+    @property
+    def clients_per_round(self) -> int:
+        """max(1, round(C * K)): the clients sampled per round of num-nodes K (the strategy's rule)."""
+        return max(1, round(self.fraction_train * self.num_nodes)) if math.isfinite(self.fraction_train) else 1
+
     def _checks(self) -> list[tuple[bool, str]]:
-        per_round = max(1, round(self.fraction_train * self.num_nodes)) if math.isfinite(self.fraction_train) else 1
+        per_round = self.clients_per_round
         return [
             (0 <= self.seed <= MAX_SEED, f"seed={self.seed}: must be an integer in 0..{MAX_SEED}"),
             (self.num_nodes >= 1, f"num-nodes={self.num_nodes}: must be >= 1"),

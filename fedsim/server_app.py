@@ -10,8 +10,8 @@ checkpoint (when evaluated), log the progress line, stop at ``stop-at-accuracy``
 callback returns True to end the run after that round.
 
 A run is complete when every round it trained committed a new model; a round that kept
-the previous one (fewer than ``min-replies`` valid replies, or a non-finite aggregate:
-``FedsimStrategy.failed_rounds``) makes it incomplete: summary.json says
+the previous one (fewer than ``min-replies`` valid replies, fewer than the aggregator
+needs, or a non-finite aggregate: ``FedsimStrategy.failed_rounds``) makes it incomplete: summary.json says
 ``"complete": false`` and ``rounds_failed``, and ``run_experiment`` raises RunFailed (exit
 1). ``max-bad-rounds`` such rounds in a row stop the run early.
 """
@@ -51,6 +51,7 @@ from fedsim.results import RoundRow, RunWriter, environment_info
 from fedsim.run_folder import claim_run_folder
 from fedsim.runtime import Runtime, evaluate, runtime
 from fedsim.strategies import FederatedEvaluation, FedsimStrategy, build_strategy
+from fedsim.strategies.base import TOO_FEW_FOR_RULE
 from fedsim.validation import load_config
 
 app = ServerApp()
@@ -270,8 +271,10 @@ def failure(rows: list[RoundRow], cfg: RunConfig, strategy: FedsimStrategy) -> s
             f"(every reply was rejected or too few came: see the log's 'rejected the reply' lines and the clients/rejected "
             f"columns of rounds.csv)"
         )
-    non_finite = len(failed) - len(short)
-    why = (f"{len(short)} with fewer than min-replies={cfg.min_replies} valid replies, {non_finite} with a non-finite "
+    for_rule = sum(1 for r, why in strategy.failed_rounds.items() if why == TOO_FEW_FOR_RULE and r not in short)
+    non_finite = len(failed) - len(short) - for_rule
+    rule = f"{for_rule} with fewer valid replies than the aggregator needs, " if for_rule else ""
+    why = (f"{len(short)} with fewer than min-replies={cfg.min_replies} valid replies, {rule}{non_finite} with a non-finite "
            "aggregate: see the log's WARNING lines for those rounds")
     if strategy.stalled_at is not None:
         last = strategy.stalled_at

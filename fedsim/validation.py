@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedsim.algorithms import REGISTRY, options
+from fedsim.algorithms.aggregating import AGGREGATOR
 from fedsim.attacks import ATTACKS
 from fedsim.config import MAX_BATCH_SIZE, ConfigError, RunConfig, batch_size_cap_message
 from fedsim.data.formats import USER_FORMATS
@@ -58,6 +59,9 @@ def check_names(cfg: RunConfig) -> None:
          f"attack={cfg.attack!r} does not apply to strategy={cfg.strategy!r}: choose one of {list(attacks)}"),
         (not cfg.loss or is_import_path(cfg.loss), f"loss={cfg.loss!r}: expected 'package.module:fn' (or '' for cross-entropy)"),
         (not cfg.metrics or is_import_path(cfg.metrics), f"metrics={cfg.metrics!r}: expected 'package.module:fn' (or '' for accuracy)"),
+        (cfg.option("aggregator") == "mean" or cfg.strategy not in REGISTRY or AGGREGATOR in REGISTRY[cfg.strategy].all_options(),
+         f"aggregator={cfg.option('aggregator')!r} does not apply to strategy={cfg.strategy!r}: it applies to "
+         f"{[n for n, c in REGISTRY.items() if AGGREGATOR in c.all_options()]} (the sign votes have their own rules); set aggregator='mean'"),
         (all(is_import_path(c) for c in callback_paths(cfg)),
          f"callbacks={cfg.callbacks!r}: expected comma-separated 'package.module:attr' names"),
     ]
@@ -72,6 +76,9 @@ def check_names(cfg: RunConfig) -> None:
     for pid, size in enumerate(sizes):
         if size > MAX_BATCH_SIZE:
             raise ConfigError(batch_size_cap_message(f"batch-sizes={cfg.batch_sizes!r}: entry {pid} (partition-id {pid}) is {size}"))
+    problem = REGISTRY[cfg.strategy].config_problem(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def callback_paths(cfg: RunConfig) -> list[str]:

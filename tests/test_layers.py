@@ -18,7 +18,7 @@ PACKAGE = ROOT / "fedsim"
 # Layers, lowest first; a module may import modules of its own layer or below, never above.
 # A module is placed by the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
-    ("fedsim.errors", "fedsim.log_lines", "fedsim.config", "fedsim.seeding", "fedsim.plugins", "fedsim.core", "fedsim.parallel", "fedsim.engine.settings", "fedsim.scaffold"),
+    ("fedsim.errors", "fedsim.log_lines", "fedsim.config", "fedsim.seeding", "fedsim.plugins", "fedsim.core", "fedsim.aggregators", "fedsim.parallel", "fedsim.engine.settings", "fedsim.scaffold"),
     ("fedsim.data", "fedsim.models", "fedsim.partitions", "fedsim.device", "fedsim.arrays", "fedsim.attacks", "fedsim.objective", "fedsim.analysis"),
     ("fedsim.clients",),
     ("fedsim.protocol", "fedsim.run_folder"),
@@ -123,6 +123,7 @@ def _modules_after(statement: str) -> set[str]:
         ("import fedsim.client_app", {"fedsim.server_app", "fedsim.strategies", "fedsim.strategies.base", "fedsim.checkpoint", "fedsim.results"}),
         ("import fedsim.server_app", {"fedsim.client_app"}),
         ("import fedsim.core.signs, fedsim.core.votes, fedsim.core.fd, fedsim.core.aggregate, fedsim.core.model_vector", {"flwr", "fedsim.config"}),
+        ("import fedsim.aggregators", {"flwr", "fedsim.config"}),
         ("import fedsim.config", {"torch", "flwr", "numpy"}),
     ],
 )

@@ -111,6 +111,12 @@ class Algorithm(ABC, Generic[H, P]):
         return cls.params(**{f.name: values[f.name] for f in fields(cls.params)})
 
     @classmethod
+    def config_problem(cls, cfg: RunConfig) -> str | None:
+        """Why the run config cannot work for it beyond each key's own rule, in one line naming
+        the key, value, condition and fix (None: it can); checked before a run."""
+        return None
+
+    @classmethod
     def state_bytes_per_client(cls, cfg: RunConfig, num_params: int) -> int:
         """Bytes of server-side state per client it has heard from (0: none kept per client)."""
         return 0
@@ -127,6 +133,11 @@ class Algorithm(ABC, Generic[H, P]):
     @abstractmethod
     def parse(self, msg: Message) -> P:
         """Decode and check the payload of one reply; raise BadReply if unusable."""
+
+    def replies_problem(self, n: int) -> str | None:
+        """Why n valid replies are too few for ``server_rule`` (None: enough); the strategy
+        then keeps the global model."""
+        return None
 
     @abstractmethod
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[P]]) -> ArrayRecord:

@@ -1,8 +1,12 @@
 """FedAvg (McMahan et al. 2017): x^{t+1} = sum_{k in S_t} (n_k / m_t) x_k^{t+1}.
 
 Client: E local epochs of minibatch SGD (batch B, rate eta) from x^t; uploads its whole
-state_dict. Server: the example-weighted mean; integer entries (e.g. BatchNorm's batch
-counter) are averaged in float64 and rounded back to their dtype.
+state_dict. Server: the example-weighted mean, or the run's ``aggregator`` of the models,
+x^{t+1} = agg(x_1..x_n) (fedsim.algorithms.aggregating; the same as x^t + agg of the
+updates, every rule being translation-equivariant). Coordinate-wise rules (mean, median,
+trimmed mean) go entry by entry; Krum, Multi-Krum and Bulyan see each client's whole state
+as one vector. Entries are aggregated in float64; integer ones (e.g. BatchNorm's batch
+counter) are rounded back to their dtype.
 """
 
 from __future__ import annotations
@@ -13,26 +17,25 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Option, Upload, random_floats
+from fedsim.algorithms.aggregating import Aggregating, Aggregation
+from fedsim.algorithms.base import ClientStep, Option, Upload, random_floats
 from fedsim.arrays import to_array_record
 from fedsim.attacks import UPDATE_ATTACKS, alie_arrays
 from fedsim.clients.tasks import local_epochs
-from fedsim.core.aggregate import weighted_mean
 from fedsim.protocol import ARRAYS, Reply, checked_arrays
 
 State = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class LocalSGD:
-    """eta (the run config's ``lr``) and E (``local-epochs``)."""
+class LocalSGD(Aggregation):
+    """eta (the run config's ``lr``), E (``local-epochs``) and the aggregator."""
 
-    lr: float
     local_epochs: int
 
 
-class FedAvg(Algorithm[LocalSGD, State]):
-    """Example-weighted mean of the clients' locally trained models."""
+class FedAvg(Aggregating[LocalSGD, State]):
+    """The aggregate (default: the example-weighted mean) of the clients' locally trained models."""
 
     name = "fedavg"
     record = ARRAYS
@@ -65,10 +68,17 @@ class FedAvg(Algorithm[LocalSGD, State]):
 
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[State]]) -> ArrayRecord:
         weights = [r.metrics.num_examples for r in replies]
+        keys = list(self.model.arrays)
+        # per entry one float64 matrix, n clients x its size
+        stacked = [torch.from_numpy(np.stack([r.payload[key].astype(np.float64).reshape(-1) for r in replies])) for key in keys]
+        if self.hp.rule.coordinate_wise:
+            merged = [self.aggregate(x, weights) for x in stacked]
+        else:
+            merged = list(self.aggregate(torch.cat(stacked, dim=1), weights).split([x.shape[1] for x in stacked]))
         out: dict[str, np.ndarray] = {}
-        for key, (_, dtype) in self.model.arrays.items():
-            mean = weighted_mean([torch.from_numpy(r.payload[key].astype(np.float64)) for r in replies], weights)
+        for key, agg in zip(keys, merged, strict=True):
+            shape, dtype = self.model.arrays[key]
             if not np.issubdtype(dtype, np.floating):
-                mean = mean.round()
-            out[key] = mean.numpy().astype(dtype)
+                agg = agg.round()
+            out[key] = agg.cpu().numpy().reshape(shape).astype(dtype)
         return to_array_record(out)

@@ -1,8 +1,9 @@
 """FedSGD (McMahan et al. 2017): x^{t+1} = x^t - eta * sum_{k in S_t} (n_k / m_t) g_k.
 
 Client: the gradient g_k at x^t over a minibatch of B examples, or over the whole local
-set (B = 0, the paper's B = inf). Server: one SGD step with the example-weighted mean.
-Flower ships no FedSGD (flower #1158).
+set (B = 0, the paper's B = inf). Server: one SGD step with the example-weighted mean, or
+with the run's ``aggregator`` of the gradients, x^{t+1} = x^t - eta * agg(g_1..g_n)
+(fedsim.algorithms.aggregating). Flower ships no FedSGD (flower #1158).
 """
 
 from __future__ import annotations
@@ -13,24 +14,22 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedsim.algorithms.base import Algorithm, ClientStep, Upload, descend, random_floats
+from fedsim.algorithms.aggregating import Aggregating, Aggregation
+from fedsim.algorithms.base import ClientStep, Upload, descend, random_floats
 from fedsim.attacks import UPDATE_ATTACKS, alie_arrays
 from fedsim.clients.tasks import minibatch_gradient
-from fedsim.core.aggregate import weighted_mean
 from fedsim.protocol import GRADS, Reply, checked_arrays
 
 Grads = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class StepSize:
-    """eta: the server's step size (the run config's ``lr``)."""
-
-    lr: float
+class StepSize(Aggregation):
+    """eta: the server's step size (the run config's ``lr``), and the aggregator."""
 
 
-class FedSGD(Algorithm[StepSize, Grads]):
-    """One server SGD step on the example-weighted mean of the clients' gradients."""
+class FedSGD(Aggregating[StepSize, Grads]):
+    """One server SGD step on the aggregate (default: the example-weighted mean) of the clients' gradients."""
 
     name = "fedsgd"
     record = GRADS
@@ -55,7 +54,7 @@ class FedSGD(Algorithm[StepSize, Grads]):
 
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[Grads]]) -> ArrayRecord:
         keys = self.model.param_keys
-        # np.concatenate copies the read-only message views into one writable vector per client
-        grads = [torch.from_numpy(np.concatenate([r.payload[k].reshape(-1) for k in keys])) for r in replies]
-        g = weighted_mean(grads, [r.metrics.num_examples for r in replies])
+        # np.stack copies the read-only message views into one writable matrix (n clients x d)
+        grads = torch.from_numpy(np.stack([np.concatenate([r.payload[k].reshape(-1) for k in keys]) for r in replies]))
+        g = self.aggregate(grads, [r.metrics.num_examples for r in replies])
         return descend(current, keys, g, self.hp.lr)

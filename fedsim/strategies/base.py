@@ -7,7 +7,9 @@ decoded byte-exactly by its ``parse``, no extra records, one reply per partition
 partition's num-examples the same as in its first used reply, the node's partition the
 one it was bound to): a bad one, or one whose check raises anything, is logged in one
 line with its node id and reason and left out; the round goes on with the rest. Fewer
-than ``min_replies`` valid replies leave the global model unchanged. Replies are used in
+than ``min_replies`` valid replies, or fewer than the algorithm's server rule needs
+(``Algorithm.replies_problem``: Krum's n > 2f + 2, ...), leave the global model
+unchanged, with one WARNING line. Replies are used in
 partition-id order so that results do not depend on arrival order.
 
 Identity: a node's first used reply binds that node to the partition it claims (node id
@@ -79,6 +81,7 @@ RoundEndHook = Callable[[int, ArrayRecord, MetricRecord | None, FederatedEvaluat
 
 # Why a round kept the previous model (FedsimStrategy.failed_rounds' values).
 TOO_FEW_REPLIES = "min-replies"
+TOO_FEW_FOR_RULE = "aggregator"  # fewer valid replies than the server rule needs (Algorithm.replies_problem)
 NON_FINITE = "non-finite"
 NORMS_LOGGED = 3  # a non-finite aggregate's WARNING names this many replies, largest norm first
 
@@ -294,12 +297,9 @@ class FedsimStrategy(Strategy):
         losses = [(r.metrics.train_loss, r.metrics.num_examples) for r in good if not math.isnan(r.metrics.train_loss)]
         if losses:
             metrics["train-loss"] = float(np.average([v for v, _ in losses], weights=[n for _, n in losses]))
-        if len(good) < self.min_replies:
-            log(
-                WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the global model is unchanged",
-                server_round, len(good), self.min_replies,
-            )
-            self.failed_rounds[server_round] = TOO_FEW_REPLIES
+        too_few = self._too_few(server_round, len(good))
+        if too_few is not None:
+            self.failed_rounds[server_round] = too_few
             return None, metrics
         new = self._aggregate(server_round, good)
         if new is None:
@@ -321,6 +321,20 @@ class FedsimStrategy(Strategy):
             return honest
         payload = self.algorithm.lie(honest, alie_z(len(good), len(lying)))
         return [dataclasses.replace(r, payload=payload) if r.metrics.partition_id in self.liars else r for r in good]
+
+    def _too_few(self, server_round: int, n: int) -> str | None:
+        """Why n valid replies cannot move the model (TOO_FEW_REPLIES: below ``min_replies``;
+        TOO_FEW_FOR_RULE: below what the algorithm's server rule needs), with one WARNING
+        line; None: enough."""
+        if n < self.min_replies:
+            log(WARNING, "round %d: %d valid replies, fewer than min-replies=%d; the global model is unchanged",
+                server_round, n, self.min_replies)
+            return TOO_FEW_REPLIES
+        problem = self.algorithm.replies_problem(n)
+        if problem is not None:
+            log(WARNING, "round %d: %d valid replies: %s; the global model is unchanged", server_round, n, problem)
+            return TOO_FEW_FOR_RULE
+        return None
 
     def _aggregate(self, server_round: int, good: list[Reply[Any]]) -> ArrayRecord | None:
         """The algorithm's new global model (with the replies' mean buffers), or None, with

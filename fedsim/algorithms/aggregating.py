@@ -1,0 +1,106 @@
+"""What FedSGD and FedAvg share: the run's aggregator (``fedsim.aggregators``) over one float
+vector per client, and its run-config keys.
+
+FedSGD aggregates the clients' gradients (x^{t+1} = x^t - eta * agg(g_1..g_n)), FedAvg their
+models (x^{t+1} = agg(x_1..x_n); every rule is translation-equivariant, so this is
+x^t + agg of the updates x_k - x^t). ``mean`` (the default) keeps both exactly as they were.
+The conditions on n (Krum and Multi-Krum n > 2f + 2, Bulyan n >= 4f + 3) are checked twice:
+before a run against the clients sampled per round (``config_problem``, a one-line
+ConfigError), and in every round against the valid replies (``replies_problem``: the
+strategy keeps the global model and logs one WARNING line).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, TypeVar
+
+import torch
+
+from fedsim.aggregators import AGGREGATORS, Aggregator, Settings
+from fedsim.algorithms.base import Algorithm, Option, P
+from fedsim.config import RunConfig
+
+AGGREGATOR = Option(
+    "aggregator", "mean", lambda v: v in AGGREGATORS, f"choose one of {list(AGGREGATORS)}",
+    "how FedSGD and FedAvg combine the clients' vectors (fedsim.aggregators)",
+)
+TRIM_FRACTION = Option(
+    "trim-fraction", 0.1, lambda v: math.isfinite(v) and 0 <= v < 0.5, "must be a number in [0, 0.5)",
+    "beta of aggregator='trimmed-mean': floor(beta * n) values cut from each end of every coordinate",
+)
+BYZANTINE_F = Option(
+    "byzantine-f", 1, lambda v: v >= 0, "must be an integer >= 0",
+    "f: the attackers Krum, Multi-Krum and Bulyan assume",
+)
+KRUM_M = Option(
+    "krum-m", 0, lambda v: v >= 0, "must be an integer >= 0 (0: n - f of each round's n valid replies)",
+    "m of aggregator='multi-krum': the lowest-scored clients averaged",
+)
+OPTIONS = (AGGREGATOR, TRIM_FRACTION, BYZANTINE_F, KRUM_M)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The step size and the aggregator with its settings (``trim-fraction``, ``byzantine-f``, ``krum-m``)."""
+
+    lr: float
+    aggregator: str
+    trim_fraction: float
+    byzantine_f: int
+    krum_m: int
+
+    @property
+    def rule(self) -> Aggregator:
+        return AGGREGATORS[self.aggregator]
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(self.trim_fraction, self.byzantine_f, self.krum_m)
+
+
+HA = TypeVar("HA", bound=Aggregation)
+
+
+class Aggregating(Algorithm[HA, P]):
+    """An algorithm whose server rule aggregates one float vector per client with ``aggregator``."""
+
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
+
+    def aggregate(self, x: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+        """agg(x) of the rows of x (n clients x d), on the algorithm's device, in x's dtype."""
+        return self.hp.rule.apply(x.to(self.device), weights, self.hp.settings)
+
+    def describe(self) -> str:
+        rule = self.hp.rule
+        if rule.name == "mean":
+            return ""
+        keys = self._read()
+        weights = "weighted by num-examples" if rule.weighted else "unweighted"
+        return f"aggregator {rule.name} ({keys + ', ' if keys else ''}{weights}; needs {rule.condition or 'n >= 1'})"
+
+    def _read(self) -> str:
+        """The settings its rule reads, as ``key=value, ...``."""
+        return ", ".join(f"{k}={getattr(self.hp, k.replace('-', '_'))}" for k in self.hp.rule.reads)
+
+    def replies_problem(self, n: int) -> str | None:
+        need = self.hp.rule.min_clients(self.hp.settings)
+        if n >= need:
+            return None
+        return f"aggregator={self.hp.aggregator!r} with {self._read()} needs {self.hp.rule.condition} (n >= {need}) and has n = {n}"
+
+    @classmethod
+    def config_problem(cls, cfg: RunConfig) -> str | None:
+        hp = cls.hyperparams(cfg)
+        n, need = cfg.clients_per_round, hp.rule.min_clients(hp.settings)
+        if n >= need:
+            return None
+        sampled = f"only {n} clients are sampled per round (num-nodes={cfg.num_nodes}, fraction-train={cfg.fraction_train})"
+        if hp.aggregator == "multi-krum" and hp.krum_m > n:
+            return f"krum-m={hp.krum_m}: aggregator='multi-krum' needs n >= krum-m, but {sampled}; use krum-m <= {n} (0: n - f)"
+        fits = [f for f in range(hp.byzantine_f) if hp.rule.min_clients(replace(hp.settings, byzantine_f=f)) <= n]
+        fix = f"lower byzantine-f to {fits[-1]}" if fits else "choose another aggregator"
+        return (f"byzantine-f={hp.byzantine_f}: aggregator={hp.aggregator!r} needs {hp.rule.condition} (n >= {need}), "
+                f"but {sampled}; sample at least {need} clients per round or {fix}")
