@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_kit import cli
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from strategy_kit import each_round, make, sent
@@ -23,7 +24,6 @@ from strategy_kit import each_round, make, sent
 from fedsim import protocol
 from fedsim.algorithms.ef_sign import MAX_SCALE_RATIO, RECORD, SCALE
 from fedsim.checkpoint import CHECKPOINT
-from fedsim.cli import main
 from fedsim.client_app import app as fedsim_client
 from fedsim.config import MAX_BATCH_SIZE, ConfigError
 from fedsim.core.aggregate import non_finite_keys
@@ -42,14 +42,6 @@ QUICK = str(ROOT / "experiments" / "quick.toml")
 TINY = {"strategy": "fedavg", "num-nodes": 4, "num-server-rounds": 4, "eval-every": 1, "lr": 0.1, "seed": 1}
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    return int(rc or 0), capsys.readouterr().err
-
-
 # --- batch sizes above the reply bound ---------------------------------------------------
 
 
@@ -63,7 +55,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 def test_a_batch_size_above_the_reply_bound_is_one_line_exit_2_and_no_folder(settings, fragment, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     results = tmp_path / "results"
-    rc, err = _cli(["run", QUICK, *[a for s in settings for a in ("--set", s)], "--results-dir", str(results)], capsys)
+    rc, err = cli(["run", QUICK, *[a for s in settings for a in ("--set", s)], "--results-dir", str(results)], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("fedsim: error: "), err
     assert fragment in lines[0] and "use a smaller batch size, or 0 for the whole local set" in lines[0]
@@ -263,7 +255,7 @@ def test_a_run_with_some_failed_rounds_is_incomplete_and_exits_1(tmp_path, monke
 
     monkeypatch.setattr(runner, "client_app", _poisoned(protocol.GRADS, 0, 4))
     out = tmp_path / "run"
-    rc, err = _cli(["run", QUICK, "--set", "strategy='fedsgd'", "--set", "lr=10.0", "--set", "batch-mode=0", "--set", "num-nodes=3",
+    rc, err = cli(["run", QUICK, "--set", "strategy='fedsgd'", "--set", "lr=10.0", "--set", "batch-mode=0", "--set", "num-nodes=3",
                     "--set", "num-server-rounds=5", "--results-dir", str(out)], capsys)
     lines = [line for line in err.splitlines() if line.startswith("fedsim:")]
     assert rc == 1 and len(lines) == 1, err

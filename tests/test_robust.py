@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cli_kit import cli
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from hypothesis import given, settings
@@ -22,7 +23,6 @@ from strategy_kit import make, sent
 from fedsim import protocol
 from fedsim.aggregators import AGGREGATORS, Settings
 from fedsim.aggregators.krum import krum_scores, squared_distances
-from fedsim.cli import main
 from fedsim.config import ConfigError
 from fedsim.core.aggregate import weighted_mean
 from fedsim.engine.flower_internals import set_server_identity
@@ -310,14 +310,6 @@ def test_the_conditions_at_their_bounds_are_accepted():
         load_config({"strategy": strategy, "num-nodes": 2, "aggregator": "median", "byzantine-f": 5})  # median reads no f
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    return int(rc or 0), capsys.readouterr().err
-
-
 @pytest.mark.parametrize("settings_, fragment", [
     (['strategy="fedsgd"', 'aggregator="bulyan"', "byzantine-f=2"], "byzantine-f=2: aggregator='bulyan' needs n >= 4f + 3 (n >= 11)"),
     (['strategy="fedavg"', 'aggregator="multi-krum"', "krum-m=12"], "krum-m=12: aggregator='multi-krum' needs n >= krum-m"),
@@ -326,7 +318,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 def test_an_aggregator_condition_the_run_cannot_meet_is_one_line_exit_2_and_no_folder(settings_, fragment, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     results = tmp_path / "results"
-    rc, err = _cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(results)], capsys)
+    rc, err = cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(results)], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("fedsim: error: "), err
     assert fragment in lines[0]
@@ -340,7 +332,7 @@ def test_fedsgd_with_krum_and_one_attacker_runs_to_the_end_on_the_in_process_eng
     results = tmp_path / "krum"
     settings_ = ['strategy="fedsgd"', 'aggregator="krum"', "byzantine-f=1", "attackers=1", 'attack="scale"',
                  "num-server-rounds=20", "lr=0.5"]
-    rc, err = _cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(results)], capsys)
+    rc, err = cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(results)], capsys)
     assert rc == 0, err
     summary = json.loads((results / "summary.json").read_text())
     assert summary["complete"] and summary["rounds"] == 20 and len(summary["attackers"]) == 1
