@@ -221,3 +221,46 @@ def test_auto_tries_all_cores_again_after_a_spoiled_trial():
         assert grid.plans[inprocess.available_cores()] == 2, grid.plans  # the retry and the round after it
     finally:
         grid.close()
+
+
+def test_trial_speedup_counts_unmeasured_clients_as_the_measured_mean():
+    assert inprocess.trial_speedup([0.2, None, 0.4, None], wall=0.6) == pytest.approx(2.0)  # (0.6 + 2 x 0.3) / 0.6
+    assert inprocess.trial_speedup([None, None], wall=1.0) is None
+    assert inprocess.trial_speedup([0.1], wall=0.0) is None
+
+
+@pytest.mark.skipif(inprocess.available_cores() < 2, reason="auto's all-core trial needs 2 cores")
+def test_auto_falls_back_to_one_thread_under_partial_participation():
+    """Issue #26: 10 of 20 clients per round, so a round's clients are mostly unmeasured.
+    Clients that compute in Python hold the GIL: two threads are no faster. The all-core
+    trial of round 3 must still be judged (it used to wait for every client to have a
+    one-thread time, which partial participation never gives) and auto goes back to one
+    thread from round 4 on."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+
+    busy = ClientApp()
+
+    @busy.train()
+    def _train(msg, context):
+        total = 0
+        for i in range(150_000):  # ~10 ms of Python: the GIL is held throughout
+            total += i
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = inprocess.InProcessGrid(busy, 20, {}, workers="auto")
+    nodes = sorted(grid.get_node_ids())
+    try:
+        def round_(chosen):
+            msgs = [grid.create_message(RecordDict({"config": ConfigRecord({})}), MessageType.TRAIN, n, "1") for n in chosen]
+            grid.send_and_receive(msgs)
+
+        round_(nodes[:10])  # pays the start
+        round_(nodes[:10])  # measures these 10 on one thread
+        round_(nodes[5:15])  # 5 measured, 5 new: the all-core trial
+        assert grid._speedup is not None and grid._speedup < inprocess.MIN_SPEEDUP, grid._speedup
+        for start in (10, 0, 7):
+            round_(nodes[start:start + 10])
+        assert grid.plans == {1: 5, inprocess.available_cores(): 1}, grid.plans
+    finally:
+        grid.close()

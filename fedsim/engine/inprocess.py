@@ -104,6 +104,17 @@ def plan_round(seconds: Sequence[float | None], cores: int, speedup: float | Non
     return RoundPlan(cores, tuple(sorted(range(n), key=lambda i: -cost[i])))  # stable: ties in push order
 
 
+def trial_speedup(one_thread: Sequence[float | None], wall: float) -> float | None:
+    """How much faster an all-core round of ``wall`` seconds was than its clients on one
+    thread: (sum of their one-thread seconds) / wall, a client never measured on one thread
+    counting as the mean of those measured (as in ``plan_round``; under partial
+    participation most sampled clients are new). None: no client measured, or no time."""
+    known = [s for s in one_thread if s is not None]
+    if not known or wall <= 0:
+        return None
+    return (sum(known) + (len(one_thread) - len(known)) * sum(known) / len(known)) / wall
+
+
 class _Workers:
     """``active`` threads' worth of work from one deque; tasks pushed ``front=True`` are taken first.
 
@@ -300,9 +311,8 @@ class InProcessGrid(Grid):
         finally:
             kept = replies.close()
         if self._trial and not overran:
-            one_thread = [self._seconds.get(m.metadata.dst_node_id) for m in msgs]
-            if None not in one_thread:
-                measured = sum(one_thread) / (time.perf_counter() - t0)  # type: ignore[arg-type]
+            measured = trial_speedup([self._seconds.get(m.metadata.dst_node_id) for m in msgs], time.perf_counter() - t0)
+            if measured is not None:
                 self._speedup = measured if self._speedup is None else max(self._speedup, measured)
                 self._retry_at = RETRY_FACTOR * self._pulls
         return [kept[i] for i in sorted(kept)]
