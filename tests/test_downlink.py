@@ -29,7 +29,7 @@ from fedsim.algorithms.downlink import (
 from fedsim.arrays import to_array_record, to_flwr_array
 from fedsim.client_app import app as client_app
 from fedsim.core.signs import packed_size
-from fedsim.engine.flower_internals import assign_message_id, client_app_error
+from fedsim.engine.flower_internals import assign_message_id, client_app_error, set_server_identity
 from fedsim.engine.flower_runtime import PROJECT_ROOT, LocalSuperLink, run_flower, stop_stragglers
 from fedsim.engine.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsim.engine.runner import run_inprocess
@@ -37,6 +37,8 @@ from fedsim.protocol import ARRAYS, BUFFERS, CONFIG, ModelSpec, array_spec
 from fedsim.runtime import release_runtimes
 from fedsim.server_app import run_experiment
 from fedsim.validation import load_config
+
+set_server_identity(run_id=6)  # Message(content, dst, type) reads it (the unit tests below build replies)
 
 # 9 voters: a majority of +-1 votes never ties, so the votes travel at 1 bit per coordinate
 BASE = {"num-nodes": 9, "num-server-rounds": 24, "eval-every": 5, "seed": 3, "batch-mode": 2, "lr": 0.01,
