@@ -86,9 +86,14 @@ def same_bits(a: ArrayRecord, b: ArrayRecord, keys: Sequence[str]) -> bool:
     """Whether entries ``keys`` of a and b have the same dtype, shape and bytes."""
     for key in keys:
         x, y = from_flwr_array(a[key]), from_flwr_array(b[key])
-        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(_bits(x), _bits(y)):
             return False
     return True
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The array's bytes as uint8 (for bitwise comparison: -0.0 and 0.0 differ there)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
 def vote_between(old: ArrayRecord, new: ArrayRecord, keys: Sequence[str], lr: float) -> torch.Tensor | None:
