@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,39 @@ def test_a_resumed_signs_run_ends_where_the_model_run_ends(strategy, tmp_path):
     assert per_node["17"] < model_message  # ... and round 17 catches up the nodes of round 16
 
 
+BN_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
+"""
+
+
+def test_a_model_with_batchnorm_gets_its_buffers_beside_the_votes(tmp_path, monkeypatch):
+    """BatchNorm's running statistics (which the server averages) and its integer counter
+    cannot come from signs: they travel in full, and the results stay bit for bit the same."""
+    (tmp_path / "bnnet.py").write_text(BN_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "bnnet", raising=False)
+    cfg = {"strategy": "llr-vote", "model": "bnnet:Net", "num-server-rounds": 8, "fraction-train": 0.6}
+    model = run(tmp_path, "model", **cfg)
+    signs = run(tmp_path, "signs", downlink="signs", **cfg)
+    assert without_bytes_down(rows(model)) == without_bytes_down(rows(signs))
+    assert same_model(model, signs)
+    state = torch.load(signs / "model.pt")
+    assert not torch.equal(state["bn.running_mean"], torch.zeros(32))  # averaged from the clients' replies
+    down = [int(r["bytes_down"]) for r in rows(signs)]
+    buffers = sum(v.numel() * v.element_size() for k, v in state.items() if k.startswith("bn.") and "running" in k)
+    assert min(down[2:]) > buffers and sum(down[2:]) < sum(int(r["bytes_down"]) for r in rows(model)[2:]) / 2
+
+
 class Forgetful:
     """fedsim's ClientApp, but node ``node`` loses its state (a restarted device) before round ``at``."""
 
@@ -118,7 +153,7 @@ class Forgetful:
         self.full: dict[int, list[int]] = {}  # round -> the nodes sent the model in it
 
     def __call__(self, msg: Message, context: Context) -> Message:
-        rnd = int(msg.content[CONFIG]["server-round"])  # type: ignore[index, arg-type]
+        rnd = int(msg.content[CONFIG]["server-round"])
         if ARRAYS in msg.content:
             self.full.setdefault(rnd, []).append(context.node_id)
         if context.node_id == self.node and rnd == self.at:
@@ -130,7 +165,7 @@ class Forgetful:
 def test_a_node_that_lost_its_model_refuses_and_gets_the_model_next_round(tmp_path, caplog):
     cfg = load_config({**BASE, "strategy": "sign-mv", "num-server-rounds": 8, "downlink": "signs", "results-dir": str(tmp_path / "r")})
     app = Forgetful(FIRST_NODE_ID + 4, 5)
-    grid = InProcessGrid(app, cfg.num_nodes, cfg.to_mapping())  # type: ignore[arg-type]
+    grid = InProcessGrid(app, cfg.num_nodes, cfg.to_mapping())
     try:
         with caplog.at_level(logging.WARNING, logger="flwr"):
             run_experiment(grid, cfg, engine="inprocess")
@@ -210,7 +245,7 @@ def test_a_stale_wrong_or_missing_model_is_refused_and_the_node_gets_the_model_n
     with pytest.raises(DownlinkMismatch, match="digest"):
         model_for_round(votes, wrong, 2, spec.param_keys, 0.01)
     bad = RecordDict({**votes})
-    bad[CONFIG] = ConfigRecord({**votes[CONFIG], MODEL_DIGEST: "0" * 16})  # type: ignore[dict-item]
+    bad[CONFIG] = ConfigRecord({**votes[CONFIG], MODEL_DIGEST: "0" * 16})
     with pytest.raises(DownlinkMismatch, match="digest"):
         model_for_round(bad, RecordDict({**state}), 2, spec.param_keys, 0.01)
     server.settle([_reply(7, error=True)])
@@ -291,3 +326,65 @@ def test_the_signs_downlink_in_a_deployment_gives_the_in_process_rounds(tmp_path
     assert all(int(r["rejected"]) == 0 for r in a[1:])
     down = [int(r["bytes_down"]) for r in a]
     assert max(down[2:]) < down[1] / 8  # votes after round 1 (2 voters tie often: the ternary code's 2 bits)
+
+
+def _votes_message() -> tuple[RecordDict, RecordDict, ModelSpec, ArrayRecord]:
+    """(a round-2 votes message, the state of the node it is for, the model spec, its model)."""
+    x0, spec = _model()
+    server, state = DownlinkServer(spec, lr=0.01), RecordDict()
+    model_for_round(server.messages(1, x0, ConfigRecord({"server-round": 1}), [7])[7], state, 1, spec.param_keys, 0.01)
+    server.settle([_reply(7)])
+    x1 = _next(x0, spec, 1)
+    return server.messages(2, x1, ConfigRecord({"server-round": 2}), [7])[7], state, spec, x1
+
+
+def _without_buffers(m: RecordDict) -> None:
+    del m[BUFFERS]
+
+
+def _short_buffer(m: RecordDict) -> None:
+    m[BUFFERS] = to_array_record({"bn.mean": np.zeros(4, np.float32), "bn.count": np.array(3)})
+
+
+def _nan_buffer(m: RecordDict) -> None:
+    m[BUFFERS] = to_array_record({"bn.mean": np.full(5, np.nan, np.float32), "bn.count": np.array(3)})
+
+
+def _no_base_round(m: RecordDict) -> None:
+    m[CONFIG] = ConfigRecord({k: v for k, v in m[CONFIG].items() if k != "base-round"})
+
+
+def _bool_base_round(m: RecordDict) -> None:
+    m[CONFIG] = ConfigRecord({**m[CONFIG], "base-round": True})
+
+
+def _unknown_mode(m: RecordDict) -> None:
+    m[CONFIG] = ConfigRecord({**m[CONFIG], "downlink": "gossip"})
+
+
+def _no_votes(m: RecordDict) -> None:
+    del m[VOTES]
+
+
+@pytest.mark.parametrize(
+    "spoil, fragment",
+    [
+        (_without_buffers, "must hold the model's entries"),
+        (_short_buffer, "has dtype float32 and shape (4,)"),
+        (_nan_buffer, "expected finite"),
+        (_no_base_round, "needs an integer 'base-round'"),
+        (_bool_base_round, "needs an integer 'base-round'"),
+        (_unknown_mode, "'gossip'"),
+        (_no_votes, "carries neither"),
+    ],
+)
+def test_a_malformed_votes_message_is_refused_with_one_line_and_the_node_keeps_its_model(spoil, fragment):
+    message, state, spec, x1 = _votes_message()
+    held = state[HELD]
+    spoil(message)
+    with pytest.raises(ValueError, match=re.escape(fragment)) as err:
+        model_for_round(message, state, 2, spec.param_keys, 0.01)
+    assert "\n" not in str(err.value)
+    assert state[HELD] is held  # nothing kept from a message it refused
+    message, state, spec, x1 = _votes_message()
+    assert state_digest(model_for_round(message, state, 2, spec.param_keys, 0.01)) == state_digest(x1)  # unspoilt: fine
