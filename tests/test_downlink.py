@@ -8,6 +8,7 @@ import csv
 import logging
 import re
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,41 @@ def test_a_node_that_lost_its_model_refuses_and_gets_the_model_next_round(tmp_pa
     assert app.full == {1: list(range(FIRST_NODE_ID, FIRST_NODE_ID + 9)), 6: [FIRST_NODE_ID + 4]}
     down = [int(r["bytes_down"]) for r in table]
     assert down[6] > down[7] + 0.8 * down[1] / 9  # bytes-down counts the model sent to it
+
+
+class Slow(Forgetful):
+    """fedsim's ClientApp, but node ``node`` blocks in round ``at`` until ``release`` is set."""
+
+    def __init__(self, node: int, at: int) -> None:
+        super().__init__(node, at)
+        self.release = threading.Event()
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        rnd = int(msg.content[CONFIG]["server-round"])
+        if ARRAYS in msg.content:
+            self.full.setdefault(rnd, []).append(context.node_id)
+        if context.node_id == self.node and rnd == self.at:
+            self.release.wait(60)
+        return client_app(msg, context)
+
+
+def test_a_node_whose_reply_never_came_gets_the_model_next_round(tmp_path):
+    """The round-timeout drops a late reply and the node's state change (in-process engine):
+    the server cannot know what the node holds, so it sends it the full model next time."""
+    cfg = load_config({**BASE, "strategy": "sign-mv", "num-server-rounds": 5, "downlink": "signs", "round-timeout": 5.0,
+                       "results-dir": str(tmp_path / "r")})
+    app = Slow(FIRST_NODE_ID + 2, 3)
+    grid = InProcessGrid(app, cfg.num_nodes, cfg.to_mapping())
+    try:
+        run_experiment(grid, cfg, engine="inprocess")
+    finally:
+        app.release.set()
+        grid.close()
+        release_runtimes()
+    table = rows(tmp_path / "r")
+    assert [int(r["clients"]) for r in table[1:]] == [9, 9, 8, 9, 9]
+    assert all(int(r["rejected"]) == 0 for r in table)
+    assert app.full == {1: list(range(FIRST_NODE_ID, FIRST_NODE_ID + 9)), 4: [FIRST_NODE_ID + 2]}
 
 
 # --- the two halves, message by message ---------------------------------------------------------
