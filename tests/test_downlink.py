@@ -20,6 +20,7 @@ from strategy_kit import each_round
 from fedsim.algorithms.base import descend
 from fedsim.algorithms.downlink import (
     HELD,
+    HELD_ROUND,
     MODEL_DIGEST,
     VOTES,
     DownlinkMismatch,
@@ -276,6 +277,10 @@ def test_a_stale_wrong_or_missing_model_is_refused_and_the_node_gets_the_model_n
     assert ARRAYS not in votes
     with pytest.raises(DownlinkMismatch, match="holds no model"):
         model_for_round(votes, RecordDict(), 2, spec.param_keys, 0.01)
+    stale = RecordDict({**state})
+    stale[HELD_ROUND] = ConfigRecord({"round": 3})
+    with pytest.raises(DownlinkMismatch, match="holds the model of round 3"):
+        model_for_round(votes, stale, 2, spec.param_keys, 0.01)
     wrong = RecordDict({**state})
     wrong[HELD] = _next(x0, spec, 99)  # a device whose model is not the server's
     with pytest.raises(DownlinkMismatch, match="digest"):

@@ -252,10 +252,10 @@ def rebuild(content: RecordDict, state: RecordDict, server_round: int, keys: Seq
             f"holds no model (a new or restarted device); {fix}"
         )
     model, held_round = held
-    if held_round != base:
+    if held_round != base or not set(keys) <= set(model.keys()):
         raise DownlinkMismatch(
             f"downlink: the round-{server_round} message carries the votes since the model of round {base}, but this node "
-            f"holds the model of round {held_round}; {fix}"
+            f"holds the model of round {held_round}{'' if set(keys) <= set(model.keys()) else ' without all its parameters'}; {fix}"
         )
     n = sum(int(np.prod(model[k].shape)) for k in keys)
     for u in checked_votes(content[VOTES], base, server_round - 1, n):  # type: ignore[arg-type]
@@ -278,7 +278,10 @@ def checked_votes(record: ArrayRecord, base: int, last: int, n: int) -> list[tor
         match = _VOTE_KEY.fullmatch(key)
         if match is None or not base < int(match.group(1)) <= last:
             raise ValueError(f"votes[{key!r}]: expected 'ROUND/packed', 'ROUND/zeros' or 'ROUND/nonzero' with {base} < ROUND <= {last}")
-        arr = decode_exact(record[key])
+        try:
+            arr = decode_exact(record[key])
+        except ValueError as err:
+            raise ValueError(f"votes[{key!r}] cannot be decoded: {err}") from None
         name = match.group(2)
         dtype, fits = (np.uint32, arr.ndim == 1 and arr.size <= n) if name == ZEROS else (np.uint8, arr.shape == (packed_size(n),))
         if arr.dtype != dtype or not fits:
