@@ -19,7 +19,8 @@ Messages (a train message of round t stands for the global model after round t -
 - votes: ArrayRecord ``"votes"`` (for each round r with a nonzero vote after the node's
   model: ``"r/packed"``, the 1-bit signs with 0 sent as +1, and where the vote has ties the
   ternary code's ``"r/zeros"`` (uint32 indices) or ``"r/nonzero"`` (1-bit mask), whichever
-  is smaller: fedsim.core.signs.encode_ternary), ``"buffers"`` where the model has other
+  is smaller (fedsim.core.signs.encode_ternary), or instead ``"r/trits"`` alone (base 3, 5
+  coordinates per byte) where that is smaller still), ``"buffers"`` where the model has other
   entries, and ``"config"`` with ``downlink = "signs"``, ``base-round`` (the round of the
   model the node must hold) and ``model-digest`` (``state_digest`` of the model to rebuild).
 
@@ -54,7 +55,19 @@ from fedsim.algorithms.base import descend
 from fedsim.arrays import decode_exact, from_flwr_array, to_flwr_array, to_state
 from fedsim.config import DOWNLINKS
 from fedsim.core.model_vector import flatten
-from fedsim.core.signs import NONZERO, PACKED, ZEROS, decode_ternary, encode_ternary, packed_size, unpack_signs
+from fedsim.core.signs import (
+    NONZERO,
+    PACKED,
+    TRITS,
+    ZEROS,
+    decode_ternary,
+    encode_ternary,
+    pack_trits,
+    packed_size,
+    trits_size,
+    unpack_signs,
+    unpack_trits,
+)
 from fedsim.protocol import ARRAYS, BUFFERS, CONFIG, ModelSpec, content_bytes
 
 MODEL, SIGNS = DOWNLINKS  # the run config's ``downlink`` values
@@ -64,7 +77,7 @@ MODEL_DIGEST = "model-digest"  # config key: state_digest of the model the votes
 VOTES = "votes"  # ArrayRecord of the votes
 HELD = "downlink-model"  # node state: ArrayRecord of the model the node holds
 HELD_ROUND = "downlink-round"  # node state: ConfigRecord {"round": the round of that model}
-_VOTE_KEY = re.compile(r"(0|[1-9][0-9]{0,9})/(packed|zeros|nonzero)")
+_VOTE_KEY = re.compile(r"(0|[1-9][0-9]{0,9})/(packed|zeros|nonzero|trits)")
 
 
 class DownlinkMismatch(ValueError):
@@ -106,12 +119,22 @@ def vote_between(old: ArrayRecord, new: ArrayRecord, keys: Sequence[str], lr: fl
 
 
 def encode_vote(server_round: int, u: torch.Tensor) -> dict[str, Array]:
-    """A round's vote as the votes record's arrays: ``"r/packed"`` and, where U has zeros,
-    the ternary code's smaller part (``"r/zeros"`` or ``"r/nonzero"``)."""
+    """A round's vote as the votes record's arrays: ``"r/packed"`` (1 bit per coordinate)
+    and, where U has zeros, the ternary code's smaller part (``"r/zeros"`` or
+    ``"r/nonzero"``), or ``"r/trits"`` alone (base 3, 1.6 bits) where that is smaller."""
     code = encode_ternary(u)
     if ZEROS in code and code[ZEROS].size == 0:
         del code[ZEROS]
-    return {f"{server_round}/{name}": to_flwr_array(arr) for name, arr in code.items()}
+    arrays = {f"{server_round}/{name}": to_flwr_array(arr) for name, arr in code.items()}
+    if len(code) == 1:
+        return arrays
+    trits = {f"{server_round}/{TRITS}": to_flwr_array(pack_trits(u))}
+    return trits if _nbytes(trits) < _nbytes(arrays) else arrays
+
+
+def _nbytes(arrays: dict[str, Array]) -> int:
+    """What the arrays add to a message (Flower's ArrayRecord.count_bytes)."""
+    return sum(len(a.data) + len(k) for k, a in arrays.items())
 
 
 @dataclass(frozen=True)
@@ -190,7 +213,7 @@ class DownlinkServer:
             self._votes, self._since = [], version
         elif bool(u.any()):
             encoded = encode_vote(version, u)
-            self._votes.append(_Vote(version, encoded, sum(len(a.data) + len(k) for k, a in encoded.items())))
+            self._votes.append(_Vote(version, encoded, _nbytes(encoded)))
         self._last, self._digest = (version, arrays), state_digest(arrays)
         model_bytes = sum(len(arrays[k].data) for k in self.keys)
         while self._votes and sum(v.nbytes for v in self._votes) > model_bytes:
@@ -271,27 +294,33 @@ def rebuild(content: RecordDict, state: RecordDict, server_round: int, keys: Seq
 
 def checked_votes(record: ArrayRecord, base: int, last: int, n: int) -> list[torch.Tensor]:
     """The votes record's votes (int8 {-1, 0, +1}^n) in round order; ValueError unless every key
-    is ``r/packed``, ``r/zeros`` or ``r/nonzero`` with base < r <= last, each round has
-    ``packed`` and at most one other part, and each array has its code's dtype and size."""
+    is ``r/packed``, ``r/zeros``, ``r/nonzero`` or ``r/trits`` with base < r <= last, each
+    round has ``trits`` alone or ``packed`` and at most one of ``zeros`` and ``nonzero``,
+    and each array has its code's dtype and size."""
     parts: dict[int, dict[str, np.ndarray]] = {}
     for key in record.keys():
         match = _VOTE_KEY.fullmatch(key)
         if match is None or not base < int(match.group(1)) <= last:
-            raise ValueError(f"votes[{key!r}]: expected 'ROUND/packed', 'ROUND/zeros' or 'ROUND/nonzero' with {base} < ROUND <= {last}")
+            raise ValueError(f"votes[{key!r}]: expected 'ROUND/packed', 'ROUND/zeros', 'ROUND/nonzero' or 'ROUND/trits' with {base} < ROUND <= {last}")
         try:
             arr = decode_exact(record[key])
         except ValueError as err:
             raise ValueError(f"votes[{key!r}] cannot be decoded: {err}") from None
         name = match.group(2)
-        dtype, fits = (np.uint32, arr.ndim == 1 and arr.size <= n) if name == ZEROS else (np.uint8, arr.shape == (packed_size(n),))
+        size = trits_size(n) if name == TRITS else packed_size(n)
+        dtype, fits = (np.uint32, arr.ndim == 1 and arr.size <= n) if name == ZEROS else (np.uint8, arr.shape == (size,))
         if arr.dtype != dtype or not fits:
             raise ValueError(f"votes[{key!r}] has dtype {arr.dtype} and shape {arr.shape}, not the code of {n} signs")
         parts.setdefault(int(match.group(1)), {})[name] = arr
     out = []
     for rnd in sorted(parts):
         code = parts[rnd]
-        if PACKED not in code or len(code) > 2:
-            raise ValueError(f"the vote of round {rnd} has parts {sorted(code)}: expected {PACKED!r} and at most one of {ZEROS!r}, {NONZERO!r}")
+        if list(code) == [TRITS]:
+            out.append(unpack_trits(code[TRITS], n))
+            continue
+        if PACKED not in code or len(code) > 2 or TRITS in code:
+            raise ValueError(f"the vote of round {rnd} has parts {sorted(code)}: expected {PACKED!r} and at most one of {ZEROS!r}, "
+                             f"{NONZERO!r}, or {TRITS!r} alone")
         out.append(decode_ternary(code, n) if len(code) == 2 else unpack_signs(code[PACKED], n))
     return out
 
