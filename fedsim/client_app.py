@@ -9,7 +9,9 @@ node config's ``batch-size`` if given, else from the run config (``batch-size``,
 else from the run config's, never silently the CPU where the server trains on CUDA
 (fedsim.device). Each reply reports the device it trained on (``cuda-device``). Data and
 models come from this process's runtime (fedsim.runtime); the node's ``context.state``
-carries what an algorithm keeps between its rounds (EF-signSGD's residual). A client
+carries what an algorithm keeps between its rounds (EF-signSGD's residual) and, under
+``downlink = "signs"``, the global model the node holds, from which it rebuilds the next
+from the server's votes (fedsim.algorithms.downlink). A client
 whose partition is among the run's ``attackers`` (fedsim.attacks) applies ``attack`` to
 its upload.
 """
@@ -22,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim import protocol
 from fedsim.algorithms import REGISTRY, Algorithm, ClientStep
+from fedsim.algorithms.downlink import VOTES, model_for_round
 from fedsim.arrays import load_into, to_array_record
 from fedsim.attacks import HONEST, SERVER_PLAYED, Attack
 from fedsim.config import RunConfig
@@ -50,7 +53,7 @@ class _Message:
     plan: RunPlan
     device: torch.device
     task: ConfigRecord
-    arrays: ArrayRecord
+    arrays: ArrayRecord | None  # None: a train message of the signs downlink (votes instead of the model)
     own: bool
 
 
@@ -60,8 +63,10 @@ def _read(msg: Message, context: Context) -> _Message:
     cfg = load_config_cached(context.run_config)
     node = context.node_config
     task, arrays = msg.content.get(protocol.CONFIG), msg.content.get(protocol.ARRAYS)
-    if not isinstance(task, ConfigRecord) or not isinstance(arrays, ArrayRecord):
+    votes = msg.metadata.message_type == MessageType.TRAIN and isinstance(msg.content.get(VOTES), ArrayRecord)
+    if not isinstance(task, ConfigRecord) or not (isinstance(arrays, ArrayRecord) or votes):
         raise ValueError(f"the message lacks ConfigRecord {protocol.CONFIG!r} or ArrayRecord {protocol.ARRAYS!r}")
+    arrays = arrays if isinstance(arrays, ArrayRecord) else None
     server_device = task.get("device")
     device = client_device(cfg.device, None if server_device is None else str(server_device), str(node["device"]) if "device" in node else None)
     if own_data(cfg):
@@ -104,7 +109,8 @@ def train(msg: Message, context: Context) -> Message:
     node = context.node_config
     setup = runtime(m.plan, m.device).client(m.plan, m.partition_id, int(str(node["batch-size"])) if "batch-size" in node else None)
     rnd = int(str(m.task["server-round"]))
-    load_into(setup.model, m.arrays)
+    # the model itself, or under downlink = "signs" the one rebuilt from the node's own and the votes
+    load_into(setup.model, model_for_round(msg.content, context.state, rnd, setup.param_names, m.cfg.lr))
     step = ClientStep(
         model=setup.model, data=setup.data, batch_size=setup.batch_size,
         generator=generator(m.cfg.seed, m.partition_id, rnd, device=setup.device), param_names=setup.param_names,
@@ -131,6 +137,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     m = _read(msg, context)
     if m.plan.local_test is None:
         raise ValueError("this run holds no local test data (eval-fraction = 0): federated evaluation is off")
+    if m.arrays is None:
+        raise ValueError(f"the evaluate message lacks ArrayRecord {protocol.ARRAYS!r}")
     rt = runtime(m.plan, m.device)
     setup = rt.client(m.plan, m.partition_id)
     load_into(setup.model, m.arrays)

@@ -33,6 +33,7 @@ OUTPUT_KEYS = ("results-dir", "tensorboard", "mlflow", "callbacks")
 # stored config.json without the key compares as this value (zero-sign: every sign vote sent
 # a zero coordinate as +1 until the key came, and "plus" was its default until issue #25).
 FORMER_DEFAULTS: dict[str, Any] = {"zero-sign": "plus"}
+DOWNLINKS = ("model", "signs")  # what train messages carry: the model, or a sign vote's votes (fedsim.algorithms.downlink)
 
 __all__ = [
     "MAX_BATCH_SIZE", "MAX_SEED", "OUTPUT_KEYS", "ConfigError", "Option", "RunConfig", "config_differences", "parse_override",
@@ -82,6 +83,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     max_bad_rounds: int = 20
     node_partitions: str = ""
+    downlink: str = "model"
     device: str = "auto"
     attackers: int = 0
     attacker_ids: str = ""
@@ -179,6 +181,7 @@ class RunConfig:
             (_finite(self.round_timeout) and self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be a finite number of seconds > 0"),
             (self.max_bad_rounds >= 1, f"max-bad-rounds={self.max_bad_rounds}: must be an integer >= 1 (consecutive rounds the model may stay unchanged before the run stops)"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
+            (self.downlink in DOWNLINKS, f"downlink={self.downlink!r}: choose 'model' (the server sends the global model) or 'signs' (a sign vote's server sends its votes)"),
             (node_partitions_problem(self.node_partitions, self.num_nodes) is None, str(node_partitions_problem(self.node_partitions, self.num_nodes))),
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
             (attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers) is None,

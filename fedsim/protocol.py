@@ -3,7 +3,9 @@
 Train message (server -> client): ArrayRecord ``"arrays"`` (the global model's
 state_dict) and ConfigRecord ``"config"`` with ``algorithm`` (the registered algorithm
 whose client step to run: fedsim.algorithms), ``server-round`` and ``device`` (the device
-type the server resolved ``device`` to). Train reply: MetricRecord ``"metrics"``
+type the server resolved ``device`` to); under ``downlink = "signs"`` the config also says
+``downlink``, and a node holding an earlier global model gets ArrayRecord ``"votes"`` (and
+``"buffers"``) instead of ``"arrays"`` (fedsim.algorithms.downlink). Train reply: MetricRecord ``"metrics"``
 (``num-examples`` = n_k, the local set size; ``batch-size``; ``train-loss``;
 ``partition-id``; ``cuda-device``, the CUDA index the client trained on or -1 for the
 CPU) and the algorithm's own ArrayRecord (``Algorithm.record``):

@@ -46,6 +46,8 @@ def _cached(items: tuple[tuple[str, Any], ...]) -> RunConfig:
 def check_names(cfg: RunConfig) -> None:
     """Raise ConfigError for a value that no registry knows, or that does not apply."""
     attacks = REGISTRY[cfg.strategy].attacks if cfg.strategy in REGISTRY else ()
+    downlinks = REGISTRY[cfg.strategy].downlinks if cfg.strategy in REGISTRY else ("model",)
+    votes = [name for name, cls in REGISTRY.items() if cfg.downlink in cls.downlinks]
     checks = [
         (cfg.strategy in REGISTRY, f"strategy={cfg.strategy!r}: choose one of {list(REGISTRY)}"),
         (cfg.dataset in DATASETS or cfg.dataset in USER_FORMATS or is_import_path(cfg.dataset),
@@ -57,6 +59,8 @@ def check_names(cfg: RunConfig) -> None:
         (cfg.attack in ATTACKS, f"attack={cfg.attack!r}: choose one of {list(ATTACKS)}"),
         (cfg.attackers == 0 or cfg.attack in attacks,
          f"attack={cfg.attack!r} does not apply to strategy={cfg.strategy!r}: choose one of {list(attacks)}"),
+        (cfg.downlink in downlinks,
+         f"downlink={cfg.downlink!r} does not apply to strategy={cfg.strategy!r}: it works with {votes}; use downlink = 'model'"),
         (not cfg.loss or is_import_path(cfg.loss), f"loss={cfg.loss!r}: expected 'package.module:fn' (or '' for cross-entropy)"),
         (not cfg.metrics or is_import_path(cfg.metrics), f"metrics={cfg.metrics!r}: expected 'package.module:fn' (or '' for accuracy)"),
         (cfg.option("aggregator") == "mean" or cfg.strategy not in REGISTRY or AGGREGATOR in REGISTRY[cfg.strategy].all_options(),

@@ -83,6 +83,7 @@ class Algorithm(ABC, Generic[H, P]):
     options: ClassVar[tuple[Option, ...]] = ()  # run-config keys this class adds to its parents'
     sends_buffers: ClassVar[bool] = True  # float buffers (BatchNorm statistics) travel beside the payload
     attacks: ClassVar[tuple[str, ...]] = ()  # the fedsim.attacks kinds its uploads can carry ("lie": via ``lie``)
+    downlinks: ClassVar[tuple[str, ...]] = ("model",)  # the run config's downlink values it works with
 
     def __init__(
         self, hp: H, model: ModelSpec, device: torch.device | str = "cpu", max_clients: int | None = None,

@@ -53,6 +53,7 @@ class SignVote(Algorithm[HS, torch.Tensor]):
     record = SIGNS
     options: ClassVar[tuple[Option, ...]] = (ZERO_SIGN,)
     attacks = (*SIGN_ATTACKS, "lie")
+    downlinks = ("model", "signs")  # x -= delta * U: a node holding x rebuilds the new x from U (fedsim.algorithms.downlink)
 
     @classmethod
     def client_step(cls, hp: HS, step: ClientStep) -> Upload:

@@ -11,6 +11,9 @@ The padding bits of the last byte are 0 and ignored on decode. A 1-bit code cann
   signSGD-FV authors' code). That is a ternary code (``encode_ternary``): the 1-bit signs
   plus either a 1-bit nonzero mask (2 bits per coordinate) or the sorted uint32 indices
   of the zeros, whichever is smaller for the message.
+
+Base-3 code (``pack_trits``): values in {-1, 0, +1}, 5 per byte (1.6 bits per coordinate),
+what the signs downlink sends for a vote with many ties (fedsim.algorithms.downlink).
 """
 
 from __future__ import annotations
@@ -121,3 +124,36 @@ def decode_ternary(arrays: dict[str, np.ndarray], n: int) -> torch.Tensor:
         raise ValueError(f"zero indices must be strictly increasing and below {n}")
     signs[torch.from_numpy(zeros.astype(np.int64))] = 0
     return signs
+
+
+TRITS = "trits"  # ternary code, base-3 form: 5 values in {-1, 0, +1} per byte
+_TRIT_WEIGHTS = np.array([81, 27, 9, 3, 1], np.uint8)  # the first of a byte's 5 coordinates is its most significant digit
+_TRIT_TABLE = ((np.arange(243)[:, None] // _TRIT_WEIGHTS.astype(np.int64)) % 3 - 1).astype(np.int8)  # byte -> its 5 values
+
+
+def trits_size(n: int) -> int:
+    """Bytes needed for ``n`` values in {-1, 0, +1} at 5 per byte: ceil(n / 5)."""
+    return (n + 4) // 5
+
+
+def pack_trits(t: torch.Tensor) -> np.ndarray:
+    """sign(t) in {-1, 0, +1} in base 3, 5 coordinates per byte (log2(3) = 1.58 bits of the
+    1.6 a byte gives them): byte j = sum_k (s_{5j+k} + 1) * 3^(4-k) in [0, 242], the padding
+    coordinates of the last byte as 0. ValueError on NaN."""
+    flat = t.detach().reshape(-1).cpu()
+    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+        raise ValueError("pack_trits: the tensor holds NaN, which has no sign")
+    digits = np.ones(trits_size(flat.numel()) * 5, np.uint8)
+    digits[: flat.numel()] = (torch.sign(flat).to(torch.int8) + 1).numpy()
+    return (digits.reshape(-1, 5) * _TRIT_WEIGHTS).sum(axis=1, dtype=np.uint8)
+
+
+def unpack_trits(packed: np.ndarray, n: int) -> torch.Tensor:
+    """The int8 tensor of ``n`` values in {-1, 0, +1} that ``pack_trits`` packed; ValueError
+    unless ``packed`` is ceil(n / 5) uint8 values, each below 243."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.shape != (trits_size(n),):
+        raise ValueError(f"unpack_trits: {n} values need {trits_size(n)} uint8 bytes, got dtype {packed.dtype} and shape {packed.shape}")
+    if packed.size and int(packed.max()) >= 243:
+        raise ValueError(f"unpack_trits: byte value {int(packed.max())} is not 5 base-3 digits (at most 242)")
+    return torch.from_numpy(_TRIT_TABLE[packed].reshape(-1)[:n].copy())

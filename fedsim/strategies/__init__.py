@@ -64,7 +64,7 @@ def build_strategy(
         build_algorithm(cfg, model, node_cap if max_clients_by_node else num_partitions, device, map_blocks),
         fraction_train=cfg.fraction_train, seed=cfg.seed, num_partitions=num_partitions, max_examples=max_examples,
         min_replies=cfg.min_replies, evaluation=evaluation, max_node_clients=node_cap, own_data=max_clients_by_node,
-        node_partitions=node_partition_map(cfg.node_partitions),
+        node_partitions=node_partition_map(cfg.node_partitions), downlink=cfg.downlink,
         liars=run_attackers(cfg) if cfg.attack in SERVER_PLAYED else (),
     )
 

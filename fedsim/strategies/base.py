@@ -57,6 +57,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.algorithms.base import Algorithm
+from fedsim.algorithms.downlink import SIGNS, DownlinkServer
 from fedsim.attacks import alie_z
 from fedsim.core.aggregate import non_finite_keys, payload_norm, weighted_mean
 from fedsim.errors import one_line
@@ -98,7 +99,21 @@ def _buffers(reply: Reply[Any]) -> dict[str, np.ndarray]:
 
 
 class FedsimStrategy(Strategy):
-    """Sample a fraction C of nodes, send the algorithm's task, check replies, apply."""
+    """Sample a fraction C of nodes, send the algorithm's task, check replies, apply.
+
+    ``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
+    ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
+    size; None: no cap); ``min_replies``: fewer valid replies than this in a round leave
+    the global model unchanged; ``evaluation``: federated evaluation (None: none);
+    ``max_node_clients``: the most nodes on their own data (replies without a partition
+    id) the server keeps state for (None: no cap); ``own_data``: the nodes train on
+    their own data, each its own client (replies carry no partition id);
+    ``node_partitions``: node id -> partition id bound ahead of time (the run config's
+    ``node-partitions``): only these nodes may reply, each for its partition, from round
+    1; ``liars``: the partition ids whose payloads ALIE replaces (module docstring; the
+    run's attackers when its ``attack`` is "lie", else none); ``downlink``: "model", or
+    "signs" (a sign vote's nodes get votes: fedsim.algorithms.downlink).
+    """
 
     def __init__(
         self,
@@ -113,22 +128,14 @@ class FedsimStrategy(Strategy):
         own_data: bool = False,
         node_partitions: Mapping[int, int] | None = None,
         liars: Collection[int] = (),
+        downlink: str = "model",
     ) -> None:
-        """``num_partitions``: valid partition ids are 0..num_partitions-1 (None: any id >= 0);
-        ``max_examples``: the largest ``num-examples`` a reply may claim (the training set's
-        size; None: no cap); ``min_replies``: fewer valid replies than this in a round leave
-        the global model unchanged; ``evaluation``: federated evaluation (None: none);
-        ``max_node_clients``: the most nodes on their own data (replies without a
-        partition id) the server keeps state for (None: no cap); ``own_data``: the nodes
-        train on their own data, each its own client (replies carry no partition id);
-        ``node_partitions``: node id -> partition id bound ahead of time (the run config's
-        ``node-partitions``): only these nodes may reply, each for its partition, from round 1;
-        ``liars``: the partition ids whose payloads ALIE replaces (module docstring; the run's
-        attackers when its ``attack`` is "lie", else none)."""
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+        if downlink not in algorithm.downlinks:
+            raise ValueError(f"downlink={downlink!r} does not apply to {algorithm.name}: it works with {list(algorithm.downlinks)}")
         self.algorithm = algorithm
         self.model = algorithm.model
         self.fraction_train = fraction_train
@@ -139,6 +146,8 @@ class FedsimStrategy(Strategy):
         self._rng = random.Random(seed)
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
+        # the signs downlink's bookkeeping (what each node holds, the recent votes); not in checkpoints
+        self.downlink = DownlinkServer(self.model, algorithm.hp.lr) if downlink == SIGNS else None
         # partition id -> batch size its replies report (a deployed node's own config may set it)
         self.reported_batch_sizes: dict[int, int] = {}
         # partition id -> the device its replies trained on (cuda-device: CUDA index, -1 = CPU)
@@ -266,7 +275,9 @@ class FedsimStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample max(1, round(C * K)) of the K nodes and send each the model and the task."""
+        """Sample max(1, round(C * K)) of the K nodes and send each the model and the task
+        (under the signs downlink: the votes it missed, or the model). bytes-down counts
+        what each node is sent."""
         nodes = sorted(grid.get_node_ids())
         if self._prune_bindings:
             self._drop_bindings_of_absent_nodes(server_round, nodes)
@@ -278,6 +289,10 @@ class FedsimStrategy(Strategy):
         self._global = arrays
         cfg = ConfigRecord(dict(config))
         cfg.update({"algorithm": self.algorithm.name, "server-round": server_round})
+        if self.downlink is not None:
+            records = self.downlink.messages(server_round, arrays, cfg, chosen)
+            self._bytes_down = sum(content_bytes(records[n]) for n in chosen)
+            return [Message(content=records[n], dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
         record = RecordDict({ARRAYS: arrays, CONFIG: cfg})
         self._bytes_down = content_bytes(record) * len(chosen)
         return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
@@ -287,6 +302,9 @@ class FedsimStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, drop and log the bad ones, and apply the good ones if there are
         at least ``min_replies`` of them (else the global model is unchanged: None)."""
+        replies = list(replies)
+        if self.downlink is not None:
+            self.downlink.settle(replies)  # who holds this round's model now
         checked, received, bytes_up = self._checked(server_round, replies)
         good = self._keep(server_round, checked, self._plausibility_rule())
         for rule in (self._not_bound_elsewhere, self._first_of_partition, self._pinned_num_examples, self._room_for_node):
