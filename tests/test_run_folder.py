@@ -507,7 +507,7 @@ def test_run_engine_on_flower_records_its_resources_and_raises_for_a_failed_run(
 
     calls = []
 
-    def fake_run_flower(cfg, cpus_per_client, gpus_per_client, echo, app=None):
+    def fake_run_flower(cfg, cpus_per_client, gpus_per_client, echo, app=None, ray_address=None):
         calls.append((type(cfg), cpus_per_client, gpus_per_client, echo))
         RunFolder(cfg.results_dir).write_summary({"rounds": 4, "failed": "no round had min-replies=1 valid replies"})
         return Path(cfg.results_dir)
