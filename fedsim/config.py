@@ -162,6 +162,8 @@ class RunConfig:
 
     def _checks(self) -> list[tuple[bool, str]]:
         per_round = self.clients_per_round
+        bound = node_partitions_problem(self.node_partitions, self.num_nodes)
+        named = attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers)
         return [
             (0 <= self.seed <= MAX_SEED, f"seed={self.seed}: must be an integer in 0..{MAX_SEED}"),
             (self.num_nodes >= 1, f"num-nodes={self.num_nodes}: must be >= 1"),
@@ -182,10 +184,9 @@ class RunConfig:
             (self.max_bad_rounds >= 1, f"max-bad-rounds={self.max_bad_rounds}: must be an integer >= 1 (consecutive rounds the model may stay unchanged before the run stops)"),
             (not (self.batch_sizes and self.batch_mode), "set batch-sizes or batch-mode, not both"),
             (self.downlink in DOWNLINKS, f"downlink={self.downlink!r}: choose 'model' (the server sends the global model) or 'signs' (a sign vote's server sends its votes)"),
-            (node_partitions_problem(self.node_partitions, self.num_nodes) is None, str(node_partitions_problem(self.node_partitions, self.num_nodes))),
+            (bound is None, str(bound)),
             (0 <= self.attackers <= self.num_nodes, f"attackers={self.attackers}: must be in 0..num-nodes ({self.num_nodes})"),
-            (attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers) is None,
-             str(attacker_ids_problem(self.attacker_ids, self.num_nodes, self.attackers))),
+            (named is None, str(named)),
             (_finite(self.attack_scale) and self.attack_scale > 0, f"attack-scale={self.attack_scale}: must be a finite number > 0"),
             (_finite(self.attack_noise) and self.attack_noise >= 0, f"attack-noise={self.attack_noise}: must be a finite number >= 0"),
             (0.0 < self.attack_prob <= 1.0, f"attack-prob={self.attack_prob}: must be in (0, 1] (the probability that stochastic flips a coordinate)"),
@@ -199,6 +200,11 @@ class RunConfig:
         ]
 
 
+def _natural(text: str) -> bool:
+    """``text`` is a non-negative integer in ASCII digits (what ``int`` reads as written)."""
+    return text.isascii() and text.isdigit()
+
+
 def node_partition_map(text: str) -> dict[int, int]:
     """``node-partitions``: ``"NODE:PARTITION,NODE:PARTITION,..."`` -> {node id: partition id}
     ("" -> {}); ValueError for text that is not such pairs (``node_partitions_problem`` says why)."""
@@ -206,7 +212,7 @@ def node_partition_map(text: str) -> dict[int, int]:
     out: dict[int, int] = {}
     for pair in pairs:
         node, sep, pid = pair.partition(":")
-        if not sep or not node.strip().isdigit() or not pid.strip().isdigit():
+        if not sep or not _natural(node.strip()) or not _natural(pid.strip()):
             raise ValueError(f"{pair!r} is not NODE:PARTITION (two non-negative integers)")
         out[int(node)] = int(pid)
     if len(out) != len(pairs):
@@ -234,7 +240,7 @@ def parse_attacker_ids(text: str) -> tuple[int, ...]:
     """``attacker-ids``: ``"0,3,7"`` -> (0, 3, 7), sorted ("" -> ()); ValueError for an entry
     that is not a non-negative integer or an id given twice."""
     entries = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [e for e in entries if not (e.isascii() and e.isdigit())]
+    bad = [e for e in entries if not _natural(e)]
     if bad:
         raise ValueError(f"{bad[0]!r} is not a partition id (a non-negative integer)")
     ids = [int(e) for e in entries]
