@@ -17,11 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 from fedsim.aggregators import AGGREGATORS, Aggregator, Settings
-from fedsim.algorithms.base import Algorithm, Option, P
+from fedsim.algorithms.base import Algorithm, Option
+from fedsim.attacks import alie_arrays
 from fedsim.config import RunConfig
+from fedsim.protocol import Reply
 
 AGGREGATOR = Option(
     "aggregator", "mean", lambda v: v in AGGREGATORS, f"choose one of {list(AGGREGATORS)}",
@@ -64,10 +67,19 @@ class Aggregation:
 HA = TypeVar("HA", bound=Aggregation)
 
 
-class Aggregating(Algorithm[HA, P]):
+Arrays = dict[str, np.ndarray]  # the payload of both: named real-valued arrays (gradients, a state_dict)
+
+
+class Aggregating(Algorithm[HA, Arrays]):
     """An algorithm whose server rule aggregates one float vector per client with ``aggregator``."""
 
     options: ClassVar[tuple[Option, ...]] = OPTIONS
+
+    def lie(self, honest: list[Reply[Arrays]], z: float) -> Arrays:
+        """ALIE: mu - z sigma of the honest payloads (FedSGD's gradients, FedAvg's models:
+        x + mu - z sigma of their updates x_k - x), per coordinate; integer entries rounded
+        (fedsim.attacks)."""
+        return alie_arrays([r.payload for r in honest], z)
 
     def aggregate(self, x: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
         """agg(x) of the rows of x (n clients x d), on the algorithm's device, in x's dtype."""

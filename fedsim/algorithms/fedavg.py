@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Message
 from fedsim.algorithms.aggregating import Aggregating, Aggregation
 from fedsim.algorithms.base import ClientStep, Option, Upload, random_floats
 from fedsim.arrays import to_array_record
-from fedsim.attacks import UPDATE_ATTACKS, alie_arrays
+from fedsim.attacks import UPDATE_ATTACKS
 from fedsim.clients.tasks import local_epochs
 from fedsim.protocol import ARRAYS, Reply, checked_arrays
 
@@ -34,7 +34,7 @@ class LocalSGD(Aggregation):
     local_epochs: int
 
 
-class FedAvg(Aggregating[LocalSGD, State]):
+class FedAvg(Aggregating[LocalSGD]):
     """The aggregate (default: the example-weighted mean) of the clients' locally trained models."""
 
     name = "fedavg"
@@ -54,11 +54,6 @@ class FedAvg(Aggregating[LocalSGD, State]):
         if start is not None:  # an attacker sends x + attack(x_k - x) for its float entries
             state = {k: start[k] + step.attack.update(v - start[k], step.generator) if v.is_floating_point() else v for k, v in state.items()}
         return Upload({k: v.detach().cpu().numpy() for k, v in state.items()}, loss)
-
-    def lie(self, honest: list[Reply[State]], z: float) -> State:
-        """ALIE: mu - z sigma of the honest models, per coordinate (= x + mu - z sigma of
-        their updates x_k - x; integer entries rounded; fedsim.attacks)."""
-        return alie_arrays([r.payload for r in honest], z)
 
     def parse(self, msg: Message) -> State:
         return checked_arrays(msg, ARRAYS, self.model.arrays)

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.aggregating import Aggregating, Aggregation
 from fedsim.algorithms.base import ClientStep, Upload, descend, random_floats
-from fedsim.attacks import UPDATE_ATTACKS, alie_arrays
+from fedsim.attacks import UPDATE_ATTACKS
 from fedsim.clients.tasks import minibatch_gradient
 from fedsim.protocol import GRADS, Reply, checked_arrays
 
@@ -28,7 +28,7 @@ class StepSize(Aggregation):
     """eta: the server's step size (the run config's ``lr``), and the aggregator."""
 
 
-class FedSGD(Aggregating[StepSize, Grads]):
+class FedSGD(Aggregating[StepSize]):
     """One server SGD step on the aggregate (default: the example-weighted mean) of the clients' gradients."""
 
     name = "fedsgd"
@@ -41,10 +41,6 @@ class FedSGD(Aggregating[StepSize, Grads]):
         grads, loss, _ = minibatch_gradient(step.model, step.data, step.batch_size, step.generator, step.objective)
         grads = [step.attack.update(g, step.generator) for g in grads]
         return Upload({k: g.detach().cpu().numpy() for k, g in zip(step.param_names, grads, strict=True)}, loss)
-
-    def lie(self, honest: list[Reply[Grads]], z: float) -> Grads:
-        """ALIE: mu - z sigma of the honest gradients, per coordinate (fedsim.attacks)."""
-        return alie_arrays([r.payload for r in honest], z)
 
     def parse(self, msg: Message) -> Grads:
         return checked_arrays(msg, GRADS, self.model.param_spec)
