@@ -352,8 +352,7 @@ def _flwr_run(cmd: list[str], link: LocalSuperLink, results: RunFolder, echo: bo
                     f"fedsim: the run wrote its results {FINISH_GRACE_S:.0f} s ago, but Flower's processes are still "
                     "running (a client still busy past round-timeout?); stopping them", file=sys.stderr,
                 )
-                stop_group(proc, INTERRUPT_GRACE_S)
-                return 0
+                return 0  # the finally below stops it
         return int(proc.returncode)
     finally:
         stop_group(proc, INTERRUPT_GRACE_S)
