@@ -34,7 +34,7 @@ from fedsim.arrays import to_array_record, to_flwr_array
 from fedsim.client_app import app as client_app
 from fedsim.core.signs import pack_trits, packed_size, trits_size, unpack_trits
 from fedsim.engine.flower_internals import assign_message_id, client_app_error, set_server_identity
-from fedsim.engine.flower_runtime import PROJECT_ROOT, LocalSuperLink, run_flower, stop_stragglers
+from fedsim.engine.flower_runtime import PROJECT_ROOT, LocalSuperLink, run_flower
 from fedsim.engine.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsim.engine.runner import run_inprocess
 from fedsim.protocol import ARRAYS, BUFFERS, CONFIG, ModelSpec, array_spec
@@ -322,15 +322,6 @@ def test_the_vote_between_two_models_is_none_where_no_sign_step_joins_them():
     assert u is not None and set(u.tolist()) <= {-1, 0, 1}
     assert vote_between(x0, x1, spec.param_keys, 0.02) is None  # another step size
     assert vote_between(x0, _model(seed=1)[0], spec.param_keys, 0.01) is None  # unrelated models
-
-
-@pytest.fixture
-def flwr_home(tmp_path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    yield home
-    left = stop_stragglers(home)
-    assert not left, f"processes left running: {left}"
 
 
 @pytest.mark.flower

@@ -27,15 +27,6 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def flwr_home(tmp_path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    yield home
-    left = stop_stragglers(home)
-    assert not left, f"processes left running: {left}"
-
-
 def test_readme_quickstart_flwr_run_on_embedded_default(flwr_home):
     """`flwr run . --stream` as the README gives it, on Flower's own managed local SuperLink."""
     env = flower_env(flwr_home)
