@@ -18,7 +18,7 @@ import math
 import operator
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,9 +135,15 @@ def to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.Tensor]:
     """
     if copy:
         return {k: torch.from_numpy(from_flwr_array(v).copy()) for k, v in arrays.items()}
+    return dict(zip(arrays.keys(), read_only_tensors([from_flwr_array(v) for v in arrays.values()]), strict=True))
+
+
+def read_only_tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Tensors sharing the arrays' memory, no copy; where an array is read-only (a
+    message's bytes) its tensor must only be read (torch has no read-only tensors)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {k: torch.from_numpy(from_flwr_array(v)) for k, v in arrays.items()}
+        return [torch.from_numpy(a) for a in arrays]
 
 
 def load_into(model: torch.nn.Module, arrays: ArrayRecord) -> None:

@@ -252,6 +252,19 @@ def test_weighted_mean_by_hand():
         weighted_mean([torch.zeros(2)], [0])
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_weighted_mean_of_float32_is_the_float64_mean_of_their_casts_bit_for_bit(n, d, seed):
+    """The accumulator takes float32 rows as they are (no float64 copy each): the same bits
+    as casting every row to float64 first, what the mean did before."""
+    rng = np.random.default_rng(seed)
+    rows = [torch.from_numpy((rng.standard_normal(d) * 10.0 ** rng.integers(-4, 4)).astype(np.float32)) for _ in range(n)]
+    weights = [float(w) for w in rng.integers(1, 1000, n)]
+    cast = weighted_mean([r.double() for r in rows], weights)
+    assert torch.equal(weighted_mean(rows, weights, torch.float64), cast)
+    assert torch.equal(weighted_mean(rows, weights), cast.float())
+
+
 def test_estimator_rows_are_capped_by_max_clients():
     est = CrossProbabilityEstimator(num_coordinates=2, warmup_rounds=0, max_clients=3)
     est.vote([0, 1], S([[1, 1], [1, -1]]))

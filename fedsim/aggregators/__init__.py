@@ -52,7 +52,7 @@ class Aggregator:
     reads: tuple[str, ...]  # run-config keys beyond ``aggregator``
     weighted: bool  # whether a client's num-examples weight it
     coordinate_wise: bool  # each coordinate from that coordinate's values alone (applicable key by key)
-    on_float64_copy: bool = True  # False: fn accumulates in float64 itself (the mean), no n x d float64 copy
+    streams: bool = False  # fn is the weighted mean: callers may stream the rows into it (Aggregating.aggregate_arrays), no n x d matrix
 
     def apply(self, x: torch.Tensor, weights: Sequence[float], settings: Settings) -> torch.Tensor:
         """The aggregate of the rows of x, computed in float64 on x's device, in x's dtype;
@@ -60,7 +60,7 @@ class Aggregator:
         n = x.shape[0]
         if n < max(1, self.min_clients(settings)):
             raise ValueError(f"aggregator {self.name!r} needs {self.condition} (f={settings.byzantine_f}), got n={n}")
-        return self.fn(x.to(torch.float64) if self.on_float64_copy else x, weights, settings).to(x.dtype)
+        return self.fn(x if self.streams else x.to(torch.float64), weights, settings).to(x.dtype)
 
 
 def _multi_krum_min(s: Settings) -> int:
@@ -68,7 +68,7 @@ def _multi_krum_min(s: Settings) -> int:
 
 
 AGGREGATORS: dict[str, Aggregator] = {a.name: a for a in (
-    Aggregator("mean", lambda x, w, s: mean(x, w), "", lambda s: 1, (), True, True, on_float64_copy=False),
+    Aggregator("mean", lambda x, w, s: mean(x, w), "", lambda s: 1, (), True, True, streams=True),
     Aggregator("median", lambda x, w, s: median(x), "", lambda s: 1, (), False, True),
     Aggregator("trimmed-mean", lambda x, w, s: trimmed_mean(x, s.trim_fraction), "", lambda s: 1, ("trim-fraction",), False, True),
     Aggregator("krum", lambda x, w, s: krum.krum(x, s.byzantine_f), "n > 2f + 2", lambda s: krum.min_clients(s.byzantine_f),

@@ -22,8 +22,10 @@ import torch
 
 from fedsim.aggregators import AGGREGATORS, Aggregator, Settings
 from fedsim.algorithms.base import Algorithm, Option
+from fedsim.arrays import read_only_tensors
 from fedsim.attacks import alie_arrays
 from fedsim.config import RunConfig
+from fedsim.core.aggregate import weighted_mean
 from fedsim.protocol import Reply
 
 AGGREGATOR = Option(
@@ -84,6 +86,21 @@ class Aggregating(Algorithm[HA, Arrays]):
     def aggregate(self, x: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
         """agg(x) of the rows of x (n clients x d), on the algorithm's device, in x's dtype."""
         return self.hp.rule.apply(x.to(self.device), weights, self.hp.settings)
+
+    def aggregate_arrays(self, payloads: Sequence[Arrays], keys: Sequence[str], weights: Sequence[float]) -> list[torch.Tensor]:
+        """agg over the clients of each entry ``keys[j]`` (flattened), in float64 on the
+        algorithm's device. The mean streams every client's entry into one float64
+        accumulator (sum_i (n_i / m) x_i in client order, no n x d copy: a round's cost is
+        one pass over the replies); a coordinate-wise rule sees each entry's n x d_j
+        float64 matrix, a whole-vector rule (Krum, Bulyan) the n x d matrix of all entries."""
+        rule = self.hp.rule
+        if rule.streams:
+            return [weighted_mean([t.reshape(-1).to(self.device) for t in read_only_tensors([p[k] for p in payloads])], weights, torch.float64)
+                    for k in keys]
+        stacked = [torch.from_numpy(np.stack([p[k].astype(np.float64).reshape(-1) for p in payloads])) for k in keys]
+        if rule.coordinate_wise:
+            return [self.aggregate(x, weights) for x in stacked]
+        return list(self.aggregate(torch.cat(stacked, dim=1), weights).split([x.shape[1] for x in stacked]))
 
     def describe(self) -> str:
         rule = self.hp.rule

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Message
 
 from fedsim.algorithms.aggregating import Aggregating, Aggregation
@@ -62,14 +61,8 @@ class FedAvg(Aggregating[LocalSGD]):
         return random_floats(self.model.arrays, rng)
 
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[State]]) -> ArrayRecord:
-        weights = [r.metrics.num_examples for r in replies]
         keys = list(self.model.arrays)
-        # per entry one float64 matrix, n clients x its size
-        stacked = [torch.from_numpy(np.stack([r.payload[key].astype(np.float64).reshape(-1) for r in replies])) for key in keys]
-        if self.hp.rule.coordinate_wise:
-            merged = [self.aggregate(x, weights) for x in stacked]
-        else:
-            merged = list(self.aggregate(torch.cat(stacked, dim=1), weights).split([x.shape[1] for x in stacked]))
+        merged = self.aggregate_arrays([r.payload for r in replies], keys, [r.metrics.num_examples for r in replies])
         out: dict[str, np.ndarray] = {}
         for key, agg in zip(keys, merged, strict=True):
             shape, dtype = self.model.arrays[key]

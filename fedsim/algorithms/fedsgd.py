@@ -50,7 +50,7 @@ class FedSGD(Aggregating[StepSize]):
 
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[Grads]]) -> ArrayRecord:
         keys = self.model.param_keys
-        # np.stack copies the read-only message views into one writable matrix (n clients x d)
-        grads = torch.from_numpy(np.stack([np.concatenate([r.payload[k].reshape(-1) for k in keys]) for r in replies]))
-        g = self.aggregate(grads, [r.metrics.num_examples for r in replies])
-        return descend(current, keys, g, self.hp.lr)
+        merged = self.aggregate_arrays([r.payload for r in replies], keys, [r.metrics.num_examples for r in replies])
+        dtype = torch.from_numpy(np.empty(0, np.result_type(*(self.model.arrays[k][1] for k in keys)))).dtype
+        # the aggregate in the gradients' dtype, then the step: x - eta * agg
+        return descend(current, keys, torch.cat(merged).to(dtype), self.hp.lr)

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_k (n_k / m) x_k with m = sum_k n_k, accumulated in float64 in the given order."""
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum_k (n_k / m) x_k with m = sum_k n_k, accumulated in float64 in the given order;
+    returned in ``dtype`` (default: the tensors')."""
     if len(tensors) == 0 or len(tensors) != len(weights):
         raise ValueError(f"weighted_mean: need as many weights as tensors (>0), got {len(tensors)} and {len(weights)}")
     total = float(sum(weights))
@@ -20,8 +21,10 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
         raise ValueError(f"weighted_mean: weights must be >= 0 with a positive sum, got {list(weights)}")
     acc = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     for t, w in zip(tensors, weights, strict=True):
-        acc.add_(t.to(torch.float64), alpha=w / total)
-    return acc.to(tensors[0].dtype)
+        # float64 += (w / m) * t with t cast on the fly: the same bits as casting t first
+        # (the cast is exact), without a float64 copy of every t
+        acc.add_(t, alpha=w / total)
+    return acc.to(dtype or tensors[0].dtype)
 
 
 def evaluation_figures(num_examples: Sequence[int], losses: Sequence[float], metrics: dict[str, Sequence[float]]) -> dict[str, float]:
