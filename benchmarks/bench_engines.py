@@ -21,7 +21,11 @@ Rows (see benchmarks/README.md):
      of N = 1,000 / 10,000 / 100,000, mnist-logreg and mnist-2nn: s/round, framework cost
      per client-round (target: within 1.5x across N), start-up (target < 10 s at 100,000),
      peak RSS, memory per client; beside the bare loop and Flower's runtime (N <= 10,000).
-     Not in the default --rows (it takes about 15 minutes).
+     Not in the default --rows (it takes about 15 minutes). With pfl-research installed
+     (--pfl-python, benchmarks/README.md) its FedAvg on the same clients runs beside.
+  6. Beside pfl-research (benchmarks/bench_scale.py --rows 6): FedAvg, mnist-2nn, IID,
+     B = 10, 100 clients per round out of N = 1,000 / 10,000 / 60,000, one core and all
+     cores; target fedsim / pfl s/round <= 1.0. Not in the default --rows.
 
 The table goes to stdout, progress to stderr, everything (with per-round times) to the
 JSON file given by --out. Nothing outside a temporary folder is written except --out.
@@ -458,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="Flower runtime: Ray CPUs per client (default 1)")
     p.add_argument("--gpus-per-client", type=float, help="Flower runtime: Ray GPU share per client (default 0; 0.25 with --device cuda)")
     p.add_argument("--mnist-dir", default=str(DEFAULT_MNIST_DIR), help=f"MNIST IDX files (default {DEFAULT_MNIST_DIR})")
-    p.add_argument("--rows", default="1,2,3,4", help="which rows to run, e.g. 4 or 1,3 (default all)")
+    p.add_argument("--rows", default="1,2,3,4", help="which rows to run, e.g. 4 or 1,3 (default 1,2,3,4; 5 and 6 on request)")
+    p.add_argument("--pfl-python", help="rows 5 and 6: the Python of pfl-research's venv (default $FEDSIM_PFL_PYTHON, else benchmarks/.pfl-venv/bin/python)")
     p.add_argument("--out", help="JSON results file (default benchmarks/results-<date>.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary run folders and logs")
     p.add_argument("--child-inprocess", metavar="JSON", help=argparse.SUPPRESS)
@@ -563,16 +568,27 @@ def main(argv: list[str] | None = None) -> int:
             progress("row 4 skipped: it needs MNIST (--mnist-dir)")
         if 5 in wanted and have_mnist:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from bench_scale import row5
+            from bench_scale import find_pfl_python, row5
 
             quick = bool(args.quick)
             r5_rows, r5_runs = row5(workdir, 4 if quick else 30, mnist_dir, [1000, 10000] if quick else [1000, 10000, 100000],
                                     [] if quick else [1000, 10000], ["mnist-logreg"] if quick else ["mnist-logreg", "mnist-2nn"],
-                                    args.cpus_per_client, reps=1 if quick else 2)
+                                    args.cpus_per_client, reps=1 if quick else 2, pfl_python=find_pfl_python(args.pfl_python))
             rows += [table_row(r["row"], r["in-process"], r["other"], r["ratio"], r["target"], r["pass"]) for r in r5_rows]
             runs.update(r5_runs)
         elif 5 in wanted:
             progress("row 5 skipped: it needs MNIST (--mnist-dir)")
+        if 6 in wanted and have_mnist:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_scale import find_pfl_python, row6
+
+            sizes = [1000, 10000] if args.quick else [1000, 10000, 60000]
+            cores = sorted({1, info["cores_usable"] or info["cores"]})
+            r6_rows, r6_runs = row6(workdir, 4 if args.quick else 30, mnist_dir, sizes, find_pfl_python(args.pfl_python), cores, reps=1 if args.quick else 2)
+            rows += [table_row(r["row"], r["in-process"], r["other"], r["ratio"], r["target"], r["pass"]) for r in r6_rows]
+            runs.update(r6_runs)
+        elif 6 in wanted:
+            progress("row 6 skipped: it needs MNIST (--mnist-dir)")
     finally:
         if args.keep:
             progress(f"run folders and logs kept in {workdir}")

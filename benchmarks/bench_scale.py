@@ -61,12 +61,12 @@ def scale_config(model: str, n: int, rounds: int, mnist_dir: Path, seed: int = 0
     }
 
 
-def sampled_partitions(n: int, rounds: int, seed: int) -> list[list[int]]:
+def sampled_partitions(n: int, rounds: int, seed: int, per_round: int = PER_ROUND) -> list[list[int]]:
     """The partition ids FedsimStrategy samples each round: ``random.Random(seed)`` drawing
     round(C N) of the sorted node ids (fedsim.strategies.base.configure_train)."""
     rng = random.Random(seed)
     nodes = list(range(FIRST_NODE_ID, FIRST_NODE_ID + n))
-    k = max(1, round(PER_ROUND / n * n))
+    k = max(1, per_round)
     return [[node - FIRST_NODE_ID for node in sorted(rng.sample(nodes, k))] for _ in range(rounds)]
 
 
@@ -96,15 +96,16 @@ def steady(stamps: list[float]) -> float:
 
 
 def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The in-process engine, as ``fedsim run --workers 1``."""
+    """The in-process engine, as ``fedsim run --workers W`` (W: ``bench-workers``, default 1)."""
     import csv
 
     import torch
 
     from fedsim.engine.runner import run_inprocess
 
+    workers = cfg.pop("bench-workers", 1)
     t0 = time.perf_counter()
-    out = run_inprocess(cfg, threads=1, quiet=True, workers=1)
+    out = run_inprocess(cfg, threads=1, quiet=True, workers=workers)
     run_s = time.perf_counter() - t0
     with open(out / "rounds.csv", newline="") as f:
         rows = {int(r["round"]): float(r["seconds"]) for r in csv.DictReader(f)}
@@ -203,6 +204,67 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# --- pfl-research ---------------------------------------------------------------------------
+
+PFL_INSTALL = "python -m venv benchmarks/.pfl-venv && benchmarks/.pfl-venv/bin/pip install 'pfl[pytorch]'"
+
+
+def find_pfl_python(given: str | None) -> Path | None:
+    """The Python of pfl-research's own venv: ``given``, else $FEDSIM_PFL_PYTHON, else
+    ``benchmarks/.pfl-venv/bin/python``; None when it is missing or cannot import pfl."""
+    candidate = Path(given or os.environ.get("FEDSIM_PFL_PYTHON") or PROJECT_ROOT / "benchmarks" / ".pfl-venv" / "bin" / "python")
+    if not candidate.exists():
+        return None
+    probe = subprocess.run([str(candidate), "-c", "import pfl, torch"], capture_output=True)
+    return candidate if probe.returncode == 0 else None
+
+
+def write_pfl_spec(cfg: dict[str, Any], workdir: Path, tag: str) -> Path:
+    """The clients fedsim samples for ``cfg``, their examples, the initial model and the
+    test set, written for ``pfl_fedavg.py`` (its docstring)."""
+    import numpy as np
+    import torch
+
+    from fedsim.models import build_model
+    from fedsim.plan import server_plan
+    from fedsim.validation import load_config
+
+    c = load_config(cfg)
+    plan = server_plan(c)
+    cohorts = sampled_partitions(c.num_nodes, c.num_server_rounds, c.seed, per_round=c.clients_per_round)
+    users = sorted({p for cohort in cohorts for p in cohort})
+    slot = {p: i for i, p in enumerate(users)}
+    held = [np.asarray(plan.partitions[p], dtype=np.int64) for p in users]
+    rows = np.concatenate(held)
+    keep, rows_local = np.unique(rows, return_inverse=True)  # only the examples the sampled clients hold
+    x, y = plan.splits.x_train[torch.from_numpy(keep)], plan.splits.y_train[torch.from_numpy(keep)]
+    data, init = workdir / f"{tag}-pfl.npz", workdir / f"{tag}-pfl-init.pt"
+    np.savez(data, x=x.numpy(), y=y.numpy(), user_rows=rows_local.astype(np.int64), user_offsets=np.cumsum([0] + [len(h) for h in held]),
+             cohorts=np.array([[slot[p] for p in cohort] for cohort in cohorts], dtype=np.int64),
+             test_x=plan.splits.x_test.numpy(), test_y=plan.splits.y_test.numpy())
+    torch.save(build_model(plan.model, num_classes=plan.num_classes, seed=c.seed).state_dict(), init)
+    spec = workdir / f"{tag}-pfl.json"
+    spec.write_text(json.dumps({"data": str(data), "init": str(init), "model": plan.model.name, "num_classes": plan.num_classes, "lr": c.lr,
+                                "local_epochs": c.option("local-epochs"), "batch_size": plan.batch_sizes[users[0]]}))
+    return spec
+
+
+def child_pfl(pfl_python: Path, spec: Path, log: Path, procs: int = 1) -> dict[str, Any]:
+    """pfl_fedavg.py on ``spec`` in pfl's venv: one process, or ``procs`` under torchrun."""
+    script = str(Path(__file__).resolve().parent / "pfl_fedavg.py")
+    cmd = [str(pfl_python), script, str(spec)] if procs == 1 else [
+        str(pfl_python.parent / "torchrun"), f"--nproc_per_node={procs}", "--standalone", script, str(spec)]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pfl child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
+    found = [ln for ln in log.read_text().splitlines() if ln.startswith("BENCH ")]
+    r = json.loads(found[-1][len("BENCH "):])
+    return {**r, "per_round_s": steady(r["round_stamps"]), "wall_s": time.perf_counter() - t0}
+
+
 def run_flower(cfg: dict[str, Any], workdir: Path, name: str, cpus: float) -> dict[str, Any]:
     """Flower's simulation runtime on the same config (bench_engines.run_flower_timed)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -233,8 +295,30 @@ def same_model(engine_dir: Path, bare_file: Path) -> float | None:
     return max(diffs) if diffs else None
 
 
+def fastest(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The block with the least s/round, with every block's s/round beside."""
+    best = dict(min(blocks, key=lambda r: r["per_round_s"]))
+    best["blocks_per_round_s"] = [r["per_round_s"] for r in blocks]
+    best["startup_s"] = min(r["startup_s"] for r in blocks) if all("startup_s" in r for r in blocks) else None
+    return best
+
+
+def pfl_rows(tag: str, eng: dict[str, Any], pfl: dict[str, Any], what: str, target: bool) -> list[dict[str, Any]]:
+    """Table rows for fedsim beside pfl-research: s/round (``target``: at most pfl's),
+    start-up, accuracy."""
+    return [
+        {"row": f"{tag}: s/round (other = pfl-research, {what}; ratio = fedsim/pfl)", "in-process": f"{eng['per_round_s']:.4f} s",
+         "other": f"{pfl['per_round_s']:.4f} s", "ratio": eng["per_round_s"] / pfl["per_round_s"], "target": "≤ 1.0×" if target else "—",
+         "pass": eng["per_round_s"] <= pfl["per_round_s"] if target else None},
+        {"row": f"{tag}: start-up s, imports excluded (other = pfl-research; ratio = fedsim/pfl); final test accuracy",
+         "in-process": f"{eng['startup_s']:.1f} s; {eng['final_test_accuracy']:.4f}", "other": f"{pfl['startup_s']:.1f} s; {pfl['final_test_accuracy']:.4f}",
+         "ratio": eng["startup_s"] / pfl["startup_s"], "target": "—", "pass": None},
+    ]
+
+
 def row5(
     workdir: Path, rounds: int, mnist_dir: Path, sizes: list[int], flower_sizes: list[int], models: list[str], cpus: float = 1.0, reps: int = 2,
+    pfl_python: Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Row 5's table rows and raw runs (module docstring)."""
     rows: list[dict[str, Any]] = []
@@ -244,16 +328,17 @@ def row5(
         for n in sizes:
             cfg = scale_config(model, n, rounds, mnist_dir)
             tag = f"row5-{model}-{n}"
-            engs, bares = [], []
+            engs, bares, pfls = [], [], []
+            spec = write_pfl_spec(cfg, workdir, tag) if pfl_python else None
             for rep in range(reps):
                 progress(f"{tag}: in-process engine (--workers 1), {rounds} rounds, block {rep + 1}/{reps}")
                 engs.append(child("engine", {**cfg, "results-dir": str(workdir / f"{tag}-{rep}")}, workdir / f"{tag}-{rep}.log"))
                 progress(f"{tag}: bare loop over the same clients, block {rep + 1}/{reps}")
                 bares.append(child("bare", {**cfg, "bare-out": str(workdir / f"{tag}-bare.pt")}, workdir / f"{tag}-bare.log"))
-            eng = min(engs, key=lambda r: r["per_round_s"])
-            bare = min(bares, key=lambda r: r["per_round_s"])
-            eng["blocks_per_round_s"], bare["blocks_per_round_s"] = [r["per_round_s"] for r in engs], [r["per_round_s"] for r in bares]
-            eng["startup_s"] = min(r["startup_s"] for r in engs)
+                if pfl_python and spec:
+                    progress(f"{tag}: pfl-research FedAvg on the same clients (one process), block {rep + 1}/{reps}")
+                    pfls.append(child_pfl(pfl_python, spec, workdir / f"{tag}-pfl.log"))
+            eng, bare = fastest(engs), fastest(bares)
             cost[n] = (eng["per_round_s"] - bare["per_round_s"]) / PER_ROUND
             run = {"config": cfg, "inprocess": eng, "bare": bare, "framework_ms_per_client_round": 1e3 * cost[n],
                    "same_model_max_abs_diff": same_model(workdir / f"{tag}-0", workdir / f"{tag}-bare.pt")}
@@ -275,6 +360,9 @@ def row5(
                 rows.append({"row": f"5 {model} N={n:,}: s/round (other = Flower runtime; ratio = Flower/in-process)",
                              "in-process": f"{eng['per_round_s']:.4f} s", "other": f"{fl['per_round_s']:.4f} s",
                              "ratio": fl["per_round_s"] / eng["per_round_s"], "target": "—", "pass": None})
+            if pfls:
+                run["pfl"] = fastest(pfls)
+                rows += pfl_rows(f"5 {model} N={n:,}", eng, run["pfl"], "one process", target=False)
         spread = max(cost.values()) / min(cost.values()) if min(cost.values()) > 0 else None
         rows.append({"row": f"5 {model}: framework cost per client-round, largest / smallest over N = {', '.join(f'{n:,}' for n in sizes)}",
                      "in-process": ", ".join(f"{1e3 * cost[n]:.3f}" for n in sizes) + " ms", "other": "—", "ratio": spread,
@@ -290,6 +378,44 @@ def row5(
     return rows, runs
 
 
+def pfl_config(n: int, rounds: int, mnist_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Row 6: FedAvg on MNIST, mnist-2nn, IID, E = 1, B = 10, lr 0.1, 100 of N per round."""
+    return {**scale_config("mnist-2nn", n, rounds, mnist_dir, seed), "partitioning": "iid", "batch-size": 10}
+
+
+def row6(
+    workdir: Path, rounds: int, mnist_dir: Path, sizes: list[int], pfl_python: Path | None, cores: list[int], reps: int = 2,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Row 6 (issue #26): fedsim beside pfl-research on cross-device FedAvg, side by side in
+    alternating blocks: one core (``--workers 1`` vs one pfl process) and all cores
+    (``--workers auto`` vs pfl under ``torchrun --nproc_per_node=cores``)."""
+    if pfl_python is None:
+        progress(f"row 6 skipped: pfl-research is not installed (install it in its own venv: {PFL_INSTALL}; or --pfl-python PATH)")
+        return [{"row": "6 fedsim vs pfl-research: skipped, pfl-research not installed", "in-process": "—", "other": "—", "ratio": None,
+                 "target": "—", "pass": None}], {}
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Any] = {}
+    for n in sizes:
+        cfg = pfl_config(n, rounds, mnist_dir)
+        spec = write_pfl_spec(cfg, workdir, f"row6-{n}")
+        for k in cores:
+            tag = f"row6-{n}-{k}core"
+            workers: int | str = 1 if k == 1 else "auto"
+            engs, pfls = [], []
+            for rep in range(reps):
+                progress(f"{tag}: in-process engine (--workers {workers}), {rounds} rounds, block {rep + 1}/{reps}")
+                engs.append(child("engine", {**cfg, "bench-workers": workers, "results-dir": str(workdir / f"{tag}-{rep}")}, workdir / f"{tag}-{rep}.log"))
+                progress(f"{tag}: pfl-research ({'one process' if k == 1 else f'torchrun, {k} processes'}), block {rep + 1}/{reps}")
+                pfls.append(child_pfl(pfl_python, spec, workdir / f"{tag}-pfl.log", procs=k))
+            eng, pfl = fastest(engs), fastest(pfls)
+            runs[tag] = {"config": cfg, "inprocess": eng, "pfl": pfl}
+            progress(f"  fedsim {eng['per_round_s']:.4f} s/round, pfl {pfl['per_round_s']:.4f}: ratio {eng['per_round_s'] / pfl['per_round_s']:.2f}; "
+                     f"start-up {eng['startup_s']:.1f} vs {pfl['startup_s']:.1f} s; accuracy {eng['final_test_accuracy']:.4f} vs {pfl['final_test_accuracy']:.4f}")
+            what = "one process" if k == 1 else f"torchrun --nproc_per_node={k}"
+            rows += pfl_rows(f"6 mnist-2nn N={n:,}, {k} core{'s' if k > 1 else ''} (--workers {workers})", eng, pfl, what, target=True)
+    return rows, runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 rounds, N = 1,000 and 10,000, mnist-logreg, no Flower")
@@ -299,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flower-sizes", default="1000,10000", help="the N at which Flower's runtime runs too ('' for none)")
     p.add_argument("--models", default="mnist-logreg,mnist-2nn")
     p.add_argument("--mnist-dir", default=str(DEFAULT_MNIST_DIR))
+    p.add_argument("--rows", default="5", help="5 (scale), 6 (beside pfl-research) or 5,6 (default 5)")
+    p.add_argument("--pfl-sizes", default="1000,10000,60000", help="row 6: numbers of clients N (default 1000,10000,60000)")
+    p.add_argument("--pfl-python", help=f"the Python of pfl-research's venv (default $FEDSIM_PFL_PYTHON, else benchmarks/.pfl-venv/bin/python; make it: {PFL_INSTALL})")
     p.add_argument("--out", help="JSON results file (default benchmarks/results-<date>-scale.json)")
     for kind in ("engine", "bare", "memory"):
         p.add_argument(f"--child-{kind}", metavar="JSON", help=argparse.SUPPRESS)
@@ -313,10 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     models = ["mnist-logreg"] if args.quick else [m for m in args.models.split(",") if m]
     rounds = args.rounds or (4 if args.quick else 30)
     reps = args.reps or (1 if args.quick else 2)
+    wanted = {int(x) for x in args.rows.split(",") if x.strip()}
+    pfl_python = find_pfl_python(args.pfl_python)
+    if pfl_python is None:
+        progress(f"pfl-research not found: its rows are skipped (install it in its own venv: {PFL_INSTALL}; or --pfl-python PATH)")
     t0 = time.perf_counter()
     load = os.getloadavg()[0]
+    rows, runs = [], {}
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-scale-") as tmp:
-        rows, runs = row5(Path(tmp), rounds, Path(args.mnist_dir), sizes, flower, models, reps=reps)
+        if 5 in wanted:
+            rows, runs = row5(Path(tmp), rounds, Path(args.mnist_dir), sizes, flower, models, reps=reps, pfl_python=pfl_python)
+        if 6 in wanted:
+            pfl_sizes = [1000, 10000] if args.quick else [int(x) for x in args.pfl_sizes.split(",") if x]
+            r6_rows, r6_runs = row6(Path(tmp), rounds, Path(args.mnist_dir), pfl_sizes, pfl_python, sorted({1, os.cpu_count() or 1}), reps=reps)
+            rows, runs = rows + r6_rows, {**runs, **r6_runs}
     command = "python benchmarks/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for r in rows:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
