@@ -189,9 +189,10 @@ def test_threads_setting_is_a_positive_integer():
 
 @pytest.mark.skipif(inprocess.available_cores() < 2, reason="auto's all-core trial needs 2 cores")
 def test_auto_tries_all_cores_again_after_a_spoiled_trial():
-    """A trial that met a busy machine (speedup 0.5, below MIN_SPEEDUP) is not final: auto
-    tries all cores again once the round count has doubled, and keeps all cores when the
-    retry is faster (clients that sleep 30 ms release the GIL: 2 threads take half the time)."""
+    """An all-core round that met a busy machine (twice the one-thread cost per client) is
+    not final: auto tries all cores again once the round count has reached the retry point,
+    and keeps all cores when the medians then say they are faster (clients that sleep 30 ms
+    release the GIL: 2 threads take half the time)."""
     import time as _time
 
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -212,40 +213,61 @@ def test_auto_tries_all_cores_again_after_a_spoiled_trial():
 
         for _ in range(2):
             round_()  # round 1 pays the start; round 2 measures each client on one thread
-        grid._speedup, grid._retry_at = 0.5, 3  # as if a trial had been spoiled: retry after 3 rounds
+        cores = inprocess.available_cores()
+        one = grid._costs.costs[1][-1]
+        grid._costs.costs[cores], grid._retry_at = [2 * one], 3  # as if an all-core round had met a busy machine: retry after 3 rounds
         round_()
         assert grid.plans == {1: 3}, "rounds below the retry point stay on one thread"
         round_()  # round 4: the retry
-        assert grid._speedup >= inprocess.MIN_SPEEDUP, grid._speedup
+        assert grid._costs.speedup(cores) >= inprocess.MIN_SPEEDUP, grid._costs.costs
         round_()
-        assert grid.plans[inprocess.available_cores()] == 2, grid.plans  # the retry and the round after it
+        assert grid.plans[cores] == 2, grid.plans  # the retry and the round after it
     finally:
         grid.close()
 
 
-def test_trial_speedup_counts_unmeasured_clients_as_the_measured_mean():
-    assert inprocess.trial_speedup([0.2, None, 0.4, None], wall=0.6) == pytest.approx(2.0)  # (0.6 + 2 x 0.3) / 0.6
-    assert inprocess.trial_speedup([None, None], wall=1.0) is None
-    assert inprocess.trial_speedup([0.1], wall=0.0) is None
+def test_round_costs_compare_the_recent_medians_per_client():
+    costs = inprocess.RoundCosts()
+    costs.add(1, 1.0, 100)  # 10 ms per client on one thread
+    assert costs.speedup(2) is None  # all cores never ran
+    costs.add(2, 0.3, 50)  # 6 ms per client: a round of any size compares
+    assert costs.speedup(2) == pytest.approx(10 / 6)
+    for wall in (1.2, 9.0, 1.4):  # the 6 ms round is forgotten; a slow round (another process took a core) does not decide
+        costs.add(2, wall, 100)
+    assert costs.speedup(2) == pytest.approx(10 / 12)  # least of 12, 90, 14 ms
+    costs.add(2, 0.0, 100)
+    costs.add(2, 1.0, 0)  # no time or no clients: nothing learnt
+    assert costs.speedup(2) == pytest.approx(10 / 12)
 
 
 @pytest.mark.skipif(inprocess.available_cores() < 2, reason="auto's all-core trial needs 2 cores")
 def test_auto_falls_back_to_one_thread_under_partial_participation():
     """Issue #26: 10 of 20 clients per round, so a round's clients are mostly unmeasured.
-    Clients that compute in Python hold the GIL: two threads are no faster. The all-core
-    trial of round 3 must still be judged (it used to wait for every client to have a
-    one-thread time, which partial participation never gives) and auto goes back to one
-    thread from round 4 on."""
+    The clients stand for GIL-bound ones, made deterministic: 10 ms alone, 30 ms while
+    another runs (two threads then cost 15 ms per client, one 10). The all-core trial of
+    round 3 is judged by whole rounds' cost per client (it once waited for every client to
+    have a one-thread time, which partial participation never gives) and auto goes back
+    to one thread from round 4 on; the retry at round 6 loses again."""
+    import threading
+    import time as _time
+
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.clientapp import ClientApp
 
     busy = ClientApp()
+    running, lock = [0], threading.Lock()
 
     @busy.train()
     def _train(msg, context):
-        total = 0
-        for i in range(150_000):  # ~10 ms of Python: the GIL is held throughout
-            total += i
+        with lock:
+            running[0] += 1
+        _time.sleep(0.01)
+        with lock:
+            crowded = running[0] > 1
+        if crowded:
+            _time.sleep(0.02)
+        with lock:
+            running[0] -= 1
         return Message(RecordDict(), reply_to=msg)
 
     grid = inprocess.InProcessGrid(busy, 20, {}, workers="auto")
@@ -258,9 +280,10 @@ def test_auto_falls_back_to_one_thread_under_partial_participation():
         round_(nodes[:10])  # pays the start
         round_(nodes[:10])  # measures these 10 on one thread
         round_(nodes[5:15])  # 5 measured, 5 new: the all-core trial
-        assert grid._speedup is not None and grid._speedup < inprocess.MIN_SPEEDUP, grid._speedup
-        for start in (10, 0, 7):
+        speedup = grid._costs.speedup(inprocess.available_cores())
+        assert speedup is not None and speedup < inprocess.MIN_SPEEDUP, grid._costs.costs
+        for start in (10, 0, 7, 3, 8):
             round_(nodes[start:start + 10])
-        assert grid.plans == {1: 5, inprocess.available_cores(): 1}, grid.plans
+        assert grid.plans == {1: 6, inprocess.available_cores(): 2}, grid.plans  # all cores in rounds 3 and 6 only
     finally:
         grid.close()

@@ -34,7 +34,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import ERROR, WARNING
 from typing import Any, TypeVar
 
@@ -61,12 +61,17 @@ FIRST_NODE_ID = 1001  # simulated node ids: FIRST_NODE_ID + partition id
 # the GIL-held framework work per message (~0.3 ms) would then not overlap, and thread
 # hand-offs cost more than they save.
 PARALLEL_MIN_ROUND_S = 0.02
-# ... and keeps a round on one thread while the best all-core round it tried was not at least
-# this much faster than the same clients on one thread (digits-mlp: 0.65x, i.e. slower).
-MIN_SPEEDUP = 1.2
-# After an all-core trial that fell short, auto tries again when the round count has grown by
-# this factor (trials at rounds ~3, 6, 12, 24, ...): a trial spoiled by a busy machine is not
-# final, and a model that truly gains nothing pays for log2(rounds) trials only.
+# ... and runs a round on all cores only when its recent all-core rounds cost at least this
+# much less per client than its recent one-thread rounds (a margin for noise: below it the
+# two are a tie, and one thread is the cheaper choice for the machine).
+MIN_SPEEDUP = 1.05
+# Each setting's cost is the least over its last RECENT rounds: other processes only ever
+# slow a round down, so one slow round (another job taking a core) does not decide, and old
+# rounds are forgotten (the clients' work changes as a run goes).
+RECENT = 3
+# The setting that lost is tried again when the round count has grown by this factor since
+# its last try (rounds ~6, 12, 24, ...): a try spoiled by a busy machine is not final, and
+# the loser's tries cost log2(rounds) rounds only.
 RETRY_FACTOR = 2
 T = TypeVar("T")
 R = TypeVar("R")
@@ -83,12 +88,12 @@ class RoundPlan:
 
 def plan_round(seconds: Sequence[float | None], cores: int, speedup: float | None = None) -> RoundPlan:
     """The plan for a round whose clients took ``seconds`` each on one thread (fastest seen;
-    None: not measured), given the ``speedup`` (one-thread seconds / all-core seconds) of the all-core
-    round tried earlier (None: none tried yet).
+    None: not measured), given the ``speedup`` of all cores over one thread (a whole
+    round's cost per client on one thread / on all cores, ``RoundCosts``; None: not known).
 
     One thread when there is one core or client, when no client is measured (the round
-    measures them), when the clients' total is under PARALLEL_MIN_ROUND_S or when the tried
-    speedup was under MIN_SPEEDUP. Else one worker per core, each with one torch thread,
+    measures them), when the clients' total is under PARALLEL_MIN_ROUND_S or when the
+    speedup is under MIN_SPEEDUP. Else one worker per core, each with one torch thread,
     taking the clients longest first (an unmeasured client counts as the measured mean; a
     client split into micro-batches shares its parts with idle workers).
     """
@@ -104,15 +109,24 @@ def plan_round(seconds: Sequence[float | None], cores: int, speedup: float | Non
     return RoundPlan(cores, tuple(sorted(range(n), key=lambda i: -cost[i])))  # stable: ties in push order
 
 
-def trial_speedup(one_thread: Sequence[float | None], wall: float) -> float | None:
-    """How much faster an all-core round of ``wall`` seconds was than its clients on one
-    thread: (sum of their one-thread seconds) / wall, a client never measured on one thread
-    counting as the mean of those measured (as in ``plan_round``; under partial
-    participation most sampled clients are new). None: no client measured, or no time."""
-    known = [s for s in one_thread if s is not None]
-    if not known or wall <= 0:
-        return None
-    return (sum(known) + (len(one_thread) - len(known)) * sum(known) / len(known)) / wall
+@dataclass
+class RoundCosts:
+    """What ``auto`` has measured: per thread count, the wall seconds per client of its
+    rounds (a whole round's client work / its clients, so rounds of any size compare)."""
+
+    costs: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, workers: int, wall: float, clients: int) -> None:
+        if clients > 0 and wall > 0:
+            self.costs.setdefault(workers, []).append(wall / clients)
+
+    def speedup(self, cores: int) -> float | None:
+        """(one-thread cost / all-core cost), each the least over its last RECENT rounds;
+        None until both have run."""
+        one, every = self.costs.get(1), self.costs.get(cores)
+        if not one or not every:
+            return None
+        return min(one[-RECENT:]) / min(every[-RECENT:])
 
 
 class _Workers:
@@ -239,9 +253,9 @@ class InProcessGrid(Grid):
         self._pool = _Workers(threads) if threads > 1 else None  # plus as many spare threads
         self._runner: Runner | None = None  # one worker: its clients run on this thread
         self._seconds: dict[int, float] = {}  # node id -> its fastest one-thread message time (auto)
-        self._speedup: float | None = None  # the best of the all-core rounds auto tried
-        self._retry_at = 0  # auto: the round count from which a short speedup is tried again
-        self._trial = False  # auto: this round is an all-core trial
+        self._costs = RoundCosts()  # auto: whole rounds' cost per client, per thread count
+        self._retry_at = 0  # auto: the round count from which the losing setting is tried again
+        self._trial = False  # auto: this round tries the setting that lost
         self._pulls = 0
         self.plans: collections.Counter[int] = collections.Counter()  # workers used -> rounds
         extra = list(node_configs) if node_configs is not None else None
@@ -310,10 +324,9 @@ class InProcessGrid(Grid):
             raise
         finally:
             kept = replies.close()
-        if self._trial and not overran:
-            measured = trial_speedup([self._seconds.get(m.metadata.dst_node_id) for m in msgs], time.perf_counter() - t0)
-            if measured is not None:
-                self._speedup = measured if self._speedup is None else max(self._speedup, measured)
+        if self.workers == "auto" and self._pulls > 1 and not overran:  # round 1 also loads data and builds models
+            self._costs.add(plan.workers, time.perf_counter() - t0, len(msgs))
+            if self._trial:
                 self._retry_at = RETRY_FACTOR * self._pulls
         return [kept[i] for i in sorted(kept)]
 
@@ -359,11 +372,13 @@ class InProcessGrid(Grid):
             return RoundPlan(1, tuple(range(len(msgs))))
         if self.workers != "auto":
             return RoundPlan(int(self.workers), tuple(range(len(msgs))))
-        speedup = self._speedup
-        if speedup is not None and speedup < MIN_SPEEDUP and self._pulls >= self._retry_at:
-            speedup = None  # try all cores again: the last trial may have met a busy machine
-        plan = plan_round([self._seconds.get(m.metadata.dst_node_id) for m in msgs], available_cores(), speedup)
-        self._trial = plan.workers > 1 and speedup is None
+        cores = available_cores()
+        speedup = self._costs.speedup(cores)
+        due = speedup is None or self._pulls >= self._retry_at
+        if speedup is not None and due:
+            speedup = None if speedup < MIN_SPEEDUP else 0.0  # try the setting that lost: all cores, or one thread
+        plan = plan_round([self._seconds.get(m.metadata.dst_node_id) for m in msgs], cores, speedup)
+        self._trial = due and (plan.workers > 1) == (speedup is None)
         return plan
 
     def close(self) -> None:
