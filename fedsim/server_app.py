@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.algorithms import REGISTRY
 from fedsim.algorithms.memory import check_state_fits, state_clients
 from fedsim.arrays import load_into
 from fedsim.callbacks import Callback, RoundEnd, RunEnd, RunStart, named_callbacks
@@ -165,6 +166,9 @@ def log_setup(setup: ServerSetup) -> np.ndarray | None:
         cfg.strategy, cfg.dataset, plan.model_name, setup.num_params, len(setup.nodes), _listed(plan.batch_sizes))
     if plan.attackers:
         log(INFO, "fedsim: %d attackers (%s) by partition id: %s", len(plan.attackers), cfg.attack, _listed(plan.attackers))
+    beyond = REGISTRY[cfg.strategy].config_warning(cfg, len(plan.attackers))
+    if beyond:
+        log(WARNING, "fedsim: %s", beyond)
     if not plan.splits.classification or not plan.partitions:  # regression, or the nodes' own data
         return None
     if plan.partitions.overlapping and len(plan.partitions) > 10 * LOGGED_CLIENTS:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from strategy_kit import make, sent
 
 from fedsim import protocol
+from fedsim.algorithms import REGISTRY
 from fedsim.aggregators import AGGREGATORS, Settings
 from fedsim.aggregators.krum import krum_scores, squared_distances
 from fedsim.config import ConfigError
@@ -352,3 +353,22 @@ def test_an_incomplete_run_counts_the_rounds_the_aggregator_could_not_use_apart(
     assert why is not None and why.startswith("2 of 4 rounds kept the previous model")
     assert ("0 with fewer than min-replies=1 valid replies, 1 with fewer valid replies than the aggregator needs, "
             "1 with a non-finite aggregate") in why
+
+
+def test_more_attackers_than_byzantine_f_is_said_once_at_the_start(tmp_path, monkeypatch, capsys, caplog):
+    """The run goes on (a stress test beyond f is legitimate), with one WARNING line that
+    names both numbers; within f, and for rules that assume no f, nothing is said."""
+    fedsgd = REGISTRY["fedsgd"]
+    cfg = load_config({"strategy": "fedsgd", "aggregator": "krum", "byzantine-f": 1, "attackers": 2, "attack": "sign-flip"})
+    line = fedsgd.config_warning(cfg, 2)
+    assert line is not None and line.startswith("2 attackers but aggregator='krum' assumes at most byzantine-f=1")
+    assert fedsgd.config_warning(cfg, 1) is None
+    assert fedsgd.config_warning(load_config({"strategy": "fedsgd", "aggregator": "median", "attackers": 3}), 3) is None
+    monkeypatch.chdir(tmp_path)
+    settings_ = ['strategy="fedsgd"', 'aggregator="krum"', "byzantine-f=1", "attackers=2", 'attack="sign-flip"', "num-server-rounds=2"]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        rc, err = cli(["run", QUICK, *[a for s in settings_ for a in ("--set", s)], "--results-dir", str(tmp_path / "r")], capsys)
+    assert rc == 0, err
+    said = [r for r in caplog.records if "assumes at most byzantine-f" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, caplog.text
+    assert "fedsim: 2 attackers but aggregator='krum' assumes at most byzantine-f=1" in said[0].getMessage()

@@ -121,6 +121,15 @@ class Aggregating(Algorithm[HA, Arrays]):
         return f"aggregator={self.hp.aggregator!r} with {self._read()} needs {self.hp.rule.condition} (n >= {need}) and has n = {n}"
 
     @classmethod
+    def config_warning(cls, cfg: RunConfig, attackers: int) -> str | None:
+        hp = cls.hyperparams(cfg)
+        if "byzantine-f" not in hp.rule.reads or attackers <= hp.byzantine_f:
+            return None
+        return (f"{attackers} attackers but aggregator={hp.aggregator!r} assumes at most byzantine-f={hp.byzantine_f}: "
+                f"its robustness guarantee does not hold for this run (raise byzantine-f to {attackers} if the rule's "
+                f"condition allows it; a stress test beyond f may mean it)")
+
+    @classmethod
     def config_problem(cls, cfg: RunConfig) -> str | None:
         hp = cls.hyperparams(cfg)
         n, need = cfg.clients_per_round, hp.rule.min_clients(hp.settings)

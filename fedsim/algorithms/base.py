@@ -118,6 +118,13 @@ class Algorithm(ABC, Generic[H, P]):
         return None
 
     @classmethod
+    def config_warning(cls, cfg: RunConfig, attackers: int) -> str | None:
+        """A setting that runs but voids what the algorithm promises, in one line (None:
+        nothing to say); logged as a WARNING when the run starts. ``attackers``: how many
+        the run has."""
+        return None
+
+    @classmethod
     def state_bytes_per_client(cls, cfg: RunConfig, num_params: int) -> int:
         """Bytes of server-side state per client it has heard from (0: none kept per client)."""
         return 0
