@@ -30,6 +30,11 @@ _MAGIC = b"\x93NUMPY"
 
 
 @functools.lru_cache(maxsize=4096)
+def _header_of(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    return _header(str(np.lib.format.dtype_to_descr(dtype)), tuple(int(d) for d in shape))
+
+
+@functools.lru_cache(maxsize=4096)
 def _header(dtype_str: str, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": dtype_str, "fortran_order": False, "shape": shape})
@@ -73,7 +78,7 @@ def to_flwr_array(x: np.ndarray) -> Array:
     x = x if x.flags.c_contiguous else x.copy(order="C")  # ascontiguousarray would make 0-d arrays 1-d
     if x.dtype.hasobject:
         return Array(x)
-    data = _header(str(np.lib.format.dtype_to_descr(x.dtype)), tuple(x.shape)) + x.tobytes()
+    data = b"".join((_header_of(x.dtype, x.shape), x.data))  # one copy of the data (header + tobytes() made two)
     return Array(dtype=str(x.dtype), shape=tuple(int(d) for d in x.shape), stype=NUMPY_STYPE, data=data)
 
 
@@ -123,8 +128,12 @@ def decode_exact(a: Array) -> np.ndarray:
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """numpy arrays -> ArrayRecord, keeping key order."""
-    return ArrayRecord({k: to_flwr_array(v) for k, v in arrays.items()})
+    """numpy arrays -> ArrayRecord, keeping key order. Filled entry by entry:
+    ``ArrayRecord(dict)`` would build every Array a second time."""
+    record = ArrayRecord()
+    for k, v in arrays.items():
+        record[k] = to_flwr_array(v)
+    return record
 
 
 def to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.Tensor]:

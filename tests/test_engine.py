@@ -35,7 +35,8 @@ def _send(grid, config):
 
 def test_nodes_get_partition_configs_and_private_copies():
     grid = InProcessGrid(toy, 3, run_config={"a": 1}, node_configs=[{"batch-size": 4}] * 3)
-    assert grid.get_node_ids() == [FIRST_NODE_ID, FIRST_NODE_ID + 1, FIRST_NODE_ID + 2]
+    assert list(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1, FIRST_NODE_ID + 2]
+    assert isinstance(grid.get_node_ids(), range)  # O(1) memory; the strategy samples from it without sorting
     assert grid.contexts[FIRST_NODE_ID + 2].node_config == {"partition-id": 2, "num-partitions": 3, "batch-size": 4}
     replies, content = _send(grid, {})
     assert [r.content["arrays"]["x"].numpy().tolist() for r in replies] == [[0, 0], [1, 1], [2, 2]]

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from strategy_kit import make, sent
 
 from fedsim import protocol
-from fedsim.algorithms import REGISTRY
 from fedsim.aggregators import AGGREGATORS, Settings
 from fedsim.aggregators.krum import krum_scores, squared_distances
+from fedsim.algorithms import REGISTRY
 from fedsim.config import ConfigError
 from fedsim.core.aggregate import weighted_mean
 from fedsim.engine.flower_internals import set_server_identity

@@ -283,8 +283,10 @@ class InProcessGrid(Grid):
     ) -> Message:
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
-    def get_node_ids(self) -> list[int]:
-        return list(range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_nodes))
+    def get_node_ids(self) -> range:
+        """The simulated node ids, in order, as a range: O(1) memory, and a sorted sequence
+        the strategy samples from without copying or sorting N ids each round."""
+        return range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
