@@ -260,9 +260,30 @@ def test_weighted_mean_of_float32_is_the_float64_mean_of_their_casts_bit_for_bit
     rng = np.random.default_rng(seed)
     rows = [torch.from_numpy((rng.standard_normal(d) * 10.0 ** rng.integers(-4, 4)).astype(np.float32)) for _ in range(n)]
     weights = [float(w) for w in rng.integers(1, 1000, n)]
-    cast = weighted_mean([r.double() for r in rows], weights)
+    cast = torch.zeros(d, dtype=torch.float64)  # the unblocked sum of float64 casts, row after row
+    for r, w in zip(rows, weights, strict=True):
+        cast.add_(r.double(), alpha=w / sum(weights))
     assert torch.equal(weighted_mean(rows, weights, torch.float64), cast)
     assert torch.equal(weighted_mean(rows, weights), cast.float())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_weighted_mean_in_blocks_of_coordinates_is_the_same_bits(n, d, block, seed):
+    """The mean walks the coordinates block by block (every row into a block, so the
+    accumulator stays in cache): each coordinate sums the same terms in the same order."""
+    from fedsim.core import aggregate
+
+    rng = np.random.default_rng(seed)
+    rows = [torch.from_numpy(rng.standard_normal((d, 3)).astype(np.float32)) for _ in range(n)]
+    weights = [float(w) for w in rng.integers(1, 100, n)]
+    whole = weighted_mean(rows, weights, torch.float64)
+    saved = aggregate.MEAN_BLOCK
+    aggregate.MEAN_BLOCK = block
+    try:
+        assert torch.equal(weighted_mean(rows, weights, torch.float64), whole)
+    finally:
+        aggregate.MEAN_BLOCK = saved
 
 
 def test_estimator_rows_are_capped_by_max_clients():

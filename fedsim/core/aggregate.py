@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+MEAN_BLOCK = 32_768  # coordinates per pass of weighted_mean: 256 KB of float64 accumulator
+
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype | None = None) -> torch.Tensor:
     """sum_k (n_k / m) x_k with m = sum_k n_k, accumulated in float64 in the given order;
@@ -20,10 +22,16 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], dty
     if not total > 0 or any(w < 0 for w in weights):
         raise ValueError(f"weighted_mean: weights must be >= 0 with a positive sum, got {list(weights)}")
     acc = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
-    for t, w in zip(tensors, weights, strict=True):
-        # float64 += (w / m) * t with t cast on the fly: the same bits as casting t first
-        # (the cast is exact), without a float64 copy of every t
-        acc.add_(t, alpha=w / total)
+    flat, rows = acc.view(-1), [t.reshape(-1) for t in tensors]
+    alphas = [w / total for w in weights]
+    # Block by block of coordinates, every row into the block: the float64 block stays in
+    # cache across the rows (a whole accumulator would be reread from memory once per row).
+    # Each coordinate still sums the same terms in the same order: the same bits. Each
+    # float64 += (w / m) * t casts t on the fly: the same bits as casting t first (exact).
+    for start in range(0, flat.numel(), MEAN_BLOCK):
+        block = flat[start:start + MEAN_BLOCK]
+        for t, alpha in zip(rows, alphas, strict=True):
+            block.add_(t[start:start + MEAN_BLOCK], alpha=alpha)
     return acc.to(dtype or tensors[0].dtype)
 
 
