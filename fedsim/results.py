@@ -17,6 +17,7 @@ One folder per run:
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import json
@@ -240,10 +241,22 @@ def load_run(path: str | Path):
 
 
 def load_runs(paths: Iterable[str | Path]):
-    """Many run folders (e.g. ``Path("runs").glob("*")``) as one DataFrame."""
+    """Many run folders (e.g. ``Path("runs").glob("*")``) as one DataFrame. A run is named
+    by its folder; where two folders share a name (the same grid point of two sweeps, e.g.
+    Table 1's B = 10 and B = inf), both are named ``<sweep folder>/<run folder>`` (their
+    whole paths if that collides too), so that tables never merge two runs."""
     import pandas as pd
 
-    frames = [load_run(p) for p in paths if RunFolder(Path(p)).rounds.exists()]
+    found = [Path(p) for p in paths if RunFolder(Path(p)).rounds.exists()]
+    names = collections.Counter(p.name for p in found)
+    longer = collections.Counter(f"{p.parent.name}/{p.name}" for p in found if names[p.name] > 1)
+    frames = []
+    for p in found:
+        frame = load_run(p)
+        if names[p.name] > 1:
+            name = f"{p.parent.name}/{p.name}"
+            frame["run"] = name if longer[name] == 1 else str(p.resolve())
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
 
 

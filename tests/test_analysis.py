@@ -88,3 +88,30 @@ def test_llr_weights_of_attackers_and_honest_clients_from_run_folders(tmp_path):
     assert table.loc["a", "honest_weight_mean"] == pytest.approx(2.5) and table.loc["a", "honest_weight_min"] == 2.0
     assert table.loc["a", "zero-sign"] == "random" and table.loc["a", "attackers"] == 2
     assert math.isnan(table.loc["b", "attackers_weight_mean"]) and table.loc["b", "honest_weight_min"] == 1.0
+
+
+def test_runs_of_the_same_name_in_two_sweeps_stay_apart_in_a_table(tmp_path):
+    """Table 1's B = 10 and B = inf sweeps both have a run "partitioning=iid,lr=0.3": one
+    DataFrame of both must not merge them (it once did, and mixed their rounds)."""
+    import json
+
+    from fedsim.results import load_runs
+
+    def run(sweep, batch, accuracies):
+        folder = tmp_path / sweep / "partitioning=iid,lr=0.3"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"batch-size": batch, "lr": 0.3, "partitioning": "iid"}))
+        rows = "".join(f"{r},,{a},,0,0,10,0,0.1\n" for r, a in enumerate(accuracies))
+        (folder / "rounds.csv").write_text("round,train_loss,test_accuracy,test_loss,bytes_up,bytes_down,clients,rejected,seconds\n" + rows)
+        return folder
+
+    b10 = run("t1_b10", 10, [0.1, 0.98])
+    binf = run("t1_binf", 0, [0.1, 0.5, 0.9, 0.98])
+    alone = run("other", 10, [0.2, 0.3]).rename(tmp_path / "other" / "alone")
+    df = load_runs([b10, binf, alone])
+    assert sorted(df["run"].unique()) == ["alone", "t1_b10/partitioning=iid,lr=0.3", "t1_binf/partitioning=iid,lr=0.3"]
+    t = run_table(df, by=["batch-size"], target=0.97).set_index("run")
+    assert len(t) == 3
+    assert t.loc["t1_b10/partitioning=iid,lr=0.3", "rounds_to_target"] == pytest.approx((0.97 - 0.1) / (0.98 - 0.1))
+    assert t.loc["t1_binf/partitioning=iid,lr=0.3", "rounds_to_target"] == pytest.approx(2 + (0.97 - 0.9) / (0.98 - 0.9))
+    assert t.loc["t1_binf/partitioning=iid,lr=0.3", "batch-size"] == 0
