@@ -50,7 +50,7 @@ def _layout(dtype_str: str, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int
         dims = tuple(operator.index(d) for d in shape)
         if dtype.hasobject or dtype.itemsize == 0 or any(d < 0 for d in dims):
             return None
-        header = _header(str(np.lib.format.dtype_to_descr(dtype)), dims)
+        header = _header_of(dtype, dims)
     except (TypeError, ValueError):
         return None
     count = math.prod(dims)

@@ -51,6 +51,4 @@ class FedSGD(Aggregating[StepSize]):
     def server_rule(self, server_round: int, current: ArrayRecord, replies: list[Reply[Grads]]) -> ArrayRecord:
         keys = self.model.param_keys
         merged = self.aggregate_arrays([r.payload for r in replies], keys, [r.metrics.num_examples for r in replies])
-        dtype = torch.from_numpy(np.empty(0, np.result_type(*(self.model.arrays[k][1] for k in keys)))).dtype
-        # the aggregate in the gradients' dtype, then the step: x - eta * agg
-        return descend(current, keys, torch.cat(merged).to(dtype), self.hp.lr)
+        return descend(current, keys, torch.cat(merged), self.hp.lr)  # descend casts the float64 aggregate to the model's dtype
