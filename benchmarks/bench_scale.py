@@ -73,17 +73,21 @@ def sampled_partitions(n: int, rounds: int, seed: int, per_round: int = PER_ROUN
 # --- children -----------------------------------------------------------------------------
 
 
-def child(kind: str, cfg: dict[str, Any], log: Path) -> dict[str, Any]:
-    """Run ``--child-<kind>`` in a fresh process; its BENCH line as a dict, plus wall time."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--child-{kind}", json.dumps(cfg)]
+def run_child(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``cmd`` in a fresh process, its output to ``log``; its last BENCH line as a dict, plus wall time."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"{what} child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
     found = [ln for ln in log.read_text().splitlines() if ln.startswith("BENCH ")]
     return {**json.loads(found[-1][len("BENCH "):]), "wall_s": wall}
+
+
+def child(kind: str, cfg: dict[str, Any], log: Path) -> dict[str, Any]:
+    """Run ``--child-<kind>`` in a fresh process; its BENCH line as a dict, plus wall time."""
+    return run_child([sys.executable, str(Path(__file__).resolve()), f"--child-{kind}", json.dumps(cfg)], log, kind)
 
 
 def steady(stamps: list[float]) -> float:
@@ -254,15 +258,8 @@ def child_pfl(pfl_python: Path, spec: Path, log: Path, procs: int = 1) -> dict[s
     script = str(Path(__file__).resolve().parent / "pfl_fedavg.py")
     cmd = [str(pfl_python), script, str(spec)] if procs == 1 else [
         str(pfl_python.parent / "torchrun"), f"--nproc_per_node={procs}", "--standalone", script, str(spec)]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pfl child failed ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
-    found = [ln for ln in log.read_text().splitlines() if ln.startswith("BENCH ")]
-    r = json.loads(found[-1][len("BENCH "):])
-    return {**r, "per_round_s": steady(r["round_stamps"]), "wall_s": time.perf_counter() - t0}
+    r = run_child(cmd, log, "pfl", {"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"})
+    return {**r, "per_round_s": steady(r["round_stamps"])}
 
 
 def run_flower(cfg: dict[str, Any], workdir: Path, name: str, cpus: float) -> dict[str, Any]:
