@@ -14,7 +14,8 @@ mnist-logreg and mnist-2nn. For each N, side by side in one run, in alternating 
 (engine, bare, engine, bare; each side's faster block counts):
 
 - the in-process engine as ``fedsim run --workers 1`` runs it (a child process);
-- the bare loop (no framework: the same sampled clients, the same local SGD with the
+- the bare loop (no framework: the same sampled clients, the same client views built on
+  a client's first visit and kept as the engine keeps them, the same local SGD with the
   same generator streams, the same example-weighted mean, in one process); it is
   checked to end with the same model;
 - Flower's simulation runtime (``--engine flower``: SuperLink + Ray) at N <= 10,000.
@@ -123,6 +124,9 @@ def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_bare(cfg: dict[str, Any]) -> dict[str, Any]:
     """FedAvg with no framework over the engine's sampled clients (module docstring)."""
+    from collections import OrderedDict
+
+    import numpy as np
     import torch
 
     from fedsim.clients.tasks import LocalData, local_epochs
@@ -130,6 +134,7 @@ def child_bare(cfg: dict[str, Any]) -> dict[str, Any]:
     from fedsim.engine.runner import keep_freed_memory
     from fedsim.models import build_model
     from fedsim.plan import server_plan
+    from fedsim.runtime import MAX_CLIENT_VIEWS
     from fedsim.seeding import generator
     from fedsim.validation import load_config
 
@@ -141,12 +146,26 @@ def child_bare(cfg: dict[str, Any]) -> dict[str, Any]:
     x, y = plan.splits.x_train, plan.splits.y_train
     model = build_model(plan.model, num_classes=plan.num_classes, seed=c.seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    views: OrderedDict[int, LocalData] = OrderedDict()
+
+    def view(pid: int) -> LocalData:
+        """The client's data view, built on its first visit and kept as the engine keeps
+        them (at most MAX_CLIENT_VIEWS, least recently used dropped first)."""
+        data = views.get(pid)
+        if data is None:
+            data = views[pid] = LocalData(x, y, torch.from_numpy(plan.partitions[pid].astype(np.int64)))
+            if len(views) > MAX_CLIENT_VIEWS:
+                views.popitem(last=False)
+        else:
+            views.move_to_end(pid)
+        return data
+
     stamps, t0 = [], time.perf_counter()
     for rnd, chosen in enumerate(sampled_partitions(c.num_nodes, c.num_server_rounds, c.seed), start=1):
         uploads, weights = [], []
         for pid in chosen:
             model.load_state_dict(state)
-            data = LocalData(x, y, torch.tensor(plan.partitions[pid], dtype=torch.long))
+            data = view(pid)
             local_epochs(model, data, c.option("local-epochs"), plan.batch_sizes[pid], c.lr, generator(c.seed, pid, rnd))
             uploads.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             weights.append(len(data))

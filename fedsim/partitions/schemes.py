@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedsim.partitions.table import DrawnPartitions
+from fedsim.seeding import distinct_draw, stream_seed
 
 if TYPE_CHECKING:  # datasets and flwr_datasets cost ~2 s to import: only the schemes that use them do
     from datasets import Dataset
@@ -207,7 +208,9 @@ _SAMPLE = 0x5A3E  # purpose of the sample scheme's per-client streams
 
 def sample(num_examples: int, k: int, num_partitions: int, seed: int) -> DrawnPartitions:
     """Every client holds ``k`` distinct examples drawn uniformly from all ``num_examples``,
-    independently of the other clients (rng seeded with (seed, client id)); drawn on access.
+    independently of the other clients (``fedsim.seeding.distinct_draw`` keyed by (seed,
+    client id)); drawn on access, in a few microseconds, since at 100,000 clients nearly
+    every sampled client is drawn for the first time.
 
     Clients overlap, so ``num_partitions`` may exceed ``num_examples``.
     """
@@ -215,7 +218,7 @@ def sample(num_examples: int, k: int, num_partitions: int, seed: int) -> DrawnPa
         raise ValueError(f"sample:{k} asks for {k} examples per client but the data has {num_examples}; use k <= {num_examples}")
 
     def draw(cid: int) -> np.ndarray:
-        return np.random.default_rng((seed, cid, _SAMPLE)).choice(num_examples, size=k, replace=False).astype(np.int64)
+        return distinct_draw(stream_seed(seed, cid, _SAMPLE), num_examples, k)
 
     return DrawnPartitions(num_partitions, k, draw)
 
