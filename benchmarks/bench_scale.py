@@ -332,6 +332,29 @@ def pfl_rows(tag: str, eng: dict[str, Any], pfl: dict[str, Any], what: str, targ
     ]
 
 
+def row5_blocks(
+    workdir: Path, model: str, cfgs: dict[int, dict[str, Any]], reps: int, pfl_python: Path | None
+) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Every block of row 5 for one model: per N, ``reps`` engine, bare (and pfl) runs.
+
+    The rep loop is outermost, so every N gets a block in every stretch of time: the
+    machine's drift over minutes (10% on 2026-12-04) falls on all N alike, not on
+    whichever N ran last."""
+    specs = {n: write_pfl_spec(cfg, workdir, f"row5-{model}-{n}") if pfl_python else None for n, cfg in cfgs.items()}
+    blocks: dict[int, dict[str, list[dict[str, Any]]]] = {n: {"engine": [], "bare": [], "pfl": []} for n in cfgs}
+    for rep in range(reps):
+        for n, cfg in cfgs.items():
+            tag, got, spec = f"row5-{model}-{n}", blocks[n], specs[n]
+            progress(f"{tag}: in-process engine (--workers 1), {cfg['num-server-rounds']} rounds, block {rep + 1}/{reps}")
+            got["engine"].append(child("engine", {**cfg, "results-dir": str(workdir / f"{tag}-{rep}")}, workdir / f"{tag}-{rep}.log"))
+            progress(f"{tag}: bare loop over the same clients, block {rep + 1}/{reps}")
+            got["bare"].append(child("bare", {**cfg, "bare-out": str(workdir / f"{tag}-bare.pt")}, workdir / f"{tag}-bare.log"))
+            if pfl_python and spec:
+                progress(f"{tag}: pfl-research FedAvg on the same clients (one process), block {rep + 1}/{reps}")
+                got["pfl"].append(child_pfl(pfl_python, spec, workdir / f"{tag}-pfl.log"))
+    return blocks
+
+
 def row5(
     workdir: Path, rounds: int, mnist_dir: Path, sizes: list[int], flower_sizes: list[int], models: list[str], cpus: float = 1.0, reps: int = 2,
     pfl_python: Path | None = None,
@@ -341,19 +364,11 @@ def row5(
     runs: dict[str, Any] = {}
     for model in models:
         cost: dict[int, float] = {}
+        cfgs = {n: scale_config(model, n, rounds, mnist_dir) for n in sizes}
+        blocks = row5_blocks(workdir, model, cfgs, reps, pfl_python)
         for n in sizes:
-            cfg = scale_config(model, n, rounds, mnist_dir)
-            tag = f"row5-{model}-{n}"
-            engs, bares, pfls = [], [], []
-            spec = write_pfl_spec(cfg, workdir, tag) if pfl_python else None
-            for rep in range(reps):
-                progress(f"{tag}: in-process engine (--workers 1), {rounds} rounds, block {rep + 1}/{reps}")
-                engs.append(child("engine", {**cfg, "results-dir": str(workdir / f"{tag}-{rep}")}, workdir / f"{tag}-{rep}.log"))
-                progress(f"{tag}: bare loop over the same clients, block {rep + 1}/{reps}")
-                bares.append(child("bare", {**cfg, "bare-out": str(workdir / f"{tag}-bare.pt")}, workdir / f"{tag}-bare.log"))
-                if pfl_python and spec:
-                    progress(f"{tag}: pfl-research FedAvg on the same clients (one process), block {rep + 1}/{reps}")
-                    pfls.append(child_pfl(pfl_python, spec, workdir / f"{tag}-pfl.log"))
+            cfg, tag = cfgs[n], f"row5-{model}-{n}"
+            engs, bares, pfls = blocks[n]["engine"], blocks[n]["bare"], blocks[n]["pfl"]
             eng, bare = fastest(engs), fastest(bares)
             cost[n] = (eng["per_round_s"] - bare["per_round_s"]) / PER_ROUND
             run = {"config": cfg, "inprocess": eng, "bare": bare, "framework_ms_per_client_round": 1e3 * cost[n],
