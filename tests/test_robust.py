@@ -113,6 +113,22 @@ def test_krum_scores_sum_the_n_minus_f_minus_2_nearest_squared_distances():
     np.testing.assert_allclose(krum_scores(squared_distances(torch.from_numpy(x)), 1).numpy(), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("n, d, cache", [(1, 5, 64), (2, 3, 64), (7, 1000, 64), (15, 5000, 262_144)])
+def test_squared_distances_over_many_coordinate_blocks_are_the_pairwise_differences(monkeypatch, n, d, cache):
+    import fedsim.aggregators.krum as krum_module
+
+    monkeypatch.setattr(krum_module, "DISTANCE_CACHE", cache)  # 64: 16 coordinates per block, many blocks
+    x = np.random.default_rng(n + d).standard_normal((n, d)) * np.logspace(-3, 3, d)
+    got = squared_distances(torch.from_numpy(x))
+    expected = np.array([[np.sum((a - b) ** 2) for b in x] for a in x])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    assert torch.equal(got, got.T) and not got.diagonal().any()
+    x[1 % n] = x[0]  # identical clients are exactly 0 apart and exactly as far from every other
+    got = squared_distances(torch.from_numpy(x)).numpy()
+    if n > 1:
+        assert got[0, 1] == 0 and np.array_equal(got[0, 2:], got[1, 2:])
+
+
 def test_weights_count_only_for_the_mean_and_multi_krum():
     x, w, _ = clients(9, 9, 5)
     for name, a in AGGREGATORS.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fedsim.aggregators.krum import krum_scores, ranking, squared_distances
-from fedsim.aggregators.median import median
+from fedsim.aggregators.median import median_of_sorted
 
 
 def min_clients(f: int) -> int:
@@ -30,7 +30,7 @@ def bulyan_selection(x: torch.Tensor, f: int) -> list[int]:
     chosen: list[int] = []
     for _ in range(x.shape[0] - 2 * f):
         sub = distances[remaining][:, remaining]
-        chosen.append(remaining.pop(ranking(krum_scores(sub, f), x[remaining])[0]))
+        chosen.append(remaining.pop(ranking(krum_scores(sub, f), x, rows=remaining)[0]))
     return chosen
 
 
@@ -42,5 +42,5 @@ def bulyan(x: torch.Tensor, f: int) -> torch.Tensor:
         raise ValueError(f"bulyan: need n >= 4f + 3 clients, got n={n}, f={f}")
     ordered = x[bulyan_selection(x, f)].sort(dim=0).values  # per coordinate, smallest first
     beta = ordered.shape[0] - 2 * f
-    nearest = (ordered - median(ordered)).abs().argsort(dim=0, stable=True)[:beta]
+    nearest = (ordered - median_of_sorted(ordered)).abs().argsort(dim=0, stable=True)[:beta]
     return ordered.gather(0, nearest).mean(dim=0)

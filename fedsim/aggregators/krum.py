@@ -28,10 +28,28 @@ def min_clients(f: int) -> int:
     return 2 * f + 3
 
 
+# values of pairwise differences per block (2 MB of float64): a block of n(n-1)/2 pairs x
+# DISTANCE_CACHE / (n(n-1)/2) coordinates stays in cache, where an n x d difference per client
+# streamed 2 GB through memory per round for 15 clients of a 582k-parameter CNN (5x slower)
+DISTANCE_CACHE = 262_144
+
+
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
     """D_{ij} = ||x_i - x_j||^2 (n x n), each from the difference (no ||a||^2 + ||b||^2 - 2ab
-    cancellation); D is symmetric with a zero diagonal."""
-    return torch.stack([(x - x[i]).pow(2).sum(dim=1) for i in range(x.shape[0])])
+    cancellation), summed over blocks of coordinates in order (``DISTANCE_CACHE``); each pair
+    is computed once, so D is exactly symmetric, with a zero diagonal."""
+    n = x.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
+    width = max(16, DISTANCE_CACHE // max(1, len(i)))
+    upper = torch.zeros(len(i), dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[1], width):
+        block = x[:, start : start + width]
+        diff = block[i] - block[j]
+        upper += diff.mul_(diff).sum(dim=1)
+    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    out[i, j] = upper
+    out[j, i] = upper
+    return out
 
 
 def krum_scores(distances: torch.Tensor, f: int) -> torch.Tensor:
@@ -42,18 +60,21 @@ def krum_scores(distances: torch.Tensor, f: int) -> torch.Tensor:
     return others.sort(dim=1).values[:, :k].sum(dim=1)
 
 
-def ranking(scores: torch.Tensor, x: torch.Tensor, weights: Sequence[float] | None = None) -> list[int]:
-    """The rows by score, lowest first; exact ties by the rows' values (lexicographic), then
-    by weight, then by position (rows and weights both equal: interchangeable)."""
+def ranking(scores: torch.Tensor, x: torch.Tensor, weights: Sequence[float] | None = None, rows: Sequence[int] | None = None) -> list[int]:
+    """The positions of ``scores`` by score, lowest first; exact ties by the vectors' values
+    (lexicographic: position p's vector is x[rows[p]], or x[p] without ``rows``), then by
+    weight, then by position (vectors and weights both equal: interchangeable)."""
     s = scores.tolist()
+    row = list(rows) if rows is not None else list(range(len(s)))
 
     def compare(i: int, j: int) -> int:
         if s[i] != s[j]:
             return -1 if s[i] < s[j] else 1
-        differ = torch.nonzero(x[i] != x[j])
+        a, b = x[row[i]], x[row[j]]
+        differ = torch.nonzero(a != b)
         if differ.numel():
             c = int(differ[0, 0])
-            return -1 if bool(x[i, c] < x[j, c]) else 1
+            return -1 if bool(a[c] < b[c]) else 1
         wi, wj = (weights[i], weights[j]) if weights is not None else (0.0, 0.0)
         return -1 if (wi, i) < (wj, j) else 1
 

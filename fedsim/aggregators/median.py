@@ -13,10 +13,14 @@ import torch
 
 def median(x: torch.Tensor) -> torch.Tensor:
     """The coordinate-wise median of the rows of x (n clients x d coordinates)."""
-    n = x.shape[0]
-    if n == 0:
+    if x.shape[0] == 0:
         raise ValueError("median: need at least one client vector")
-    ordered = x.sort(dim=0).values
+    return median_of_sorted(x.sort(dim=0).values)
+
+
+def median_of_sorted(ordered: torch.Tensor) -> torch.Tensor:
+    """The coordinate-wise median of rows already sorted per coordinate (at least one row)."""
+    n = ordered.shape[0]
     if n % 2 == 1:
         return ordered[n // 2].clone()
     return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
