@@ -42,8 +42,8 @@ def distinct_draw(key: int, n: int, k: int) -> np.ndarray:
 
     Small k (4k <= n): candidates c_j = floor(u_j n / 2^64), u_j = SplitMix64(key + j *
     0x9E3779B97F4A7C15), j = 1, 2, ..., are i.i.d. uniform on 0..n-1; the first k distinct
-    ones are a uniform ordered k-subset (sequential rejection; about 4k/3 candidates at
-    worst). A few microseconds for tens of values, where building a numpy Generator alone
+    ones are a uniform ordered k-subset (sequential rejection; at most 4k/3 candidates
+    expected). A few microseconds for tens of values, where building a numpy Generator alone
     costs about 20. Large k: the first k of a permutation from numpy's Generator seeded
     with ``key``.
     """
