@@ -26,7 +26,6 @@ def generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator
     return g
 
 
-
 _MASK64 = (1 << 64) - 1
 
 
